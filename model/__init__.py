@@ -1,0 +1,1 @@
+"""Model loading, the tiny built-in VLM, heads and log-prob utilities."""

@@ -1,0 +1,1 @@
+"""The hybrid reward: format gate, verifier routing, reward model, combination."""

@@ -1,0 +1,1 @@
+"""RL algorithms, drivers, data, config and CLI of vlrl."""

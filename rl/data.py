@@ -1,0 +1,211 @@
+"""Reading and validating JSONL records (prompt, SFT and preference records).
+
+Every record is checked before training starts; the first bad one stops the run with
+`FILE:LINE: FIELD: what is wrong`. Image paths are resolved relative to the JSONL file.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable
+
+from PIL import Image
+
+# Task types the built-in reward routing knows; a config may add more (see load_records(tasks=...)).
+KNOWN_TASKS = frozenset({"counting", "grounding", "math", "caption", "multiple_choice", "instruction", "general"})
+ROLES = frozenset({"system", "user", "assistant"})
+MAX_IMAGE_PIXELS = 4096 * 4096
+MAX_IMAGE_BYTES = 32 * 1024 * 1024
+
+
+class DataError(ValueError):
+    """A bad input record; str() is `file:line: field: message`."""
+
+    def __init__(self, path: str | Path, line: int, field_: str, message: str):
+        self.path, self.line, self.field, self.message = str(path), line, field_, message
+        super().__init__(f"{path}:{line}: {field_}: {message}")
+
+
+@dataclass
+class Record:
+    """One validated record. `images` are absolute paths; `messages` keep the chat layout."""
+
+    id: str
+    task: str
+    images: list[Path]
+    messages: list[dict]
+    answer: str | None = None
+    meta: dict = field(default_factory=dict)
+    chosen: list[dict] | None = None      # preference records: assistant turns
+    rejected: list[dict] | None = None
+    source: str = ""                      # "file:line", for error messages downstream
+
+    @property
+    def prompt_messages(self) -> list[dict]:
+        """The conversation up to (not including) a final assistant turn."""
+        if self.messages and self.messages[-1]["role"] == "assistant":
+            return self.messages[:-1]
+        return self.messages
+
+    @property
+    def target(self) -> str | None:
+        """Text of the final assistant turn, if the record has one (SFT records)."""
+        if self.messages and self.messages[-1]["role"] == "assistant":
+            return message_text(self.messages[-1])
+        return None
+
+    def to_json(self, base: Path) -> dict:
+        """Back to the JSONL layout, image paths relative to `base` (the output file's folder)."""
+        import os
+        out: dict[str, Any] = {"id": self.id, "task": self.task,
+                               "images": [os.path.relpath(p, base) for p in self.images],
+                               "messages": self.messages}
+        if self.answer is not None:
+            out["answer"] = self.answer
+        if self.chosen is not None:
+            out["chosen"], out["rejected"] = self.chosen, self.rejected
+        out["meta"] = self.meta
+        return out
+
+
+def message_text(message: dict) -> str:
+    c = message["content"]
+    return c if isinstance(c, str) else "".join(p.get("text", "") for p in c if p.get("type") == "text")
+
+
+def count_image_parts(messages: list[dict]) -> int:
+    return sum(1 for m in messages if not isinstance(m["content"], str)
+               for p in m["content"] if p.get("type") == "image")
+
+
+def _check_messages(msgs: Any, where: tuple, name: str) -> None:
+    if not isinstance(msgs, list) or not msgs:
+        raise DataError(*where, name, "must be a non-empty list of messages")
+    for i, m in enumerate(msgs):
+        f = f"{name}[{i}]"
+        if not isinstance(m, dict):
+            raise DataError(*where, f, "must be an object with role and content")
+        if m.get("role") not in ROLES:
+            raise DataError(*where, f"{f}.role", f"must be one of {sorted(ROLES)}, got {m.get('role')!r}")
+        c = m.get("content")
+        if isinstance(c, str):
+            continue
+        if not isinstance(c, list) or not c:
+            raise DataError(*where, f"{f}.content", "must be a string or a non-empty list of parts")
+        for j, p in enumerate(c):
+            pf = f"{f}.content[{j}]"
+            if not isinstance(p, dict) or p.get("type") not in ("text", "image"):
+                raise DataError(*where, f"{pf}.type", "must be 'text' or 'image'")
+            if p["type"] == "text" and not isinstance(p.get("text"), str):
+                raise DataError(*where, f"{pf}.text", "must be a string")
+
+
+def _check_image(path: Path, where: tuple, f: str, max_pixels: int) -> None:
+    if not path.is_file():
+        raise DataError(*where, f, f"image file not found: {path}")
+    if path.stat().st_size > MAX_IMAGE_BYTES:
+        raise DataError(*where, f, f"image too large: {path.stat().st_size} bytes > {MAX_IMAGE_BYTES}")
+    try:
+        with Image.open(path) as im:
+            w, h = im.size
+            if w * h > max_pixels:
+                raise DataError(*where, f, f"image too large: {w}x{h} = {w * h} pixels > {max_pixels}")
+            im.verify()
+    except DataError:
+        raise
+    except Exception as e:  # PIL raises many types for corrupt files
+        raise DataError(*where, f, f"cannot decode image {path.name}: {type(e).__name__}: {e}") from None
+
+
+def parse_record(obj: Any, path: Path, line: int, *, tasks: Iterable[str] = KNOWN_TASKS,
+                 check_images: bool = True, max_pixels: int = MAX_IMAGE_PIXELS) -> Record:
+    where = (path, line)
+    if not isinstance(obj, dict):
+        raise DataError(*where, "record", f"must be a JSON object, got {type(obj).__name__}")
+    for key in ("id", "task", "messages"):
+        if key not in obj:
+            raise DataError(*where, key, "missing required field")
+    if not isinstance(obj["id"], str) or not obj["id"]:
+        raise DataError(*where, "id", "must be a non-empty string")
+    tasks = frozenset(tasks)
+    if obj["task"] not in tasks:
+        raise DataError(*where, "task", f"unknown task {obj['task']!r} (known: {', '.join(sorted(tasks))})")
+    _check_messages(obj["messages"], where, "messages")
+    images = obj.get("images", [])
+    if not isinstance(images, list) or not all(isinstance(p, str) for p in images):
+        raise DataError(*where, "images", "must be a list of paths")
+    n_parts = count_image_parts(obj["messages"])
+    if n_parts != len(images):
+        raise DataError(*where, "images", f"{len(images)} image(s) listed but the messages hold {n_parts} image part(s)")
+    resolved = [(path.parent / p).resolve() for p in images]
+    if check_images:
+        for i, p in enumerate(resolved):
+            _check_image(p, where, f"images[{i}]", max_pixels)
+    answer = obj.get("answer")
+    if answer is not None:
+        if isinstance(answer, bool) or not isinstance(answer, (str, int, float)):
+            raise DataError(*where, "answer", "must be a string or a number")
+        answer = str(answer)
+    meta = obj.get("meta", {}) or {}
+    if not isinstance(meta, dict):
+        raise DataError(*where, "meta", "must be an object")
+    chosen, rejected = obj.get("chosen"), obj.get("rejected")
+    if (chosen is None) != (rejected is None):
+        raise DataError(*where, "chosen" if chosen is None else "rejected", "preference records need both chosen and rejected")
+    if chosen is not None:
+        _check_messages(chosen, where, "chosen")
+        _check_messages(rejected, where, "rejected")
+    return Record(id=obj["id"], task=obj["task"], images=resolved, messages=obj["messages"], answer=answer,
+                  meta=meta, chosen=chosen, rejected=rejected, source=f"{path}:{line}")
+
+
+def load_records(path: str | Path, *, tasks: Iterable[str] = KNOWN_TASKS, check_images: bool = True,
+                 max_pixels: int = MAX_IMAGE_PIXELS, require: str | None = None) -> list[Record]:
+    """Read and validate every line of a JSONL file.
+
+    require: "target" (SFT: last message is the assistant's), "prompt" (RL/eval: last message is
+    not the assistant's) or "preference" (chosen and rejected present).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(path, 0, "file", "not found")
+    records, ids = [], {}
+    with open(path, encoding="utf-8") as f:
+        for line_no, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(path, line_no, "json", f"not valid JSON: {e.msg} at column {e.colno}") from None
+            rec = parse_record(obj, path, line_no, tasks=tasks, check_images=check_images, max_pixels=max_pixels)
+            if rec.id in ids:
+                raise DataError(path, line_no, "id", f"duplicate id {rec.id!r} (first on line {ids[rec.id]})")
+            ids[rec.id] = line_no
+            if require == "target" and rec.target is None:
+                raise DataError(path, line_no, "messages", "an SFT record must end with an assistant message")
+            if require == "preference" and rec.chosen is None:
+                raise DataError(path, line_no, "chosen", "a preference record needs chosen and rejected")
+            records.append(rec)
+    if not records:
+        raise DataError(path, 0, "file", "holds no records")
+    return records
+
+
+def load_images(rec: Record) -> list[Image.Image]:
+    return [Image.open(p).convert("RGB") for p in rec.images]
+
+
+def write_records(path: str | Path, records: list[Record]) -> None:
+    """Write records as JSONL atomically (temporary file, fsync, rename)."""
+    import os
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        for r in records:
+            f.write(json.dumps(r.to_json(path.parent.resolve())) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)

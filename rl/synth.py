@@ -1,0 +1,196 @@
+"""The built-in synthetic multimodal task suite: shapes drawn with PIL on a small grid canvas.
+
+Every task is answerable from the picture alone and small enough for the tiny VLM to learn on a CPU.
+The canvas is a GRID x GRID board of CELL-pixel cells (84x84 by default): with Qwen2-VL's 14-pixel
+patches merged 2x2, each cell is exactly one vision token, which keeps the tasks learnable.
+
+Tasks (record field `task`):
+  counting   "How many shapes are there?"                        answer "3"
+  grounding  "Where is the red shape? ..."                        answer "[32, 4, 51, 23]" (pixels)
+  math       "Add 4 to the number of shapes. ..."                 answer "7" (any equivalent form scores)
+  caption    "Describe the image."                                no answer: judged by the reward model
+
+Records follow the layout in README.md ("Data format"); `meta.objects` holds the ground truth scene.
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+from PIL import Image, ImageDraw
+
+TASKS = ("counting", "grounding", "math", "caption")
+COLORS = {"red": (230, 40, 40), "green": (40, 200, 60), "blue": (50, 90, 240), "yellow": (240, 220, 30)}
+SHAPES = ("square", "circle")
+NUMBER_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten")
+
+
+@dataclass(frozen=True)
+class SceneSpec:
+    """Geometry of the canvas: GRID x GRID cells of CELL pixels, shapes of SIZE pixels centred in a cell."""
+
+    grid: int = 3
+    cell: int = 28
+    size: int = 20
+    max_count: int = 6
+
+    @property
+    def side(self) -> int:
+        return self.grid * self.cell
+
+
+def object_box(cell_index: int, spec: SceneSpec) -> list[int]:
+    """Pixel box [x1, y1, x2, y2] (inclusive corners) of the shape drawn in a cell."""
+    row, col = divmod(cell_index, spec.grid)
+    pad = (spec.cell - spec.size) // 2
+    x1, y1 = col * spec.cell + pad, row * spec.cell + pad
+    return [x1, y1, x1 + spec.size - 1, y1 + spec.size - 1]
+
+
+def draw_scene(objects: list[dict], spec: SceneSpec) -> Image.Image:
+    img = Image.new("RGB", (spec.side, spec.side), (0, 0, 0))
+    d = ImageDraw.Draw(img)
+    for o in objects:
+        box = o["box"]
+        fill = COLORS[o["color"]]
+        if o["shape"] == "square":
+            d.rectangle(box, fill=fill)
+        else:
+            d.ellipse(box, fill=fill)
+    return img
+
+
+def random_objects(rng: random.Random, n: int, spec: SceneSpec, *, distinct_colors: bool = False) -> list[dict]:
+    cells = sorted(rng.sample(range(spec.grid * spec.grid), n))
+    colors = rng.sample(list(COLORS), n) if distinct_colors else [rng.choice(list(COLORS)) for _ in cells]
+    return [{"cell": c, "shape": rng.choice(SHAPES), "color": col, "box": object_box(c, spec)}
+            for c, col in zip(cells, colors)]
+
+
+def describe(objects: list[dict]) -> str:
+    """Canonical caption, objects in reading order: 'A red square and a blue circle.'"""
+    parts = [f"a {o['color']} {o['shape']}" for o in objects]
+    text = parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
+    return text[0].upper() + text[1:] + "."
+
+
+def _user(text: str) -> list[dict]:
+    return [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": text}]}]
+
+
+def make_example(task: str, rng: random.Random, spec: SceneSpec) -> dict:
+    """One record without id/images: task, messages (user + assistant target), answer, meta."""
+    if task == "counting":
+        objs = random_objects(rng, rng.randint(1, spec.max_count), spec)
+        n = len(objs)
+        question = "How many shapes are there?"
+        thought, solution, answer = f"I count {n} shapes.", str(n), str(n)
+    elif task == "grounding":
+        objs = random_objects(rng, rng.randint(1, 3), spec, distinct_colors=True)
+        target = rng.choice(objs)
+        row, col = divmod(target["cell"], spec.grid)
+        question = f"Where is the {target['color']} shape? Answer with a box [x1, y1, x2, y2] in pixels."
+        answer = "[{}, {}, {}, {}]".format(*target["box"])
+        thought, solution = f"The {target['color']} shape is in row {row + 1}, column {col + 1}.", answer
+    elif task == "math":
+        objs = random_objects(rng, rng.randint(1, spec.max_count - 1), spec)
+        n, k = len(objs), rng.randint(1, 4)
+        question = f"Add {k} to the number of shapes. Put the result in \\boxed{{}}."
+        answer = str(n + k)
+        thought, solution = f"I count {n} shapes. {n} + {k} = {n + k}.", f"\\boxed{{{n + k}}}"
+    elif task == "caption":
+        objs = random_objects(rng, rng.randint(1, 3), spec)
+        question = "Describe the image."
+        n = len(objs)
+        thought, solution, answer = f"I see {NUMBER_WORDS[n]} shape{'s' if n > 1 else ''}.", describe(objs), None
+    else:
+        raise ValueError(f"unknown synthetic task {task!r}; choose from {TASKS}")
+    messages = _user(question) + [
+        {"role": "assistant", "content": [{"type": "text", "text": f"<think>{thought}</think>{solution}"}]}]
+    rec = {"task": task, "messages": messages, "meta": {"difficulty": None, "objects": objs}}
+    if answer is not None:
+        rec["answer"] = answer
+    return rec
+
+
+def scene_key(rec: dict) -> str:
+    """What makes two examples the same item: the task, the scene and the question."""
+    objs = [(o["cell"], o["shape"], o["color"]) for o in rec["meta"]["objects"]]
+    return json.dumps([rec["task"], objs, rec["messages"][0]["content"][1]["text"]])
+
+
+def synth_split(rng: random.Random, n_per_task: int, spec: SceneSpec, tasks, exclude: set[str],
+                max_tries: int = 50) -> list[dict]:
+    """n_per_task distinct records per task whose scene_key is not in `exclude` (adds its keys to it)."""
+    out = []
+    for task in tasks:
+        made = 0
+        tries = 0
+        while made < n_per_task:
+            rec = make_example(task, rng, spec)
+            key = scene_key(rec)
+            if key in exclude:
+                tries += 1
+                if tries > max_tries * n_per_task:
+                    raise RuntimeError(f"cannot draw {n_per_task} distinct {task} examples; lower --n")
+                continue
+            exclude.add(key)
+            out.append(rec)
+            made += 1
+    return out
+
+
+def _write_atomic(path: Path, lines: list[str]) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    with open(tmp, "w") as f:
+        f.writelines(lines)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def write_suite(out: str | os.PathLike, *, seed: int = 0, n: int = 2000, n_heldout: int = 100,
+                n_rl: int | None = None, tasks=TASKS, spec: SceneSpec = SceneSpec()) -> dict[str, Path]:
+    """Write sft.jsonl, rl.jsonl and heldout.jsonl (+ img/) under `out`; returns their paths.
+
+    n: SFT records per task; n_rl: RL prompt records per task (default n // 2); n_heldout: per task.
+    The three splits are disjoint by scene_key. Deterministic for a seed.
+    """
+    out = Path(out)
+    (out / "img").mkdir(parents=True, exist_ok=True)
+    n_rl = n // 2 if n_rl is None else n_rl
+    seen: set[str] = set()
+    # Held-out is drawn first so its items never depend on the size of the training splits.
+    splits = {
+        "heldout": synth_split(random.Random(f"{seed}-heldout"), n_heldout, spec, tasks, seen),
+        "sft": synth_split(random.Random(f"{seed}-sft"), n, spec, tasks, seen),
+        "rl": synth_split(random.Random(f"{seed}-rl"), n_rl, spec, tasks, seen),
+    }
+    paths = {}
+    for name, recs in splits.items():
+        lines = []
+        for i, rec in enumerate(recs):
+            rec_id = f"{name}-{rec['task']}-{i:05d}"
+            rel = f"img/{rec_id}.png"
+            draw_scene(rec["meta"]["objects"], spec).save(out / rel)
+            if name != "sft":  # prompt records: the assistant target is not shown to RL or eval
+                rec = {**rec, "messages": rec["messages"][:1]}
+            lines.append(json.dumps({"id": rec_id, "images": [rel], **rec}) + "\n")
+        paths[name] = out / f"{name}.jsonl"
+        _write_atomic(paths[name], lines)
+    return paths
+
+
+def corpus_texts(seed: int = 0, n: int = 300) -> list[str]:
+    """Texts of the suite (prompts and targets) for training the tiny tokenizer."""
+    rng = random.Random(f"{seed}-corpus")
+    spec = SceneSpec()
+    texts = []
+    for _ in range(n):
+        for task in TASKS:
+            rec = make_example(task, rng, spec)
+            texts += [m["content"][-1]["text"] for m in rec["messages"]]
+    return texts

@@ -1,0 +1,1 @@
+"""Generation engines (vLLM, HF) behind one interface, and weight sync."""

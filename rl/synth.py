@@ -92,7 +92,7 @@ def make_example(task: str, rng: random.Random, spec: SceneSpec) -> dict:
         objs = random_objects(rng, rng.randint(1, 3), spec, distinct_colors=True)
         target = rng.choice(objs)
         row, col = divmod(target["cell"], spec.grid)
-        question = f"Where is the {target['color']} shape? Answer with a box [x1, y1, x2, y2] in pixels."
+        question = f"Where is the {target['color']} shape? Give its box."
         answer = "[{}, {}, {}, {}]".format(*target["box"])
         thought, solution = f"The {target['color']} shape is in row {row + 1}, column {col + 1}.", answer
     elif task == "math":
@@ -185,10 +185,10 @@ def write_suite(out: str | os.PathLike, *, seed: int = 0, n: int = 2000, n_heldo
 
 
 def corpus_texts(seed: int = 0, n: int = 300) -> list[str]:
-    """Texts of the suite (prompts and targets) for training the tiny tokenizer."""
+    """Texts of the suite (prompts, targets, chat roles) for training the tiny tokenizer."""
     rng = random.Random(f"{seed}-corpus")
     spec = SceneSpec()
-    texts = []
+    texts = ["system\n", "user\n", "assistant\n", "You are a helpful assistant."] * 50
     for _ in range(n):
         for task in TASKS:
             rec = make_example(task, rng, spec)

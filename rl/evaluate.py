@@ -1,0 +1,128 @@
+"""Held-out evaluation: greedy decoding, then per-task accuracy and format rate.
+
+Accuracy uses the task's rule verifier on the solution part of a well-formatted response
+(exact integer for counting, IoU >= 0.5 for grounding, equivalence for math). Tasks without a
+rule answer (caption) report the format rate only (and a reward-model score when one is given).
+"""
+from __future__ import annotations
+
+import json
+import os
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+# task -> (verifier name, settings) deciding "correct"; a score >= 0.5 counts as correct.
+ACCURACY_CHECKS: dict[str, tuple[str, dict]] = {
+    "counting": ("counting", {}),
+    "grounding": ("grounding", {"mode": "hit", "iou_threshold": 0.5}),
+    "math": ("math", {}),
+    "multiple_choice": ("multiple_choice", {}),
+}
+
+
+@dataclass
+class Generation:
+    id: str
+    task: str
+    response: str
+    answer: str | None
+    formatted: bool
+    correct: bool | None
+
+
+def generate_greedy(model, processor, records, *, batch_size: int = 64, max_new_tokens: int = 48) -> list[str]:
+    """Greedy responses (special tokens stripped) for prompt records, in order."""
+    import torch
+
+    from model.inputs import encode_prompts
+    from rl.data import load_images
+
+    tok = processor.tokenizer
+    eos = [tok.convert_tokens_to_ids("<|im_end|>"), tok.pad_token_id]
+    was_training = model.training
+    model.eval()
+    out = []
+    with torch.no_grad():
+        for i in range(0, len(records), batch_size):
+            chunk = records[i:i + batch_size]
+            inputs = encode_prompts(processor, [r.prompt_messages for r in chunk], [load_images(r) for r in chunk])
+            seq = model.generate(**inputs, do_sample=False, max_new_tokens=max_new_tokens,
+                                 eos_token_id=eos, pad_token_id=tok.pad_token_id)
+            out += tok.batch_decode(seq[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+    model.train(was_training)
+    return out
+
+
+def judge(records, responses: Sequence[str]) -> list[Generation]:
+    """Format and correctness of each response (pure: no model involved)."""
+    import verifiers
+    from verifiers import Sample, split_think
+
+    checks = {}
+    gens = []
+    for rec, resp in zip(records, responses):
+        parts = split_think(resp)
+        correct = None
+        if rec.task in ACCURACY_CHECKS and rec.answer is not None:
+            if rec.task not in checks:
+                name, settings = ACCURACY_CHECKS[rec.task]
+                checks[rec.task] = verifiers.load(name, **settings)
+            if parts is None:
+                correct = False
+            else:
+                sizes = tuple(_image_size(p) for p in rec.images)
+                score = checks[rec.task](Sample(rec.task, parts[1], rec.answer, sizes, rec.meta))
+                correct = score.value is not None and score.value >= 0.5
+        gens.append(Generation(rec.id, rec.task, resp, rec.answer, parts is not None, correct))
+    return gens
+
+
+def _image_size(path) -> tuple[int, int]:
+    from PIL import Image
+    with Image.open(path) as im:
+        return im.size
+
+
+def summarize(gens: list[Generation]) -> dict[str, dict]:
+    """{task: {n, format, accuracy (or None)}} plus an 'all' row."""
+    by = defaultdict(list)
+    for g in gens:
+        by[g.task].append(g)
+        by["all"].append(g)
+    table = {}
+    for task, gs in sorted(by.items(), key=lambda kv: (kv[0] == "all", kv[0])):
+        judged = [g.correct for g in gs if g.correct is not None]
+        table[task] = {"n": len(gs), "format": sum(g.formatted for g in gs) / len(gs),
+                       "accuracy": (sum(judged) / len(judged)) if judged else None}
+    return table
+
+
+def format_table(table: dict[str, dict], title: str = "") -> str:
+    lines = [title] if title else []
+    lines.append(f"{'task':<12} {'n':>5} {'accuracy':>9} {'format':>7}")
+    for task, row in table.items():
+        acc = "-" if row["accuracy"] is None else f"{100 * row['accuracy']:.1f}%"
+        lines.append(f"{task:<12} {row['n']:>5} {acc:>9} {100 * row['format']:>6.1f}%")
+    return "\n".join(lines)
+
+
+def evaluate(model, processor, records, *, batch_size: int = 64, max_new_tokens: int = 48):
+    """(table, generations) for prompt records."""
+    responses = generate_greedy(model, processor, records, batch_size=batch_size, max_new_tokens=max_new_tokens)
+    gens = judge(records, responses)
+    return summarize(gens), gens
+
+
+def write_eval(out: str | os.PathLike, table: dict, gens: list[Generation]) -> None:
+    """eval.json (the table) and generations.jsonl, each written atomically."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".tmp")
+    tmp.write_text(json.dumps(table, indent=1))
+    os.replace(tmp, out)
+    gpath = out.with_name(out.stem + ".generations.jsonl")
+    tmp = gpath.with_name(gpath.name + ".tmp")
+    tmp.write_text("".join(json.dumps(g.__dict__) + "\n" for g in gens))
+    os.replace(tmp, gpath)

@@ -1,0 +1,118 @@
+"""Run hygiene shared by every trainer: metrics (JSONL + TensorBoard), atomic checkpoints, resume.
+
+Checkpoint layout under a run folder:
+    checkpoints/step-000100/{model files..., trainer_state.pt}
+    checkpoints/latest            (text: the name of the newest complete checkpoint)
+A checkpoint folder is complete once renamed into place; `latest` is replaced atomically after.
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+
+class MetricsLog:
+    """Appends one JSON object per step to metrics.jsonl and mirrors scalars to TensorBoard."""
+
+    def __init__(self, run_dir: str | os.PathLike, *, tensorboard: bool = True):
+        self.path = Path(run_dir) / "metrics.jsonl"
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._tb = None
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+                self._tb = SummaryWriter(str(Path(run_dir) / "tb"))
+            except ImportError:  # tensorboard is optional at run time
+                self._tb = None
+
+    def log(self, step: int, metrics: dict[str, Any]) -> None:
+        row = {"step": step, "time": round(time.time(), 3), **metrics}
+        with open(self.path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+        if self._tb is not None:
+            for k, v in metrics.items():
+                if isinstance(v, (int, float)) and not isinstance(v, bool):
+                    self._tb.add_scalar(k, v, step)
+
+    def truncate_after(self, step: int) -> None:
+        """On resume, drop rows logged after the checkpoint (they will be logged again)."""
+        if not self.path.is_file():
+            return
+        keep = [line for line in self.path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text("".join(line + "\n" for line in keep))
+        os.replace(tmp, self.path)
+
+    def close(self) -> None:
+        if self._tb is not None:
+            self._tb.close()
+
+
+def rng_state() -> dict:
+    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+
+
+def _write_text_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def latest_checkpoint(run_dir: str | os.PathLike) -> Path | None:
+    ptr = Path(run_dir) / "checkpoints" / "latest"
+    if not ptr.is_file():
+        return None
+    ckpt = ptr.parent / ptr.read_text().strip()
+    return ckpt if (ckpt / "trainer_state.pt").is_file() else None
+
+
+def save_checkpoint(run_dir: str | os.PathLike, step: int, *, models: dict[str, Any], state: dict,
+                    keep: int = 2) -> Path:
+    """Write models (name -> (model, processor) or an object with save_pretrained) and trainer state.
+
+    The policy is saved at the checkpoint's top level (an HF folder usable on its own); other
+    models in sub-folders. Old checkpoints beyond `keep` are removed.
+    """
+    from model.load import atomic_dir
+
+    root = Path(run_dir) / "checkpoints"
+    name = f"step-{step:06d}"
+
+    def write(d: Path) -> None:
+        for key, obj in models.items():
+            target = d if key == "policy" else d / key
+            target.mkdir(parents=True, exist_ok=True)
+            if isinstance(obj, tuple):
+                obj[0].save_pretrained(target)
+                obj[1].save_pretrained(target)
+            else:
+                obj.save_pretrained(target)
+        torch.save({**state, "step": step, "rng": rng_state()}, d / "trainer_state.pt")
+
+    path = atomic_dir(root / name, write)
+    _write_text_atomic(root / "latest", name)
+    ckpts = sorted(p for p in root.glob("step-*") if p.is_dir())
+    for old in ckpts[:-keep] if keep > 0 else []:
+        shutil.rmtree(old, ignore_errors=True)
+    return path
+
+
+def load_trainer_state(ckpt: Path) -> dict:
+    return torch.load(ckpt / "trainer_state.pt", weights_only=False)

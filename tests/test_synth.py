@@ -1,0 +1,52 @@
+import json
+import random
+
+from PIL import Image
+
+from rl.data import load_records
+from rl.synth import SceneSpec, TASKS, make_example, scene_key, write_suite
+
+
+def test_suite_is_deterministic_and_valid(tmp_path):
+    a = write_suite(tmp_path / "a", seed=3, n=12, n_heldout=5, n_rl=6)
+    b = write_suite(tmp_path / "b", seed=3, n=12, n_heldout=5, n_rl=6)
+    for split in ("sft", "rl", "heldout"):
+        assert a[split].read_text() == b[split].read_text()
+        recs = load_records(a[split], require="target" if split == "sft" else "prompt")
+        assert {r.task for r in recs} == set(TASKS)
+    img_a = Image.open(tmp_path / "a" / "img" / "sft-counting-00000.png")
+    img_b = Image.open(tmp_path / "b" / "img" / "sft-counting-00000.png")
+    assert img_a.size == (84, 84) and img_a.tobytes() == img_b.tobytes()
+
+
+def test_splits_are_disjoint(tmp_path):
+    paths = write_suite(tmp_path, seed=0, n=60, n_heldout=30, n_rl=30)
+    keys = {}
+    for split, p in paths.items():
+        keys[split] = {scene_key(json.loads(line)) for line in p.read_text().splitlines()}
+    assert not keys["sft"] & keys["heldout"] and not keys["rl"] & keys["heldout"] and not keys["sft"] & keys["rl"]
+
+
+def test_answers_match_the_drawn_scene():
+    rng = random.Random(0)
+    spec = SceneSpec()
+    for _ in range(50):
+        for task in TASKS:
+            rec = make_example(task, rng, spec)
+            objs = rec["meta"]["objects"]
+            target = rec["messages"][-1]["content"][0]["text"]
+            assert target.startswith("<think>") and "</think>" in target
+            for o in objs:
+                x1, y1, x2, y2 = o["box"]
+                assert 0 <= x1 < x2 < spec.side and 0 <= y1 < y2 < spec.side
+            if task == "counting":
+                assert rec["answer"] == str(len(objs)) and target.endswith(f"</think>{len(objs)}")
+            if task == "grounding":
+                color = rec["messages"][0]["content"][1]["text"].split()[3]
+                (box,) = [o["box"] for o in objs if o["color"] == color]
+                assert json.loads(rec["answer"]) == box
+            if task == "math":
+                k = int(rec["messages"][0]["content"][1]["text"].split()[1])
+                assert int(rec["answer"]) == len(objs) + k
+            if task == "caption":
+                assert "answer" not in rec

@@ -27,7 +27,7 @@ def token_logp(logits: Tensor, labels: Tensor, *, chunk_size: int | None = None)
 def entropy_from_logits(logits: Tensor, *, chunk_size: int | None = None) -> Tensor:
     """Entropy of softmax(logits) at each position: (B, T, V) -> (B, T) float32.
 
-    H = logsumexp(x) - sum_v softmax(x)_v x_v. Differentiable (an entropy bonus needs the gradient).
+    H = -sum_v p_v log p_v with log p = x - logsumexp(x). Differentiable (an entropy bonus needs it).
     """
     dummy = torch.zeros(logits.shape[:-1], dtype=torch.long, device=logits.device)
     _, entropy = _LogSoftmaxStats.apply(logits, dummy, chunk_size, False, True)
@@ -44,7 +44,7 @@ class _LogSoftmaxStats(torch.autograd.Function):
 
     With x the logits of one position, p = softmax(x), lse = logsumexp(x):
       logp_y = x_y - lse                  d logp_y / dx = onehot(y) - p
-      H = lse - sum_v p_v x_v             dH / dx = -p * (x - E_p[x]),   E_p[x] = lse - H
+      H = -sum_v p_v log p_v              dH / dx = -p * (x - E_p[x]) = -p * (log p + H)
     """
 
     @staticmethod
@@ -66,8 +66,9 @@ class _LogSoftmaxStats(torch.autograd.Function):
                 picked = x.gather(-1, safe_labels[:, s:s + step, None]).squeeze(-1)
                 logp[:, s:s + step] = torch.where(valid[:, s:s + step], picked - lse_c, 0.0)
             if want_entropy:
-                p = torch.exp(x - lse_c[..., None])
-                entropy[:, s:s + step] = lse_c - (p * x).sum(-1)
+                # -sum p log p on the centred logits: lse - sum p x would cancel in float32.
+                logsm = x - lse_c[..., None]
+                entropy[:, s:s + step] = -(logsm.exp() * logsm).sum(-1)
         ctx.save_for_backward(logits, safe_labels, valid, lse, entropy)
         ctx.step = step
         ctx.want = (want_logp, want_entropy)
@@ -86,15 +87,15 @@ class _LogSoftmaxStats(torch.autograd.Function):
         T, step = logits.shape[1], ctx.step
         for s in range(0, T, step):
             sl = slice(s, s + step)
-            x = logits[:, sl].to(lse.dtype)
-            p = torch.exp(x - lse[:, sl, None])  # (B, c, V)
-            g = torch.zeros_like(x)
+            logsm = logits[:, sl].to(lse.dtype) - lse[:, sl, None]  # (B, c, V) log p
+            p = logsm.exp()
+            g = torch.zeros_like(p)
             if use_logp:
-                gl = torch.where(valid[:, sl], grad_logp[:, sl].to(x.dtype), 0.0)  # (B, c)
+                gl = torch.where(valid[:, sl], grad_logp[:, sl].to(p.dtype), 0.0)  # (B, c)
                 g -= gl[..., None] * p
                 g.scatter_add_(-1, labels[:, sl, None], gl[..., None])
             if use_entropy:
-                mean_x = (lse[:, sl] - entropy[:, sl])[..., None]  # E_p[x]
-                g -= grad_entropy[:, sl, None].to(x.dtype) * p * (x - mean_x)
+                # x - E_p[x] = log p + H
+                g -= grad_entropy[:, sl, None].to(p.dtype) * p * (logsm + entropy[:, sl, None])
             grad[:, sl] = g.to(logits.dtype)
         return grad, None, None, None, None

@@ -53,7 +53,7 @@ def kl_penalty_rewards(rewards: Tensor, logp: Tensor, ref_logp: Tensor, mask: Te
     rewards, logp, ref_logp, mask: (B, T); coefs: (B,) beta_i. Use before GAE. Returns (B, T),
     detached: a reward is a constant for the policy gradient.
     """
-    penalty, _ = _weighted_kl(logp.detach(), ref_logp, mask, coefs, kind=kind)  # (B, T)
+    penalty, _, _ = _weighted_kl(logp.detach(), ref_logp, mask, coefs, kind=kind)  # (B, T)
     return rewards.detach() - penalty
 
 

@@ -34,7 +34,8 @@ def gae(rewards: Tensor, values: Tensor, mask: Tensor, *, gamma: float,
         delta_t = r_t + gamma * V(s_{t+1}) - V(s_t)
         A_t     = delta_t + gamma * lam * A_{t+1}        returns_t = A_t + V(s_t)
 
-    rewards, values, mask: (B, T); `mask` is 1 on response tokens. `lam` is a float or a per-sample
+    rewards, values, mask: (B, T); `mask` is 1 on response tokens; values[:, t] = V(s_t), the state
+    in which token t is generated (ValueModel output shifted like logits). `lam` is a float or a per-sample
     tensor (B,) (length-adaptive lambda). t+1 means the next *response* token: masked positions are
     passed over, not treated as episode ends, and after the last response token V = 0, A = 0 (the
     episode ends there; nothing is bootstrapped). Rewards and values at masked positions are
@@ -79,7 +80,9 @@ def length_adaptive_lambda(lengths: Tensor, *, alpha: float) -> Tensor:
 
     lengths: (B,) response lengths in tokens. Returns (B,) floats. A zero length gives 0.
     """
-    lengths = lengths.detach().to(torch.get_default_dtype() if not lengths.is_floating_point() else lengths.dtype)
+    lengths = lengths.detach()
+    if not lengths.is_floating_point():
+        lengths = lengths.to(torch.get_default_dtype())
     return (1.0 - 1.0 / (alpha * lengths)).clamp(0.0, 1.0)
 
 

@@ -154,7 +154,7 @@ def train_sft(cfg: SFTConfig, *, resume: bool = True, progress: bool = True) -> 
                                                     ignore_index=-100, reduction="sum")
             loss = nll / max(1, total_tok)
             loss.backward()
-            loss_sum += float(nll)
+            loss_sum += nll.detach().item()
             n_tok += int((target != -100).sum())
         if not math.isfinite(loss_sum):
             opt.zero_grad(set_to_none=True)

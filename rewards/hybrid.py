@@ -110,7 +110,8 @@ def _result(route: TaskRoute, solution: str | None, verdicts: list, rm_score: fl
         if value is not None:
             parts[part] = value
         for name, p in outcome.parts.items():
-            parts.setdefault(f"{part}/{name}", p)
+            if name != part:
+                parts.setdefault(f"{part}/{name}", p)
         if outcome.status != "ok":
             parts[outcome.status] = parts.get(outcome.status, 0.0) + 1.0
         values.append((value, weight))

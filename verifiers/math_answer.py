@@ -48,6 +48,7 @@ _POWER = re.compile(r"\^|\*\*")
 _FACTORIAL = re.compile(r"([0-9]+)\s*!")
 _CHAIN = re.compile(r"[0-9]+(?:\s*(?:\^|\*\*)\s*[0-9]+){2,}")   # unbraced 9^9^9 / 9**9**9
 _DIGIT_RUN = re.compile(r"[0-9]{%d,}" % (MAX_DIGITS + 1))
+_FINAL_PHRASE = re.compile(r"(?i:final answer)")
 _DELIMITER = re.compile(r"\$|\\\[|\\\(")
 _LATEX_ANCHOR = re.compile(r"\$|\\\[|\\\(|\\boxed|\\fbox|\\frac")
 
@@ -56,8 +57,8 @@ class _Refused(Exception):
     """The text holds something sympy must not evaluate (a power tower, a huge factorial...)."""
 
 
-def last_boxed(text: str) -> tuple[int, str] | None:
-    """(start, content) of the last `\\boxed{...}` / `\\fbox{...}`, braces matched; None if absent or unclosed."""
+def last_boxed(text: str) -> tuple[int, int, str] | None:
+    """(start, end, content) of the last `\\boxed{...}` / `\\fbox{...}`, braces matched; None if absent or unclosed."""
     start = max(text.rfind("\\boxed"), text.rfind("\\fbox"))
     if start < 0:
         return None
@@ -72,8 +73,26 @@ def last_boxed(text: str) -> tuple[int, str] | None:
         elif c == "}":
             depth -= 1
             if depth == 0:
-                return start, text[i + 1:j]
+                return start, j + 1, text[i + 1:j]
     return None
+
+
+_BOX_JOINER = re.compile(r"(?:\s|[,;.$]|\\[\[\]()]|\\q?quad|\\text\{\s*(?:and|or)?\s*\}|\band\b|\bor\b)*")
+
+
+def final_boxes(text: str) -> tuple[int, int] | None:
+    """(start, end) of the final run of boxes: the last box and the boxes before it that only
+    separators join ("\\boxed{-2} \\quad \\text{and} \\quad \\boxed{1}"); None without a box."""
+    last = last_boxed(text)
+    if last is None:
+        return None
+    start, end = last[0], last[1]
+    for _ in range(10):
+        prev = last_boxed(text[:start])
+        if prev is None or prev[1] > start or not _BOX_JOINER.fullmatch(text[prev[1]:start]):
+            break
+        start = prev[0]
+    return start, end
 
 
 def _clean(text: str) -> str:
@@ -247,13 +266,21 @@ class MathAnswer:
         check_size(text)
         anchored = bool(_LATEX_ANCHOR.search(text))
         delimited = bool(_DELIMITER.search(text))
-        if last_boxed(text) is not None:
-            found = self._latex(text)
+        boxed = final_boxes(text)
+        final_at = max((m.start() for m in _FINAL_PHRASE.finditer(text)), default=-1)
+        if boxed is not None and boxed[1] > final_at:
+            # A solution is judged by its final box(es) (plus a short tail for "\\boxed{28} pct");
+            # a reference keeps math-verify's reading of all its boxes ("\\boxed{1}\\boxed{2}").
+            found = self._latex(text if reference else text[boxed[0]:boxed[1] + 20])
             if _parsed(found):
                 return found
         final = _last(_FINAL_NUMBER, text) or _last(_ANSWER_NUMBER, text)
         if final is not None:
             return [_number(final)]
+        if boxed is not None:   # "final answer" stated after the last box, in LaTeX
+            found = self._latex(text, boxed_first=False)
+            if _parsed(found):
+                return found
         if (reference or len(text) <= 200) and not delimited:
             # a bare expression ("10/9", "x = 2", "\\{1, 2\\}" without $): read it as LaTeX
             wrapped = self._latex(f"${text}$")

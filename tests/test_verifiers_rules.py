@@ -105,3 +105,12 @@ def test_instruction_abstains_without_rules_and_rejects_unknown_rules():
 def test_load_rejects_bad_settings():
     with pytest.raises(ValueError):
         load("grounding", radius=3)
+
+
+def test_verifiers_import_no_heavy_runtime():
+    import subprocess
+    import sys
+    code = ("import sys, verifiers; verifiers.load('math'); "
+            "bad = [m for m in ('torch', 'ray', 'vllm') if m in sys.modules]; assert not bad, bad")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr

@@ -82,3 +82,9 @@ def test_math_agreement_with_math_verify_labels():
         pytest.skip(f"{DEFAULT_CASES} not present")
     rate, wrong = agreement(DEFAULT_CASES)
     assert rate >= 0.95, wrong
+
+
+def test_math_in_a_worker_thread_disables_the_signal_alarm():
+    from concurrent.futures import ThreadPoolExecutor
+    with ThreadPoolExecutor(1) as ex:   # math-verify's SIGALRM would raise ValueError here
+        assert ex.submit(score, "\\boxed{\\frac{14}{2}}", "7").result() == 1.0

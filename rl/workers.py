@@ -1,0 +1,233 @@
+"""Per-rank compute: each worker owns one model (and its optimizer), splits a batch into
+micro-batches, calls the pure math in `rl.algos`, and steps. Thin shells: the driver decides
+what runs when; the math lives in `rl.algos`.
+
+The same classes run in the driver process or as Ray actors (see `rl.actors`).
+"""
+from __future__ import annotations
+
+import math
+import os
+from typing import Sequence
+
+import torch
+from torch import Tensor
+
+from rl.batch import micro_batches, model_inputs
+
+
+def _threads() -> None:
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
+
+
+class PolicyWorker:
+    """The actor (with an optimizer) or the frozen reference policy (optim=None)."""
+
+    def __init__(self, path: str, *, optim=None, total_steps: int = 1, dtype: str = "float32",
+                 seed: int = 0, chunk_size: int = 0):
+        _threads()
+        from model.load import load_vlm
+        from rl.sft import make_optimizer
+
+        torch.manual_seed(seed)
+        self.model, self.processor = load_vlm(path, dtype=dtype, train=optim is not None)
+        self.chunk_size = chunk_size or None
+        self.opt = self.sched = None
+        if optim is not None:
+            self.opt, self.sched = make_optimizer(self.model, optim, total_steps)
+            self.max_grad_norm = optim.max_grad_norm
+        else:
+            self.model.requires_grad_(False)
+
+    def _logp(self, mb: dict, *, entropy: bool = False) -> tuple[Tensor, Tensor | None]:
+        from model.logprobs import logp_and_entropy, token_logp
+
+        logits = self.model(**model_inputs(mb), use_cache=False).logits[:, :-1]
+        labels = mb["input_ids"][:, 1:]
+        if entropy:
+            return logp_and_entropy(logits, labels, chunk_size=self.chunk_size)
+        return token_logp(logits, labels, chunk_size=self.chunk_size), None
+
+    @torch.no_grad()
+    def logp(self, batch: dict, *, micro_batch_size: int = 32) -> dict[str, Tensor]:
+        """{'logp': (B, T), 'entropy': (B, T)} on label positions, padded with 0."""
+        was = self.model.training
+        self.model.eval()
+        B, T = batch["input_ids"].shape[0], batch["input_ids"].shape[1] - 1
+        logp = torch.zeros(B, T)
+        ent = torch.zeros(B, T)
+        row = 0
+        for mb in micro_batches(batch, micro_batch_size):
+            lp, en = self._logp(mb, entropy=True)
+            n, t = lp.shape
+            logp[row:row + n, :t] = lp.float()
+            ent[row:row + n, :t] = en.float()
+            row += n
+        self.model.train(was)
+        return {"logp": logp, "entropy": ent}
+
+    def update(self, batch: dict, *, ppo, kl_mode: str, kl_kind: str, minibatch_rows: Sequence[Sequence[int]],
+               use_lm: bool = True) -> dict[str, float]:
+        """PPO actor update over the given minibatches (one optimizer step each).
+
+        batch carries old_logp, adv, mask (B, T), kl_coef (B,), ref_logp (B, T), correct (B,).
+        Loss = policy_loss + [kl_mode == 'loss'] kl_loss + lm_coef * positive_lm_loss, each a
+        token mean over the minibatch (micro-batch sums divided by the minibatch token count).
+        """
+        from rl.algos import kl_loss, policy_loss, positive_lm_loss
+
+        self.model.train()
+        sums: dict[str, float] = {}
+        steps = skipped = 0
+        for rows in minibatch_rows:
+            n_tok = int(batch["mask"][list(rows)].sum())
+            n_seq = int((batch["mask"][list(rows)].sum(-1) > 0).sum())
+            norm = dict(num_tokens=max(1, n_tok), num_seqs=max(1, n_seq), agg=ppo.agg)
+            total = 0.0
+            for mb in micro_batches(batch, ppo.micro_batch_size, order=rows):
+                logp, _ = self._logp(mb)
+                loss, m = policy_loss(logp, mb["old_logp"], mb["adv"], mb["mask"], clip_low=ppo.clip_low,
+                                      clip_high=ppo.clip_high, dual_clip=ppo.dual_clip, **norm)
+                if kl_mode == "loss":
+                    kloss, km = kl_loss(logp, mb["ref_logp"], mb["mask"], mb["kl_coef"], kind=kl_kind, **norm)
+                    loss = loss + kloss
+                    m = {**m, **{f"kl_loss_{k}": v for k, v in km.items()}}
+                if use_lm and ppo.lm_coef > 0:
+                    lm, lmm = positive_lm_loss(logp, mb["mask"], mb["correct"], **norm)
+                    loss = loss + ppo.lm_coef * lm
+                    m = {**m, "lm_loss": lm.detach(), **lmm}
+                loss.backward()
+                total += float(loss.detach())
+                w = mb["mask"].sum().item() / max(1, n_tok)
+                for k, v in m.items():
+                    sums[k] = sums.get(k, 0.0) + float(v) * w
+            if not math.isfinite(total):
+                self.opt.zero_grad(set_to_none=True)
+                skipped += 1
+                continue
+            gn = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.max_grad_norm or float("inf"))
+            self.opt.step()
+            self.sched.step()
+            self.opt.zero_grad(set_to_none=True)
+            steps += 1
+            sums["loss"] = sums.get("loss", 0.0) + total
+            sums["grad_norm"] = sums.get("grad_norm", 0.0) + float(gn)
+        denom = max(1, len(minibatch_rows))
+        out = {f"actor/{k}": v / denom for k, v in sums.items()}
+        out["actor/skipped_nonfinite"] = skipped
+        out["actor/lr"] = self.sched.get_last_lr()[0]
+        return out
+
+    def state_dict(self) -> dict[str, Tensor]:
+        return {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+
+    def save(self, path: str) -> None:
+        self.model.save_pretrained(path)
+        self.processor.save_pretrained(path)
+
+    def optim_state(self) -> dict:
+        return {"optimizer": self.opt.state_dict(), "scheduler": self.sched.state_dict()}
+
+    def load_optim_state(self, state: dict) -> None:
+        self.opt.load_state_dict(state["optimizer"])
+        self.sched.load_state_dict(state["scheduler"])
+
+    def generate_greedy(self, records, *, max_new_tokens: int = 48) -> list[str]:
+        from rl.evaluate import generate_greedy
+        return generate_greedy(self.model, self.processor, records, max_new_tokens=max_new_tokens)
+
+
+class CriticWorker:
+    """The shared critic: ONE value model for every task type."""
+
+    def __init__(self, path: str, *, optim, total_steps: int = 1, dtype: str = "float32", seed: int = 0):
+        _threads()
+        from model.critic import ValueModel
+        from rl.sft import make_optimizer
+
+        torch.manual_seed(seed + 1)
+        self.model = ValueModel.from_pretrained(path, dtype=getattr(torch, dtype))
+        self.model.train()
+        self.opt, self.sched = make_optimizer(self.model, optim, total_steps)
+        self.max_grad_norm = optim.max_grad_norm
+
+    @torch.no_grad()
+    def values(self, batch: dict, *, micro_batch_size: int = 32) -> Tensor:
+        """(B, T) values on label positions: values[:, t] = V(state before label token t + 1)."""
+        B, T = batch["input_ids"].shape[0], batch["input_ids"].shape[1] - 1
+        out = torch.zeros(B, T)
+        row = 0
+        for mb in micro_batches(batch, micro_batch_size):
+            v = self.model(**model_inputs(mb))[:, :-1]
+            out[row:row + v.shape[0], :v.shape[1]] = v
+            row += v.shape[0]
+        return out
+
+    def update(self, batch: dict, *, ppo, minibatch_rows: Sequence[Sequence[int]]) -> dict[str, float]:
+        """Clipped value regression on batch['returns'] around batch['old_values'] (both (B, T))."""
+        from rl.algos import value_loss
+
+        sums: dict[str, float] = {}
+        for rows in minibatch_rows:
+            n_tok = int(batch["mask"][list(rows)].sum())
+            n_seq = int((batch["mask"][list(rows)].sum(-1) > 0).sum())
+            total = 0.0
+            for mb in micro_batches(batch, ppo.micro_batch_size, order=rows):
+                v = self.model(**model_inputs(mb))[:, :-1]
+                loss, m = value_loss(v, mb["old_values"], mb["returns"], mb["mask"], clip=ppo.value_clip,
+                                     agg=ppo.agg, num_tokens=max(1, n_tok), num_seqs=max(1, n_seq))
+                loss.backward()
+                total += float(loss.detach())
+                w = mb["mask"].sum().item() / max(1, n_tok)
+                for k, val in m.items():
+                    sums[k] = sums.get(k, 0.0) + float(val) * w
+            if not math.isfinite(total):
+                self.opt.zero_grad(set_to_none=True)
+                sums["skipped_nonfinite"] = sums.get("skipped_nonfinite", 0.0) + 1
+                continue
+            gn = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.max_grad_norm or float("inf"))
+            self.opt.step()
+            self.sched.step()
+            self.opt.zero_grad(set_to_none=True)
+            sums["loss"] = sums.get("loss", 0.0) + total
+            sums["grad_norm"] = sums.get("grad_norm", 0.0) + float(gn)
+        denom = max(1, len(minibatch_rows))
+        return {f"critic/{k}": v / denom for k, v in sums.items()}
+
+    def save(self, path: str) -> None:
+        self.model.save_pretrained(path)
+
+    def optim_state(self) -> dict:
+        return {"optimizer": self.opt.state_dict(), "scheduler": self.sched.state_dict()}
+
+    def load_optim_state(self, state: dict) -> None:
+        self.opt.load_state_dict(state["optimizer"])
+        self.sched.load_state_dict(state["scheduler"])
+
+
+class RewardWorker:
+    """The hybrid reward: verifier process pool + (optional) reward model, scoring rollouts."""
+
+    def __init__(self, cfg, *, reward_model: str | None = None):
+        _threads()
+        from rewards.pool import VerifierPool
+
+        self.cfg = cfg
+        self.pool = VerifierPool.from_config(cfg.pool)
+        self.rm = None
+        if reward_model:
+            from rewards.rm import RewardModelScorer
+            self.rm = RewardModelScorer(reward_model)
+
+    def score(self, samples) -> list:
+        from rewards.hybrid import score_batch
+        return score_batch(samples, self.cfg, rm=self.rm, pool=self.pool)
+
+    def rm_scores(self, items) -> list[float]:
+        return list(self.rm(items)) if self.rm is not None else []
+
+    def stats(self) -> dict:
+        return dict(self.pool.stats)
+
+    def close(self) -> None:
+        self.pool.close()

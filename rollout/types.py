@@ -1,0 +1,121 @@
+"""The rollout interface: prompts, sampling settings, completions and the `Engine` protocol that
+both backends (vLLM, HF transformers) implement, plus `make_engine` to pick one from config."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Literal, Mapping, Protocol, Sequence
+
+if TYPE_CHECKING:
+    import torch
+
+
+@dataclass(frozen=True)
+class SamplingConfig:
+    """How to sample responses; the same meaning in both backends."""
+
+    n: int = 4
+    """Samples per prompt (a GRPO/PPO group)."""
+    temperature: float = 1.0
+    """Softmax temperature of the sampler. `Completion.logp` is NOT tempered (see there)."""
+    top_p: float = 1.0
+    """Nucleus sampling mass; 1.0 keeps the whole distribution."""
+    top_k: int = -1
+    """Keep the k most likely tokens; -1 (or 0) keeps all."""
+    max_tokens: int = 64
+    """Most response tokens per sample (EOS included); a sample cut here has finish_reason 'length'."""
+    seed: int | None = None
+    """Seed for this call; None draws fresh randomness. Prompt i, sample j uses seed + i * n + j in vLLM,
+    so repeating a call with the same seed repeats its samples; a driver should vary it per step."""
+
+
+@dataclass(frozen=True)
+class Prompt:
+    """One multimodal prompt, in the layout of `rl.data.Record.prompt_messages`."""
+
+    messages: list[dict]
+    """Chat messages, the prompt turns only; images as {"type": "image"} parts."""
+    images: list = field(default_factory=list)
+    """PIL images, in the order of the image parts."""
+
+
+@dataclass
+class Completion:
+    """One sampled response."""
+
+    token_ids: list[int]
+    """Response tokens (no prompt), including the EOS token if one was generated."""
+    logp: list[float]
+    """log pi(token_t | prompt, tokens_<t) of each sampled token under the engine's weights, from the
+    RAW model distribution: log_softmax(logits) at temperature 1, before top-k/top-p/temperature.
+    This is the quantity the trainer's forward computes (`model.logprobs.token_logp`), so it serves as
+    old_logp when sampling at temperature 1 with no truncation; with other sampling settings it is
+    still the raw policy log-prob, not the log-prob of the (tempered/truncated) sampler."""
+    text: str
+    """Decoded response, special tokens skipped."""
+    finish_reason: str
+    """'stop' (an EOS/stop token ended it) or 'length' (max_tokens reached)."""
+
+
+class Engine(Protocol):
+    """A generation engine holding one policy's weights."""
+
+    def generate(self, prompts: Sequence[Prompt], sampling: SamplingConfig) -> list[list[Completion]]:
+        """`sampling.n` completions per prompt: result[prompt][sample]."""
+        ...
+
+    def sync_weights(self, state: Mapping[str, "torch.Tensor"]) -> None:
+        """Load new policy weights. `state` uses HF transformers parameter names (as in
+        `model.state_dict()`); pass the whole state dict or whole layers (see the backend)."""
+        ...
+
+    def close(self) -> None:
+        """Free the engine (memory, processes). Idempotent."""
+        ...
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """Which generation engine to build and how."""
+
+    backend: Literal["vllm", "hf"] = "vllm"
+    """'vllm' (default where it runs) or 'hf' (transformers `generate`, the fallback)."""
+    model: str = ""
+    """HF model folder (weights, config, tokenizer, processor)."""
+    dtype: str = "float32"
+    """Weights and activations: 'float32' | 'bfloat16' | 'float16'. On AVX2 CPUs float32 is the fast one."""
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    """'auto': cuda when torch sees a GPU, else cpu. Selects vLLM's CPU settings (below) on cpu."""
+    max_model_len: int = 1024
+    """Longest prompt + response, in tokens (vLLM)."""
+    max_images_per_prompt: int = 1
+    """Images a prompt may carry (vLLM reserves encoder budget for this many)."""
+    max_num_seqs: int = 256
+    """Most sequences vLLM runs in one batch."""
+    gpu_memory_utilization: float = 0.5
+    """Share of GPU memory vLLM may take (weights + KV cache); leaves room for colocated trainers."""
+    tensor_parallel_size: int = 1
+    """vLLM tensor-parallel degree (GPU)."""
+    enforce_eager: bool = True
+    """No CUDA graphs / torch.compile: fast start; turn off on GPU for throughput."""
+    kv_cache_gib: int = 1
+    """KV cache size on CPU (VLLM_CPU_KVCACHE_SPACE), GiB."""
+    in_process: bool | None = None
+    """Run the vLLM engine core in this process (VLLM_ENABLE_V1_MULTIPROCESSING=0). None: yes on cpu
+    (starts in seconds instead of ~30 s; weights sync without serialisation), no on cuda."""
+    cache_root: str = ""
+    """VLLM_CACHE_ROOT; '' uses a per-user folder under the system temp dir."""
+    seed: int = 0
+    """Engine seed (vLLM's global sampler seed when a call gives none)."""
+
+
+def make_engine(cfg: EngineConfig) -> Engine:
+    """Build the configured backend. Imports it lazily (vLLM is heavy and absent on some machines)."""
+    if not cfg.model:
+        raise ValueError("EngineConfig.model: empty (an HF model folder is required)")
+    if cfg.backend == "vllm":
+        from rollout.vllm_engine import VLLMEngine
+        return VLLMEngine(cfg)
+    if cfg.backend == "hf":
+        from rollout.hf_engine import HFEngine
+        return HFEngine(cfg)
+    raise ValueError(f"EngineConfig.backend: {cfg.backend!r} is not 'vllm' or 'hf'")

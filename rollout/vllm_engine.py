@@ -1,0 +1,134 @@
+"""The vLLM backend: the full VLM with image inputs, n samples per prompt with sampled-token
+log-probs, and weight sync into the running engine.
+
+Log-probs: vLLM is built with `logprobs_mode="raw_logprobs"` (log_softmax of the model's logits
+before temperature, penalties, logit bias, top-k/top-p), the trainer's temperature-1 quantity.
+
+Weight sync goes through `WeightSyncExtension`, mixed into vLLM's worker class by name
+(`worker_extension_cls`), so the same call works in-process (CPU: the tensors are passed as they
+are) and across processes / tensor-parallel ranks (GPU: one safetensors blob per call, sent to
+every rank; each rank's `load_weights` takes its shard). After a reload, the prefix (KV) cache
+and the encoder (image embedding) cache are both reset: stale KV would mix policies, and a
+scheduler that still believes an image embedding is cached kills the engine ("Encoder cache miss")
+because the worker side was cleared by the reload.
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+import time
+from typing import Mapping, Sequence
+
+import torch
+
+from rollout.sequences import render_prompt, vision_token_ids
+from rollout.types import Completion, EngineConfig, Prompt, SamplingConfig
+
+# logit_bias is clamped to [-100, 100] by vLLM; exp(-100) ~ 4e-44 bans a token in practice.
+_BAN = -100.0
+
+
+class WeightSyncExtension:
+    """Methods added to every vLLM worker (see `worker_extension_cls`); runs inside the worker."""
+
+    def vlrl_load_weights(self, weights) -> int:
+        """Reload weights given as {HF name: tensor} (in-process) or safetensors bytes (other process).
+
+        `reload_weights` (not `model.load_weights`): it re-runs each layer's post-load processing,
+        which on CPU re-packs the GEMM weights; `load_weights` alone leaves the packed copy stale, so
+        outputs silently do not change. A layer must arrive whole (q, k and v together: vLLM fuses them),
+        else the parts not sent are lost.
+        """
+        if isinstance(weights, (bytes, bytearray)):
+            from safetensors.torch import load as load_bytes
+            weights = load_bytes(bytes(weights))
+        self.reload_weights(weights_iterator=list(weights.items()))
+        return len(weights)
+
+
+def _device(cfg: EngineConfig) -> str:
+    return cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _prepare_env(cfg: EngineConfig, device: str, in_process: bool) -> None:
+    """vLLM reads these from the environment; set before it starts, never overriding the user's."""
+    if in_process:
+        os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    root = cfg.cache_root or os.path.join(tempfile.gettempdir(), f"vlrl-vllm-cache-{os.getuid()}")
+    if device == "cpu":
+        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(cfg.kv_cache_gib))
+        # shared machines: no pinning of OpenMP threads to cores other jobs use
+        os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")
+        os.environ.setdefault("VLLM_CACHE_ROOT", root)
+    elif cfg.cache_root:
+        os.environ.setdefault("VLLM_CACHE_ROOT", root)
+
+
+class VLLMEngine:
+    """`Engine` on a `vllm.LLM`."""
+
+    def __init__(self, cfg: EngineConfig):
+        from model.load import load_processor
+
+        device = _device(cfg)
+        in_process = cfg.in_process if cfg.in_process is not None else device == "cpu"
+        _prepare_env(cfg, device, in_process)
+        from vllm import LLM
+
+        t0 = time.perf_counter()
+        self.llm = LLM(
+            model=cfg.model, dtype=cfg.dtype, seed=cfg.seed, max_model_len=cfg.max_model_len,
+            max_num_seqs=cfg.max_num_seqs, enforce_eager=cfg.enforce_eager,
+            tensor_parallel_size=cfg.tensor_parallel_size, gpu_memory_utilization=cfg.gpu_memory_utilization,
+            limit_mm_per_prompt={"image": cfg.max_images_per_prompt, "video": 0},
+            logprobs_mode="raw_logprobs",
+            worker_extension_cls=f"{__name__}.WeightSyncExtension",
+        )
+        self.start_seconds = time.perf_counter() - t0
+        from vllm.v1.engine.core_client import InprocClient
+        self.in_process = isinstance(self.llm.llm_engine.engine_core, InprocClient)
+        self.processor = load_processor(cfg.model)
+        self.banned_ids = vision_token_ids(self.processor)
+        self.last_sync_seconds = 0.0
+
+    def generate(self, prompts: Sequence[Prompt], sampling: SamplingConfig) -> list[list[Completion]]:
+        from vllm import SamplingParams
+
+        requests, params = [], []
+        for i, p in enumerate(prompts):
+            req = {"prompt": render_prompt(self.processor, p)}
+            if p.images:
+                req["multi_modal_data"] = {"image": list(p.images)}
+            requests.append(req)
+            # vLLM seeds sample j of a request with seed + j: offset prompts so no two samples share a seed
+            seed = None if sampling.seed is None else sampling.seed + i * sampling.n
+            params.append(SamplingParams(
+                n=sampling.n, temperature=sampling.temperature, top_p=sampling.top_p,
+                top_k=sampling.top_k if sampling.top_k > 0 else 0, max_tokens=sampling.max_tokens, seed=seed,
+                logprobs=0, logit_bias={t: _BAN for t in self.banned_ids}, skip_special_tokens=True))
+        outs = self.llm.generate(requests, params, use_tqdm=False)
+        return [[Completion(token_ids=list(c.token_ids),
+                            logp=[lp[t].logprob for t, lp in zip(c.token_ids, c.logprobs)],
+                            text=c.text, finish_reason=c.finish_reason)
+                 for c in sorted(o.outputs, key=lambda c: c.index)] for o in outs]
+
+    def sync_weights(self, state: Mapping[str, torch.Tensor]) -> None:
+        """Reload `state` (HF names, as in the transformers model's state_dict(); the whole model or
+        whole layers) into the running engine, then drop every cache computed with the old weights."""
+        t0 = time.perf_counter()
+        if self.in_process:
+            payload = {k: v.detach() for k, v in state.items()}
+        else:
+            from safetensors.torch import save as save_bytes
+            # copies: safetensors refuses tensors that share storage (tied embeddings)
+            payload = save_bytes({k: v.detach().to("cpu", copy=True).contiguous() for k, v in state.items()})
+        self.llm.collective_rpc("vlrl_load_weights", args=(payload,))
+        self.llm.reset_prefix_cache()
+        self.llm.llm_engine.reset_encoder_cache()
+        self.last_sync_seconds = time.perf_counter() - t0
+
+    def close(self) -> None:
+        llm, self.llm = getattr(self, "llm", None), None
+        if llm is not None:
+            llm.llm_engine.engine_core.shutdown()
+            del llm

@@ -70,8 +70,24 @@ def run_call(call: Call, cache: dict[str, Any]) -> Outcome:
         return Outcome.failed("error", f"{type(e).__name__}: {str(e)[:300]}")
 
 
-def _worker_main(conn) -> None:
+READY = "ready"
+STARTUP_TIMEOUT_S = 300.0   # imports on a loaded 2-core machine can take tens of seconds
+
+
+def _warm_imports() -> None:
+    """Import what verifiers load lazily (sympy, math-verify) before the first call, so a cold
+    import never counts against a call's timeout."""
     import verifiers  # noqa: F401  (registers the shipped verifiers once per worker)
+    try:
+        import math_verify  # noqa: F401
+        import sympy  # noqa: F401
+    except ImportError:  # the math verifier reports its own missing dependency per call
+        pass
+
+
+def _worker_main(conn) -> None:
+    _warm_imports()
+    conn.send(READY)
     cache: dict[str, Any] = {}
     while True:
         try:
@@ -90,6 +106,16 @@ class _Worker:
         self.proc.start()
         child.close()
         self.job: tuple[int, float] | None = None   # (index of the call, start time)
+        self.ready = False
+
+    def wait_ready(self) -> bool:
+        """Block until the worker finished its imports (bounded); False if it died or hung there."""
+        if not self.ready and self.conn.poll(STARTUP_TIMEOUT_S):
+            try:
+                self.ready = self.conn.recv() == READY
+            except (EOFError, OSError):
+                self.ready = False
+        return self.ready
 
     def stop(self, *, kill: bool) -> None:
         if not kill:
@@ -119,6 +145,12 @@ class VerifierPool:
         self._closed = False
         self._workers = [_Worker(self._ctx) for _ in range(workers)]
 
+    def wait_ready(self) -> "VerifierPool":
+        """Wait until every worker has finished its imports (each bounded by STARTUP_TIMEOUT_S)."""
+        for w in self._workers:
+            w.wait_ready()
+        return self
+
     @classmethod
     def from_config(cls, cfg) -> "VerifierPool":
         return cls(cfg.workers, cfg.timeout_s, cfg.start_method)
@@ -142,6 +174,12 @@ class VerifierPool:
         while todo or any(w.job for w in self._workers):
             for w in self._workers:
                 if w.job is None and todo:
+                    if not w.wait_ready():   # the per-call clock starts only once the worker is warm
+                        self.stats["startup_failures"] += 1
+                        if self.stats["startup_failures"] > 3:
+                            raise RuntimeError("verifier pool: worker processes fail to start (imports?)")
+                        self._replace(w)
+                        continue
                     i = todo.popleft()
                     try:
                         w.conn.send(calls[i])

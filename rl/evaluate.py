@@ -101,10 +101,14 @@ def summarize(gens: list[Generation]) -> dict[str, dict]:
 
 def format_table(table: dict[str, dict], title: str = "") -> str:
     lines = [title] if title else []
-    lines.append(f"{'task':<12} {'n':>5} {'accuracy':>9} {'format':>7}")
+    with_rm = any("rm_score" in row for row in table.values())
+    lines.append(f"{'task':<12} {'n':>5} {'accuracy':>9} {'format':>7}" + (f" {'rm_score':>9}" if with_rm else ""))
     for task, row in table.items():
         acc = "-" if row["accuracy"] is None else f"{100 * row['accuracy']:.1f}%"
-        lines.append(f"{task:<12} {row['n']:>5} {acc:>9} {100 * row['format']:>6.1f}%")
+        line = f"{task:<12} {row['n']:>5} {acc:>9} {100 * row['format']:>6.1f}%"
+        if with_rm:
+            line += f" {row['rm_score']:>9.3f}" if "rm_score" in row else f" {'-':>9}"
+        lines.append(line)
     return "\n".join(lines)
 
 

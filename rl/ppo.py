@@ -210,6 +210,7 @@ def fit(cfg: RLConfig, *, resume: bool = True, progress: bool = True) -> Path:
     ckpt = latest_checkpoint(out) if resume else None
     run = RLRun(cfg, start_from=ckpt)
     log = MetricsLog(out)
+    samples_log = MetricsLog(out, name="rollouts.jsonl", tensorboard=False)
     step = 0
     if ckpt is not None:
         state = load_trainer_state(ckpt)
@@ -219,6 +220,7 @@ def fit(cfg: RLConfig, *, resume: bool = True, progress: bool = True) -> Path:
         set_rng_state(state["rng"])
         step = state["step"]
         log.truncate_after(step)
+        samples_log.truncate_after(step)
         print(f"[rl] resumed from {ckpt} at step {step}")
     else:
         out.mkdir(parents=True, exist_ok=True)
@@ -290,6 +292,10 @@ def fit(cfg: RLConfig, *, resume: bool = True, progress: bool = True) -> Path:
                    "train/value_pretraining": float(not actor_on)}
         metrics.update({f"verifier_pool/{k}": float(v) for k, v in run.reward("stats").items()})
         log.log(step, metrics)
+        samples_log.log(step, {}, rows=[
+            {"id": records[p].id, "task": records[p].task, "response": completions[p][j].text,
+             "reward": results[p * ro.n + j].reward}
+            for p in range(min(cfg.log_samples, len(records))) for j in range(ro.n)])
         bar.update(1)
         bar.set_postfix(reward=f"{metrics['reward/all/total']:.3f}")
         out_of_time = cfg.max_minutes and (time.time() - t_start) / 60 >= cfg.max_minutes
@@ -317,6 +323,7 @@ def fit(cfg: RLConfig, *, resume: bool = True, progress: bool = True) -> Path:
         print(format_table(table, f"held-out after RL ({step} steps, {cfg.algo})"))
     run.close()
     log.close()
+    samples_log.close()
     return final
 
 

@@ -88,6 +88,7 @@ class RLConfig:
     ray: RayConfig = field(default_factory=RayConfig)
     save_every: int = 20
     keep_checkpoints: int = 2
+    log_samples: int = 4                       # prompts per step whose samples go to rollouts.jsonl
     eval_every: int = 0                        # held-out eval period (0: only at the end)
     eval_limit: int = 0
     max_minutes: float = 0.0                   # stop (and save) after this wall time; 0: no limit

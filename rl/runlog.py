@@ -22,8 +22,8 @@ import torch
 class MetricsLog:
     """Appends one JSON object per step to metrics.jsonl and mirrors scalars to TensorBoard."""
 
-    def __init__(self, run_dir: str | os.PathLike, *, tensorboard: bool = True):
-        self.path = Path(run_dir) / "metrics.jsonl"
+    def __init__(self, run_dir: str | os.PathLike, *, name: str = "metrics.jsonl", tensorboard: bool = True):
+        self.path = Path(run_dir) / name
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._tb = None
         if tensorboard:
@@ -33,10 +33,14 @@ class MetricsLog:
             except ImportError:  # tensorboard is optional at run time
                 self._tb = None
 
-    def log(self, step: int, metrics: dict[str, Any]) -> None:
-        row = {"step": step, "time": round(time.time(), 3), **metrics}
+    def log(self, step: int, metrics: dict[str, Any], *, rows: list[dict] | None = None) -> None:
+        """One row {step, time, **metrics}; or, with `rows`, one line per row tagged with the step."""
+        stamp = {"step": step, "time": round(time.time(), 3)}
         with open(self.path, "a") as f:
-            f.write(json.dumps(row) + "\n")
+            for row in rows if rows is not None else [metrics]:
+                f.write(json.dumps({**stamp, **row}) + "\n")
+        if rows is not None:
+            return
         if self._tb is not None:
             for k, v in metrics.items():
                 if isinstance(v, (int, float)) and not isinstance(v, bool):

@@ -213,7 +213,7 @@ class RewardWorker:
         from rewards.pool import VerifierPool
 
         self.cfg = cfg
-        self.pool = VerifierPool.from_config(cfg.pool)
+        self.pool = VerifierPool.from_config(cfg.pool).wait_ready()
         self.rm = None
         if reward_model:
             from rewards.rm import RewardModelScorer

@@ -1,5 +1,4 @@
 """SFT: exact resume after a crash, and learning on the tiny VLM (a metric must move)."""
-import dataclasses
 import json
 
 import pytest
@@ -53,21 +52,13 @@ def test_killed_run_resumes_exactly(tmp_path, tiny_model_dir, suite_dir, monkeyp
 
 
 @pytest.mark.slow
-def test_sft_teaches_counting_and_format(tmp_path, tiny_model_dir):
+def test_sft_teaches_counting_and_format(tiny, sft_run):
     """From a random-init tiny VLM: counting accuracy and the format rate must rise well above chance."""
-    from model.load import load_vlm
     from rl.data import load_records
     from rl.evaluate import evaluate
-    from rl.synth import write_suite
 
-    data = write_suite(tmp_path / "data", seed=1, n=600, n_heldout=40, n_rl=0, tasks=("counting", "math"))
-    heldout = load_records(data["heldout"])
-    before, _ = evaluate(*load_vlm(tiny_model_dir), heldout)
-    cfg = dataclasses.replace(_cfg(tiny_model_dir, tmp_path / "data", tmp_path / "run"), steps=160,
-                              batch_size=16, save_every=0, optim=OptimConfig(lr=3e-4, warmup_steps=20),
-                              eval_data=str(data["heldout"]))
-    train_sft(cfg, progress=False)
-    after = json.loads((tmp_path / "run" / "eval.json").read_text())
+    before, _ = evaluate(*tiny, load_records(sft_run["data"]["heldout"]))
+    after = json.loads((sft_run["run"] / "eval.json").read_text())
     assert before["counting"]["format"] < 0.1 and before["counting"]["accuracy"] < 0.3
     assert after["all"]["format"] >= 0.9
     assert after["counting"]["accuracy"] >= 0.5, after

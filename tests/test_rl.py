@@ -1,0 +1,104 @@
+"""The RL driver: advantage assembly, per-task KL routing, one in-process step, exact resume."""
+import dataclasses
+import json
+
+import pytest
+import torch
+
+import rl.runlog
+from rl.algos import kl as kl_estimate
+from rl.ppo import compute_advantages, fit, minibatch_rows
+from rl.rl_config import GRPOConfig, KLConfig, PPOConfig, RLConfig, RolloutConfig
+from rewards.config import PoolConfig, RewardConfig
+
+
+def _toy_batch():
+    torch.manual_seed(0)
+    B, T = 4, 5
+    mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [1, 1, 0, 0, 0], [1, 1, 1, 1, 0]], dtype=torch.float32)
+    return {"mask": mask, "scores": torch.tensor([1.0, 0.0, 1.0, 0.0]), "logp": -torch.rand(B, T),
+            "ref_logp": -torch.rand(B, T), "values": torch.rand(B, T),
+            "kl_coef": torch.tensor([0.1, 0.0, 0.5, 0.0]), "prompt_index": torch.tensor([0, 0, 1, 1])}
+
+
+def test_per_task_kl_reaches_only_its_samples():
+    b = _toy_batch()
+    out = compute_advantages(b, algo="ppo", ppo=PPOConfig(), grpo=GRPOConfig(), kl_mode="reward")
+    plain = compute_advantages({**b, "kl_coef": torch.zeros(4)}, algo="ppo", ppo=PPOConfig(), grpo=GRPOConfig(),
+                               kl_mode="reward")
+    k1 = kl_estimate(b["logp"], b["ref_logp"], kind="k1") * b["mask"]
+    diff = plain["token_rewards"] - out["token_rewards"]
+    assert torch.allclose(diff, b["kl_coef"][:, None] * k1, atol=1e-6)   # -beta_i * k1 on every token of sample i
+    assert torch.equal(diff[[1, 3]], torch.zeros(2, 5))                    # beta = 0: exactly no KL
+    # the score sits on the last response token
+    assert plain["token_rewards"][0].tolist() == [0, 0, 1, 0, 0] and plain["token_rewards"][2].tolist() == [0, 1, 0, 0, 0]
+
+
+def test_loss_mode_leaves_rewards_alone_and_grpo_ignores_values():
+    b = _toy_batch()
+    out = compute_advantages(b, algo="ppo", ppo=PPOConfig(), grpo=GRPOConfig(), kl_mode="loss")
+    assert out["token_rewards"].sum() == 2.0 and (out["adv"] * (1 - b["mask"])).abs().sum() == 0
+    g = compute_advantages({**b, "values": torch.full((4, 5), 9.0)}, algo="grpo", ppo=PPOConfig(),
+                           grpo=GRPOConfig(), kl_mode="loss")
+    # group 0 scores (1, 0), group 1 scores (1, 0): the better sample gets the positive advantage
+    assert g["adv"][0, 0] > 0 > g["adv"][1, 0] and g["adv"][2, 0] > 0 > g["adv"][3, 0]
+    ds = compute_advantages({**b, "scores": torch.tensor([1.0, 1.0, 1.0, 0.0])}, algo="grpo", ppo=PPOConfig(),
+                            grpo=GRPOConfig(dynamic_sampling=True), kl_mode="loss")
+    assert ds["keep"].tolist() == [False, False, True, True]
+
+
+def test_minibatches_cover_every_row_each_epoch():
+    mbs = minibatch_rows(list(range(10)), minibatches=3, epochs=2, seed=0)
+    assert len(mbs) == 6
+    assert sorted(sum(mbs[:3], [])) == list(range(10)) and sorted(sum(mbs[3:], [])) == list(range(10))
+
+
+def _cfg(sft_run, out, **kw):
+    data = sft_run["data"]
+    base = RLConfig(policy=str(sft_run["final"]), data=str(data["rl"]), eval_data=None, out=str(out), steps=2,
+                    prompts_per_step=4, rollout=RolloutConfig(backend="hf", n=2, max_tokens=24),
+                    reward=RewardConfig(pool=PoolConfig(workers=0)), kl=KLConfig(coefs={"math": 0.05}),
+                    ppo=PPOConfig(minibatches=1, micro_batch_size=8), save_every=1, keep_checkpoints=3)
+    return dataclasses.replace(base, **kw)
+
+
+def test_one_step_updates_and_syncs(tmp_path, sft_run):
+    from safetensors.torch import load_file
+
+    final = fit(_cfg(sft_run, tmp_path / "run", steps=1), progress=False)
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    m = rows[0]
+    for key in ("reward/counting/total", "reward/math/total", "kl/math", "critic/loss", "critic/explained_variance",
+                "actor/clip_frac_high", "response/entropy", "response/length_mean", "rollout/tokens_per_s",
+                "time/rollout", "time/update"):
+        assert key in m, key
+    before, after = load_file(sft_run["final"] / "model.safetensors"), load_file(final / "model.safetensors")
+    assert any(not torch.equal(before[k], after[k]) for k in before)      # the actor moved
+    assert (tmp_path / "run" / "final_critic" / "value_head.safetensors").is_file()
+    samples = (tmp_path / "run" / "rollouts.jsonl").read_text().splitlines()
+    assert len(samples) == 4 * 2 and {"id", "task", "response", "reward"} <= set(json.loads(samples[0]))
+
+
+def test_killed_run_resumes_at_the_same_step_and_data(tmp_path, sft_run, monkeypatch):
+    fit(_cfg(sft_run, tmp_path / "a"), progress=False)
+    real_save = rl.runlog.save_checkpoint
+
+    def save_then_die(*a, **k):
+        real_save(*a, **k)
+        raise SystemExit("killed")
+
+    monkeypatch.setattr(rl.runlog, "save_checkpoint", save_then_die)
+    with pytest.raises(SystemExit):
+        fit(_cfg(sft_run, tmp_path / "b"), progress=False)
+    monkeypatch.setattr(rl.runlog, "save_checkpoint", real_save)
+    fit(_cfg(sft_run, tmp_path / "b"), progress=False)
+
+    def ids(run, step):
+        rows = [json.loads(x) for x in (tmp_path / run / "rollouts.jsonl").read_text().splitlines()]
+        return [r["id"] for r in rows if r["step"] == step]
+
+    steps = [json.loads(x)["step"] for x in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2]                       # no step replayed or skipped
+    assert ids("b", 2) == ids("a", 2) and ids("b", 1) == ids("a", 1)   # same data position
+    state = torch.load(tmp_path / "b" / "checkpoints" / "step-000002" / "trainer_state.pt", weights_only=False)
+    assert state["step"] == 2 and "critic" in state and "actor" in state

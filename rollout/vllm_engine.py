@@ -50,9 +50,12 @@ def _device(cfg: EngineConfig) -> str:
     return cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def _prepare_env(cfg: EngineConfig, device: str, in_process: bool) -> None:
-    """vLLM reads these from the environment; set before it starts, never overriding the user's."""
-    if in_process:
+def _prepare_env(cfg: EngineConfig, device: str) -> None:
+    """vLLM reads these from the environment: set them before it starts. Defaults never override
+    the user's environment; an explicit `cfg.in_process` does."""
+    if cfg.in_process is not None:
+        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0" if cfg.in_process else "1"
+    elif device == "cpu":
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     root = cfg.cache_root or os.path.join(tempfile.gettempdir(), f"vlrl-vllm-cache-{os.getuid()}")
     if device == "cpu":
@@ -70,9 +73,7 @@ class VLLMEngine:
     def __init__(self, cfg: EngineConfig):
         from model.load import load_processor
 
-        device = _device(cfg)
-        in_process = cfg.in_process if cfg.in_process is not None else device == "cpu"
-        _prepare_env(cfg, device, in_process)
+        _prepare_env(cfg, _device(cfg))
         from vllm import LLM
 
         t0 = time.perf_counter()

@@ -1,0 +1,50 @@
+"""The HF transformers backend against the Engine contract (see rollout_checks)."""
+import pytest
+
+from tests import rollout_checks as checks
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_model_dir):
+    from rollout import EngineConfig, make_engine
+
+    eng = make_engine(EngineConfig(backend="hf", model=str(tiny_model_dir)))
+    yield eng
+    eng.close()
+
+
+@pytest.fixture(scope="module")
+def trainer(tiny_model_dir):
+    """A trainer-side copy of the policy that tests may edit (restored after each)."""
+    from model.load import load_vlm
+
+    return load_vlm(tiny_model_dir)
+
+
+@pytest.fixture(scope="module")
+def prompts(suite_dir):
+    return checks.make_prompts(suite_dir)
+
+
+def test_samples(engine, trainer, prompts):
+    checks.check_samples(engine, trainer[0], trainer[1], prompts)
+
+
+def test_seed_determinism(engine, prompts):
+    checks.check_seed_determinism(engine, prompts)
+
+
+def test_logp_matches_trainer(engine, trainer, prompts):
+    checks.check_logp_matches_trainer(engine, *trainer, prompts)
+
+
+def test_sync_weights(engine, trainer, prompts):
+    checks.check_sync(engine, *trainer, prompts)
+
+
+def test_stop(engine, trainer, prompts):
+    checks.check_stop(engine, *trainer, prompts)
+
+
+def test_vision_tokens_banned(engine, trainer, prompts):
+    checks.check_vision_tokens_banned(engine, *trainer, prompts)

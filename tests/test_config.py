@@ -3,20 +3,12 @@ from pathlib import Path
 import pytest
 
 from rl.config import ConfigError, load_config, to_dict
-from rl.pipeline import PipelineConfig
 from rl.sft import SFTConfig
 
 ROOT = Path(__file__).resolve().parents[1]
-# Each shipped YAML names its schema by file stem.
-SCHEMAS = {"sft": SFTConfig, "pipeline": PipelineConfig}
-
-
 def schema_for(path: Path):
-    try:
-        from rl.schemas import schema_for_config  # later issues add their configs here
-        return schema_for_config(path)
-    except ImportError:
-        return SCHEMAS[path.stem]
+    from rl.schemas import schema_for_config
+    return schema_for_config(path)
 
 
 @pytest.mark.parametrize("path", sorted(ROOT.glob("configs/**/*.yaml")), ids=lambda p: str(p.relative_to(ROOT)))

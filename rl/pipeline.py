@@ -13,6 +13,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from rl.rl_config import RLConfig
 from rl.sft import SFTConfig
 
 
@@ -35,6 +36,8 @@ class PipelineConfig:
     seed: int = 0
     data: DataConfig = field(default_factory=DataConfig)
     sft: SFTConfig = field(default_factory=SFTConfig)   # its model/data/out are filled in by the pipeline
+    rl: RLConfig = field(default_factory=RLConfig)      # likewise policy/data/eval_data/out/reward_model
+    run_rl: bool = True
 
 
 def _done(stage_dir: Path) -> dict | None:
@@ -100,8 +103,44 @@ def run_pipeline(cfg: PipelineConfig) -> dict:
     sft = run_stage("sft", run / "sft", stage_sft)
     tables = {"sft": sft["eval"]}
     print(format_table(sft["eval"], "held-out accuracy after SFT"))
-    summary = {"stages": tables, "final_model": sft["model"]}
+    final_model = sft["model"]
+
+    def stage_rl(name: str, policy: str, reward_model: str | None) -> dict:
+        from rl.ppo import fit
+        rcfg = dataclasses.replace(cfg.rl, policy=policy, data=data["rl"], eval_data=data["heldout"],
+                                   out=str(run / name), reward_model=reward_model or cfg.rl.reward_model)
+        final = fit(rcfg)
+        table = json.loads((run / name / "eval.json").read_text())
+        return {"model": str(final.resolve()), "eval": table}
+
+    if cfg.run_rl:
+        rl = run_stage("rl", run / "rl", lambda: stage_rl("rl", final_model, None))
+        tables["rl"] = rl["eval"]
+        final_model = rl["model"]
+    print(accuracy_table(tables))
+    summary = {"stages": tables, "final_model": final_model}
     tmp = run / "summary.json.tmp"
     tmp.write_text(json.dumps(summary, indent=1))
     os.replace(tmp, run / "summary.json")
     return summary
+
+
+def accuracy_table(tables: dict[str, dict]) -> str:
+    """Held-out accuracy per task (rows) after each stage (columns); format rate and RM score
+    for tasks without a rule answer."""
+    stages = list(tables)
+    tasks = [t for t in next(iter(tables.values())) if t != "all"] + ["all"]
+    head = f"{'task':<12}" + "".join(f"{s:>14}" for s in stages)
+    lines = ["held-out accuracy by stage", head]
+    for t in tasks:
+        cells = []
+        for s in stages:
+            row = tables[s].get(t, {})
+            if row.get("accuracy") is not None:
+                cells.append(f"{100 * row['accuracy']:.1f}%")
+            elif "rm_score" in row:
+                cells.append(f"rm {row['rm_score']:.3f}")
+            else:
+                cells.append(f"fmt {100 * row.get('format', 0):.0f}%")
+        lines.append(f"{t:<12}" + "".join(f"{c:>14}" for c in cells))
+    return "\n".join(lines)

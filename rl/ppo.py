@@ -120,9 +120,10 @@ class RLRun:
             start_local_ray(num_cpus=r.num_cpus, address=None if r.address in (None, "local") else r.address)
         common = dict(use_ray=use_ray, timeout=r.timeout_s)
         self.actor = spawn(PolicyWorker, policy_dir, optim=cfg.actor_optim, total_steps=cfg.steps, dtype=cfg.dtype,
-                           seed=cfg.seed, chunk_size=cfg.ppo.entropy_chunk, num_gpus=r.actor_gpus, name="actor", **common)
+                           seed=cfg.seed, chunk_size=cfg.ppo.entropy_chunk, temperature=cfg.rollout.temperature,
+                           num_gpus=r.actor_gpus, name="actor", **common)
         self.ref = spawn(PolicyWorker, cfg.policy, optim=None, dtype=cfg.dtype, chunk_size=cfg.ppo.entropy_chunk,
-                         num_gpus=r.actor_gpus, name="ref", **common)
+                         temperature=cfg.rollout.temperature, num_gpus=r.actor_gpus, name="ref", **common)
         self.critic = None
         if cfg.algo == "ppo":
             critic_dir = str(start_from / "critic") if start_from else (cfg.critic or cfg.policy)
@@ -268,6 +269,7 @@ def fit(cfg: RLConfig, *, resume: bool = True, progress: bool = True) -> Path:
             batch["old_logp"] = batch["logp"]
             if run.critic is not None:
                 batch["values"] = batch["old_values"] = res[2]
+        engine_gap = _engine_logp_gap(batch, completions) if ro.temperature == 1.0 else None
         with tm("advantage"):
             batch.update(compute_advantages(batch, algo=cfg.algo, ppo=cfg.ppo, grpo=cfg.grpo, kl_mode=cfg.kl.mode,
                                             gamma=cfg.ppo.gamma))
@@ -290,6 +292,8 @@ def fit(cfg: RLConfig, *, resume: bool = True, progress: bool = True) -> Path:
                    "rollout/tokens_per_s": n_tokens / max(1e-9, tm.seconds["time/rollout"]),
                    "rollout/kept_frac": float(batch["keep"].float().mean()),
                    "train/value_pretraining": float(not actor_on)}
+        if engine_gap is not None:  # the engine runs the weights the trainer has: ~1e-5 after a sync
+            metrics["rollout/logp_gap_max"] = engine_gap
         metrics.update({f"verifier_pool/{k}": float(v) for k, v in run.reward("stats").items()})
         log.log(step, metrics)
         samples_log.log(step, {}, rows=[
@@ -325,6 +329,15 @@ def fit(cfg: RLConfig, *, resume: bool = True, progress: bool = True) -> Path:
     log.close()
     samples_log.close()
     return final
+
+
+def _engine_logp_gap(batch: dict, completions) -> float:
+    """max |engine log-prob - trainer log-prob| over sampled tokens (both of the raw policy at T=1)."""
+    engine = [lp for group in completions for c in group for lp in c.logp]
+    trainer = batch["logp"][batch["mask"].bool()]
+    if len(engine) != trainer.numel() or not engine:
+        return float("nan")
+    return float((torch.tensor(engine) - trainer).abs().max())
 
 
 class _Saver:

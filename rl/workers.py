@@ -24,7 +24,7 @@ class PolicyWorker:
     """The actor (with an optimizer) or the frozen reference policy (optim=None)."""
 
     def __init__(self, path: str, *, optim=None, total_steps: int = 1, dtype: str = "float32",
-                 seed: int = 0, chunk_size: int = 0):
+                 seed: int = 0, chunk_size: int = 0, temperature: float = 1.0):
         _threads()
         from model.load import load_vlm
         from rl.sft import make_optimizer
@@ -32,6 +32,8 @@ class PolicyWorker:
         torch.manual_seed(seed)
         self.model, self.processor = load_vlm(path, dtype=dtype, train=optim is not None)
         self.chunk_size = chunk_size or None
+        # The policy being optimised is the one the rollouts sample from: softmax(logits / T).
+        self.temperature = temperature
         self.opt = self.sched = None
         if optim is not None:
             self.opt, self.sched = make_optimizer(self.model, optim, total_steps)
@@ -43,6 +45,8 @@ class PolicyWorker:
         from model.logprobs import logp_and_entropy, token_logp
 
         logits = self.model(**model_inputs(mb), use_cache=False).logits[:, :-1]
+        if self.temperature != 1.0:
+            logits = logits / self.temperature
         labels = mb["input_ids"][:, 1:]
         if entropy:
             return logp_and_entropy(logits, labels, chunk_size=self.chunk_size)

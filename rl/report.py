@@ -121,7 +121,7 @@ def reward_keys(rows: list[dict]) -> dict[str, list[str]]:
             parts = k.split("/")
             if parts[0] == "reward" and len(parts) == 3 and parts[1] != "all" and parts[2] not in SKIP_PARTS:
                 out.setdefault(parts[1], set()).add(parts[2])
-    return {t: sorted(ps, key=lambda p: (p != "total", p)) for t, ps in sorted(out.items())}
+    return {t: sorted(ps, key=lambda p: (p != "total", p != "format", p)) for t, ps in sorted(out.items())}
 
 
 # ----------------------------------------------------------------------------- charts
@@ -147,9 +147,13 @@ def plot_rewards(rows: list[dict], path: Path, *, title: str) -> bool:
     plt = _plt()
     n = len(keys)
     fig, axes = plt.subplots(1, n, figsize=(4.2 * n, 3.2), squeeze=False)
+    # one colour per component across the subplots (total and format first, then the verifiers and rm)
+    names = sorted({p for ps in keys.values() for p in ps}, key=lambda p: (p != "total", p != "format", p))
+    colour = {p: f"C{i % 10}" for i, p in enumerate(names)}
     for ax, (task, parts) in zip(axes[0], keys.items()):
         for part in parts:
-            ax.plot(*series(rows, f"reward/{task}/{part}"), label=part, lw=2.0 if part == "total" else 1.2)
+            ax.plot(*series(rows, f"reward/{task}/{part}"), label=part, color=colour[part],
+                    lw=2.0 if part == "total" else 1.2)
         ax.set_title(task, fontsize=10)
         ax.set_xlabel("step")
         ax.legend(fontsize=7, frameon=False)

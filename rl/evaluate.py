@@ -112,6 +112,35 @@ def format_table(table: dict[str, dict], title: str = "") -> str:
     return "\n".join(lines)
 
 
+def add_rm_scores(table: dict, records, responses: Sequence[str], reward_cfg, score) -> dict:
+    """Add `rm_score` (mean reward-model score of the greedy solutions, 0 for an unformatted
+    response: the format gate applies) to the rows of tasks routed to the reward model.
+
+    score: callable on a list of (image paths, prompt text, solution) -> list of floats.
+    """
+    from rl.data import message_text
+    from verifiers import split_think
+
+    items, owners = [], []
+    for rec, resp in zip(records, responses):
+        try:
+            route = reward_cfg.route(rec.task)
+        except KeyError:
+            continue
+        if route.use_rm:
+            parts = split_think(resp)
+            prompt = "\n".join(message_text(m) for m in rec.prompt_messages)
+            items.append(([str(p) for p in rec.images], prompt, parts[1] if parts else resp))
+            owners.append((rec.task, parts is not None))
+    scores = list(score(items)) if items else []
+    by = defaultdict(list)
+    for (task, formatted), s in zip(owners, scores):
+        by[task].append(float(s) if formatted else 0.0)
+    for task, ss in by.items():
+        table[task]["rm_score"] = sum(ss) / len(ss)
+    return table
+
+
 def evaluate(model, processor, records, *, batch_size: int = 64, max_new_tokens: int = 48):
     """(table, generations) for prompt records."""
     responses = generate_greedy(model, processor, records, batch_size=batch_size, max_new_tokens=max_new_tokens)

@@ -1,8 +1,10 @@
 """The whole recipe as one resumable command: each stage writes its own folder and a `done.json`
 marker; a finished stage is skipped on the next run.
 
-Stages so far: model (tiny VLM or a given folder) -> data (synthetic suite or given files) ->
-sft -> eval. RL and rejection-sampling rounds plug in after SFT.
+    model -> data -> sft -> [prefs -> rm] -> rl -> ( filterN -> rftN -> rlN ) x rounds -> report
+
+The run folder is the layout `vlrl report` reads (see docs/rft.md): `summary.json` holds every
+stage's held-out table and the stage order.
 """
 from __future__ import annotations
 
@@ -14,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from rl.rl_config import RLConfig
-from rl.sft import SFTConfig
+from rl.sft import OptimConfig, SFTConfig
 
 
 @dataclass(frozen=True)
@@ -30,14 +32,44 @@ class DataConfig:
 
 
 @dataclass(frozen=True)
+class RMStageConfig:
+    enabled: bool = True                  # train a reward model for the RM-routed (RLHF) prompts
+    path: str = ""                        # use this RM folder instead of training one
+    n_pairs: int = 2000                   # synthetic preference pairs (synthetic data only)
+    n_heldout_pairs: int = 200
+    steps: int = 300
+    batch_size: int = 16
+    lr: float = 1e-4
+
+
+@dataclass(frozen=True)
+class RoundConfig:
+    """One rejection-sampling round: re-estimate difficulty with the current model, keep the prompts
+    in the band, fine-tune on the accepted samples, then RL again on the kept prompts."""
+
+    k: int = 8                            # samples per prompt for the pass rate and for RFT
+    band: tuple[float, ...] = (0.1, 0.9)  # keep prompts whose pass rate lies in [low, high]
+    max_prompts: int = 400                # prompts re-estimated per round (from the RL prompt file)
+    temperature: float = 1.0
+    max_tokens: int = 48
+    max_per_prompt: int = 2               # accepted samples kept per prompt
+    sft: SFTConfig = field(default_factory=lambda: SFTConfig(
+        steps=40, batch_size=16, save_every=0, optim=OptimConfig(lr=2e-5, warmup_steps=5, schedule="constant")))
+    rl_steps: int = 60                    # RL steps after the RFT model
+
+
+@dataclass(frozen=True)
 class PipelineConfig:
     run_dir: str = "runs/tiny"            # every stage writes a sub-folder here
     model: str = "tiny"                   # "tiny" builds the embedded default; else an HF folder
     seed: int = 0
     data: DataConfig = field(default_factory=DataConfig)
     sft: SFTConfig = field(default_factory=SFTConfig)   # its model/data/out are filled in by the pipeline
+    rm: RMStageConfig = field(default_factory=RMStageConfig)
     rl: RLConfig = field(default_factory=RLConfig)      # likewise policy/data/eval_data/out/reward_model
     run_rl: bool = True
+    rounds: int = 1                       # filter -> RFT -> RL rounds after the first RL
+    round: RoundConfig = field(default_factory=RoundConfig)
 
 
 def _done(stage_dir: Path) -> dict | None:
@@ -45,11 +77,11 @@ def _done(stage_dir: Path) -> dict | None:
     return json.loads(marker.read_text()) if marker.is_file() else None
 
 
-def _mark_done(stage_dir: Path, info: dict) -> None:
-    stage_dir.mkdir(parents=True, exist_ok=True)
-    tmp = stage_dir / "done.json.tmp"
-    tmp.write_text(json.dumps(info, indent=1))
-    os.replace(tmp, stage_dir / "done.json")
+def _write_json(path: Path, obj) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=1))
+    os.replace(tmp, path)
 
 
 def run_stage(name: str, stage_dir: Path, fn) -> dict:
@@ -58,10 +90,10 @@ def run_stage(name: str, stage_dir: Path, fn) -> dict:
     if info is not None:
         print(f"[pipeline] {name}: done earlier, skipped ({stage_dir})")
         return info
-    print(f"[pipeline] {name}: running -> {stage_dir}")
+    print(f"[pipeline] {name}: running -> {stage_dir}", flush=True)
     t0 = time.time()
     info = {**fn(), "seconds": round(time.time() - t0, 1)}
-    _mark_done(stage_dir, info)
+    _write_json(stage_dir / "done.json", info)
     return info
 
 
@@ -70,6 +102,8 @@ def run_pipeline(cfg: PipelineConfig) -> dict:
     from rl.evaluate import format_table
 
     run = Path(cfg.run_dir)
+    t_start = time.time()
+    tables: dict[str, dict] = {}
 
     def stage_model() -> dict:
         if cfg.model != "tiny":
@@ -82,55 +116,144 @@ def run_pipeline(cfg: PipelineConfig) -> dict:
     def stage_data() -> dict:
         d = cfg.data
         if not d.synth:
-            for p in (d.sft, d.heldout):
+            for p in (d.sft, d.rl, d.heldout):
                 load_records(p)  # validate now, not halfway through a stage
             return {"sft": d.sft, "rl": d.rl, "heldout": d.heldout}
         from rl.synth import write_suite
         paths = write_suite(run / "data", seed=d.seed, n=d.n, n_heldout=d.n_heldout, n_rl=d.n_rl)
         return {k: str(v.resolve()) for k, v in paths.items()}
 
-    model = run_stage("model", run / "model", stage_model)["model"]
+    base = run_stage("model", run / "model", stage_model)["model"]
     data = run_stage("data", run / "data", stage_data)
 
     def stage_sft() -> dict:
         from rl.sft import train_sft
-        scfg = dataclasses.replace(cfg.sft, model=model, data=data["sft"], eval_data=data["heldout"],
+        scfg = dataclasses.replace(cfg.sft, model=base, data=data["sft"], eval_data=data["heldout"],
                                    out=str(run / "sft"))
         final = train_sft(scfg)
-        table = json.loads((run / "sft" / "eval.json").read_text())
-        return {"model": str(final.resolve()), "eval": table}
+        return {"model": str(final.resolve()), "eval": _read_eval(run / "sft")}
 
     sft = run_stage("sft", run / "sft", stage_sft)
-    tables = {"sft": sft["eval"]}
     print(format_table(sft["eval"], "held-out accuracy after SFT"))
-    final_model = sft["model"]
+    model = sft["model"]
+    rm_path = _reward_model(cfg, run, model)
+    rm_score = _rm_scorer(rm_path, load_records(data["heldout"]), cfg.rl.reward)
+    tables["sft"] = rm_score(sft["eval"], run / "sft")
 
-    def stage_rl(name: str, policy: str, reward_model: str | None) -> dict:
+    def stage_rl(name: str, policy: str, prompts: str, steps: int) -> dict:
         from rl.ppo import fit
-        rcfg = dataclasses.replace(cfg.rl, policy=policy, data=data["rl"], eval_data=data["heldout"],
-                                   out=str(run / name), reward_model=reward_model or cfg.rl.reward_model)
+        rcfg = dataclasses.replace(cfg.rl, policy=policy, data=prompts, eval_data=data["heldout"],
+                                   out=str(run / name), reward_model=rm_path, steps=steps)
         final = fit(rcfg)
-        table = json.loads((run / name / "eval.json").read_text())
-        return {"model": str(final.resolve()), "eval": table}
+        return {"model": str(final.resolve()), "eval": _read_eval(run / name)}
 
     if cfg.run_rl:
-        rl = run_stage("rl", run / "rl", lambda: stage_rl("rl", final_model, None))
-        tables["rl"] = rl["eval"]
-        final_model = rl["model"]
+        rl = run_stage("rl", run / "rl", lambda: stage_rl("rl", model, data["rl"], cfg.rl.steps))
+        tables["rl"], model = rl["eval"], rl["model"]
+        for i in range(1, cfg.rounds + 1):
+            model = _round(cfg, run, i, model, data, rm_path, tables, stage_rl, rm_score)
+
+    summary = {"stages": tables, "order": list(tables), "final_model": model,
+               "seconds": round(time.time() - t_start, 1)}
+    _write_json(run / "summary.json", summary)
+    from rl.report import write_report
+    report = write_report(run)
     print(accuracy_table(tables))
-    summary = {"stages": tables, "final_model": final_model}
-    tmp = run / "summary.json.tmp"
-    tmp.write_text(json.dumps(summary, indent=1))
-    os.replace(tmp, run / "summary.json")
+    print(f"[pipeline] report: {report}")
     return summary
 
 
+def _reward_model(cfg: PipelineConfig, run: Path, policy: str) -> str | None:
+    """The RM for RM-routed prompts: a given folder, or one trained on synthetic pairs."""
+    if cfg.rm.path:
+        return cfg.rm.path
+    if not cfg.rm.enabled:
+        return cfg.rl.reward_model
+
+    def stage_prefs() -> dict:
+        from rl.synth_prefs import write_preference_pairs
+        paths = write_preference_pairs(run / "prefs", seed=cfg.data.seed, n=cfg.rm.n_pairs,
+                                       n_heldout=cfg.rm.n_heldout_pairs)
+        return {k: str(Path(v).resolve()) for k, v in paths.items()}
+
+    def stage_rm() -> dict:
+        from rewards.rm_train import RMConfig, train_rm
+        rcfg = RMConfig(model=policy, data=pairs["train"], eval_data=pairs["heldout"], out=str(run / "rm"),
+                        steps=cfg.rm.steps, batch_size=cfg.rm.batch_size, seed=cfg.seed,
+                        optim=OptimConfig(lr=cfg.rm.lr, warmup_steps=20))
+        final = train_rm(rcfg)
+        return {"model": str(final.resolve()), "eval": json.loads((run / "rm" / "eval.json").read_text())}
+
+    pairs = run_stage("prefs", run / "prefs", stage_prefs)
+    return run_stage("rm", run / "rm", stage_rm)["model"]
+
+
+def _rm_scorer(rm_path: str | None, heldout, reward_cfg):
+    """table, stage folder -> table with the RM's score of the stage's saved greedy generations
+    (`eval.generations.jsonl`) on RM-routed prompts, so SFT stages compare with RL stages."""
+    cache = {}
+
+    def add(table: dict, folder: Path) -> dict:
+        gens = folder / "eval.generations.jsonl"
+        if rm_path is None or not gens.is_file():
+            return table
+        if "rm" not in cache:
+            from rewards.rm import RewardModelScorer
+            cache["rm"] = RewardModelScorer(rm_path)
+        from rl.evaluate import add_rm_scores
+        by_id = {json.loads(line)["id"]: json.loads(line)["response"] for line in gens.read_text().splitlines()}
+        recs = [r for r in heldout if r.id in by_id]
+        return add_rm_scores(json.loads(json.dumps(table)), recs, [by_id[r.id] for r in recs], reward_cfg, cache["rm"])
+
+    return add
+
+
+def _round(cfg: PipelineConfig, run: Path, i: int, model: str, data: dict, rm_path: str | None,
+           tables: dict, stage_rl, rm_score) -> str:
+    """filter_i -> rft_i -> rl_i; returns the round's final model."""
+    from rewards.config import RewardConfig  # noqa: F401  (cfg.rl.reward is one)
+    from rl.data import load_records, write_records
+
+    rc = cfg.round
+
+    def stage_filter() -> dict:
+        from rl.filter import run_filter
+        prompts = load_records(data["rl"])[: rc.max_prompts]
+        src = run / f"filter{i}" / "prompts.jsonl"
+        write_records(src, prompts)
+        summary = run_filter(model, str(src), str(run / f"filter{i}" / "rl.jsonl"), k=rc.k,
+                             band=(rc.band[0], rc.band[1]), reward_cfg=cfg.rl.reward,
+                             backend=cfg.rl.rollout.backend, rm_path=rm_path, max_tokens=rc.max_tokens,
+                             temperature=rc.temperature, seed=cfg.seed + i)
+        return {"kept": str((run / f"filter{i}" / "rl.jsonl").resolve()), "counts": summary.get("counts", {})}
+
+    kept = run_stage(f"filter{i}", run / f"filter{i}", stage_filter)["kept"]
+
+    def stage_rft() -> dict:
+        from rl.rft import run_rft
+        scfg = dataclasses.replace(rc.sft, eval_data=data["heldout"])
+        summary = run_rft(model, kept, str(run / f"rft{i}"), k=rc.k, reward_cfg=cfg.rl.reward, sft_cfg=scfg,
+                          backend=cfg.rl.rollout.backend, rm_path=rm_path, max_per_prompt=rc.max_per_prompt,
+                          max_tokens=rc.max_tokens, temperature=rc.temperature, seed=cfg.seed + 100 + i)
+        return {"model": summary["sft"]["final"], "eval": _read_eval(run / f"rft{i}" / "sft")}
+
+    rft = run_stage(f"rft{i}", run / f"rft{i}", stage_rft)
+    tables[f"rft{i}"] = rm_score(rft["eval"], run / f"rft{i}" / "sft")
+    rl = run_stage(f"rl{i}", run / f"rl{i}", lambda: stage_rl(f"rl{i}", rft["model"], kept, rc.rl_steps))
+    tables[f"rl{i}"] = rl["eval"]
+    return rl["model"]
+
+
+def _read_eval(folder: Path) -> dict:
+    return json.loads((folder / "eval.json").read_text())
+
+
 def accuracy_table(tables: dict[str, dict]) -> str:
-    """Held-out accuracy per task (rows) after each stage (columns); format rate and RM score
-    for tasks without a rule answer."""
+    """Held-out accuracy per task (rows) after each stage (columns); the reward model's score (or
+    the format rate) for tasks without a rule answer."""
     stages = list(tables)
     tasks = [t for t in next(iter(tables.values())) if t != "all"] + ["all"]
-    head = f"{'task':<12}" + "".join(f"{s:>14}" for s in stages)
+    head = f"{'task':<12}" + "".join(f"{s:>12}" for s in stages)
     lines = ["held-out accuracy by stage", head]
     for t in tasks:
         cells = []
@@ -142,5 +265,5 @@ def accuracy_table(tables: dict[str, dict]) -> str:
                 cells.append(f"rm {row['rm_score']:.3f}")
             else:
                 cells.append(f"fmt {100 * row.get('format', 0):.0f}%")
-        lines.append(f"{t:<12}" + "".join(f"{c:>14}" for c in cells))
+        lines.append(f"{t:<12}" + "".join(f"{c:>12}" for c in cells))
     return "\n".join(lines)

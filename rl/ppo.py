@@ -339,34 +339,10 @@ def _eval_metrics(table: dict) -> dict[str, float]:
 def evaluate_run(run: RLRun, limit: int = 0) -> dict:
     """Held-out accuracy per task (greedy) and, where a reward model is loaded, its mean score on
     the greedy solutions of RM-routed prompts (`rm_score`)."""
-    from rl.data import message_text
-    from rl.evaluate import judge, summarize
-    from verifiers import split_think
+    from rl.evaluate import add_rm_scores, judge, summarize
 
     records = run.eval_records[:limit] if limit else run.eval_records
     responses = run.actor("generate_greedy", records)
     table = summarize(judge(records, responses))
-    items, owners = [], []
-    for rec, resp in zip(records, responses):
-        route = run.cfg.reward.route(rec.task) if _has_route(run.cfg.reward, rec.task) else None
-        if route is not None and route.use_rm:
-            parts = split_think(resp)
-            prompt = "\n".join(message_text(m) for m in rec.prompt_messages)
-            items.append(([str(p) for p in rec.images], prompt, parts[1] if parts else resp))
-            owners.append((rec.task, parts is not None))
-    scores = run.reward("rm_scores", items) if items else []
-    if scores:
-        by = defaultdict(list)
-        for (task, formatted), s in zip(owners, scores):
-            by[task].append(s if formatted else 0.0)  # the format gate applies here too
-        for task, ss in by.items():
-            table[task]["rm_score"] = sum(ss) / len(ss)
-    return table
-
-
-def _has_route(reward_cfg, task: str) -> bool:
-    try:
-        reward_cfg.route(task)
-        return True
-    except KeyError:
-        return False
+    return add_rm_scores(table, records, responses, run.cfg.reward,
+                         lambda items: run.reward("rm_scores", items))

@@ -231,11 +231,18 @@ def _round(cfg: PipelineConfig, run: Path, i: int, model: str, data: dict, rm_pa
 
     def stage_rft() -> dict:
         from rl.rft import run_rft
-        scfg = dataclasses.replace(rc.sft, eval_data=data["heldout"])
-        summary = run_rft(model, kept, str(run / f"rft{i}"), k=rc.k, reward_cfg=cfg.rl.reward, sft_cfg=scfg,
+        from rl.sft import train_sft
+        summary = run_rft(model, kept, str(run / f"rft{i}"), k=rc.k, reward_cfg=cfg.rl.reward, sft_cfg=None,
                           backend=cfg.rl.rollout.backend, rm_path=rm_path, max_per_prompt=rc.max_per_prompt,
                           max_tokens=rc.max_tokens, temperature=rc.temperature, seed=cfg.seed + 100 + i)
-        return {"model": summary["sft"]["final"], "eval": _read_eval(run / f"rft{i}" / "sft")}
+        if not summary["counts"]["accepted"]:
+            print(f"[pipeline] rft{i}: no sample was accepted; the round goes on with the current model")
+            return {"model": model, "eval": tables[list(tables)[-1]], "accepted": 0}
+        scfg = dataclasses.replace(rc.sft, model=model, data=summary["sft_data"], eval_data=data["heldout"],
+                                   out=str(run / f"rft{i}" / "sft"))
+        final = train_sft(scfg)
+        return {"model": str(final.resolve()), "eval": _read_eval(run / f"rft{i}" / "sft"),
+                "accepted": summary["counts"]["accepted"]}
 
     rft = run_stage(f"rft{i}", run / f"rft{i}", stage_rft)
     tables[f"rft{i}"] = rm_score(rft["eval"], run / f"rft{i}" / "sft")

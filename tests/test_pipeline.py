@@ -1,0 +1,46 @@
+"""The pipeline: every stage in order, a finished stage is never re-run, and the report renders."""
+import json
+
+import pytest
+
+import rl.ppo
+from rl.config import load_config
+from rl.pipeline import PipelineConfig, accuracy_table, run_pipeline
+
+
+@pytest.mark.slow
+def test_interrupted_pipeline_resumes_without_rerunning_finished_stages(tmp_path, monkeypatch, sft_run):
+    overrides = [f"run_dir={tmp_path / 'run'}", f"model={sft_run['final']}", "data.seed=1", "data.n=40", "data.n_heldout=5", "data.n_rl=10",
+                 "sft.steps=3", "sft.batch_size=8", "rm.enabled=false",
+                 "rl.steps=1", "rl.prompts_per_step=4", "rl.rollout.backend=hf", "rl.rollout.n=2",
+                 "rl.rollout.max_tokens=16", "rl.reward.pool.workers=0",
+                 "rl.reward.tasks={caption: {verifiers: [{verifier: instruction, settings: {min_words: 2}}]}}",
+                 "rounds=1", "round.k=4", "round.max_prompts=16", "round.temperature=0.5", "round.band=[0.0, 1.0]", "round.max_tokens=16",
+                 "round.sft.steps=1", "round.rl_steps=1"]
+    cfg = load_config(PipelineConfig, None, overrides)
+    real_fit = rl.ppo.fit
+    calls = []
+
+    def fit_dies_in_round_one(rcfg, **kw):
+        calls.append(rcfg.out)
+        if rcfg.out.endswith("rl1"):
+            raise SystemExit("killed between stages")
+        return real_fit(rcfg, **kw)
+
+    monkeypatch.setattr(rl.ppo, "fit", fit_dies_in_round_one)
+    with pytest.raises(SystemExit):
+        run_pipeline(cfg)
+    run = tmp_path / "run"
+    done_before = {s: (run / s / "done.json").stat().st_mtime_ns for s in ("model", "data", "sft", "rl", "filter1", "rft1")}
+    assert not (run / "rl1" / "done.json").exists()
+
+    monkeypatch.setattr(rl.ppo, "fit", real_fit)
+    summary = run_pipeline(cfg)
+    for stage, mtime in done_before.items():   # finished stages were skipped, not redone
+        assert (run / stage / "done.json").stat().st_mtime_ns == mtime, stage
+    assert summary["order"] == ["sft", "rl", "rft1", "rl1"]
+    assert (run / "rl1" / "done.json").is_file() and (run / "report.html").is_file()
+    assert json.loads((run / "rft1" / "done.json").read_text())["accepted"] > 0
+    kept = (run / "filter1" / "rl.jsonl").read_text().splitlines()
+    assert all("pass_rate" in json.loads(line)["meta"] for line in kept)
+    assert "rl1" in accuracy_table(summary["stages"]).splitlines()[1]

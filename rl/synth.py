@@ -34,7 +34,7 @@ class SceneSpec:
 
     grid: int = 3
     cell: int = 28
-    size: int = 14
+    size: int = 20
     max_count: int = 6
 
     @property
@@ -56,7 +56,7 @@ def cell_background(row: int, col: int) -> tuple[int, int, int]:
     Qwen2-VL's vision tokens carry no absolute position in their content (its RoPE is relative),
     so without a cue a tiny model cannot say *where* a shape is; real images have such context.
     """
-    return (20 + 40 * row, 20 + 40 * col, 20)
+    return (20 + 30 * row, 20 + 30 * col, 20)
 
 
 def draw_scene(objects: list[dict], spec: SceneSpec) -> Image.Image:

@@ -16,12 +16,12 @@ from typing import Any, Literal, Sequence
 
 import torch
 
-Mapping = Literal["sigmoid", "raw"]
+ScoreMapping = Literal["sigmoid", "raw"]
 # One item of the hybrid reward's RM call: (images, prompt text or messages, solution)
 Item = tuple[Sequence[Any], Any, str]
 
 
-def to_unit(r: float, *, mapping: Mapping = "sigmoid", offset: float = 0.0, temperature: float = 1.0) -> float:
+def to_unit(r: float, *, mapping: ScoreMapping = "sigmoid", offset: float = 0.0, temperature: float = 1.0) -> float:
     """A raw RM score on the [0, 1] scale (see the module docstring)."""
     if mapping == "raw":
         return r
@@ -37,7 +37,7 @@ class RewardModelScorer:
     given: pass it without the think block (the hybrid reward already does).
     """
 
-    def __init__(self, path: str | os.PathLike, *, batch_size: int = 16, mapping: Mapping = "sigmoid",
+    def __init__(self, path: str | os.PathLike, *, batch_size: int = 16, mapping: ScoreMapping = "sigmoid",
                  offset: float = 0.0, temperature: float = 1.0, device: str = "cpu",
                  dtype: str = "float32", image_root: str | os.PathLike | None = None):
         from model.load import load_processor

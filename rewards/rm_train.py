@@ -29,7 +29,7 @@ class RMConfig:
     steps: int = 300                      # optimizer steps
     batch_size: int = 16                  # pairs per micro-batch (2x sequences per forward)
     grad_accum: int = 1                   # micro-batches per optimizer step
-    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=3e-4, warmup_steps=20))
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-4, warmup_steps=20))  # see rm.yaml
     pooling: Literal["last", "mean"] = "last"   # how values become one score (rl.algos.preference.pool_values)
     center_coef: float = 0.01             # weight of mean (r_c + r_r)^2: keeps rewards near 0 for sigmoid
     save_every: int = 100                 # checkpoint period in steps (0: only at the end)

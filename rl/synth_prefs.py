@@ -1,7 +1,8 @@
 """Synthetic preference pairs for reward-model training: a caption prompt over a drawn scene, `chosen`
 the correct description and `rejected` the same description with exactly one thing wrong.
 
-Corruptions (record `meta.corruption`), one per pair, drawn uniformly from those that apply:
+Corruptions (record `meta.corruption`), one per pair; the kind is drawn uniformly first, then a scene
+it applies to, so that add and drop are equally frequent and caption length says nothing:
   color  one object's colour replaced by another colour          "A red square" -> "A blue square"
   shape  one object's shape swapped                              "A red square" -> "A red circle"
   add    one object that is not in the picture mentioned as well (scenes of 1-2 objects)

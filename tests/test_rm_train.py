@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 import rl.runlog
 from rewards.rm_train import RMConfig, evaluate_pairs, load_pairs, train_rm
 from rl.algos.preference import bradley_terry_loss, last_index, pool_values
-from rl.config import load_config
+from rl.config import load_config, to_dict
 from rl.sft import OptimConfig
 from rl.synth_prefs import write_preference_pairs
 
@@ -63,7 +63,7 @@ def _cli(*argv):
 def test_killed_run_resumes_exactly(tmp_path, tiny_model_dir, small_pairs, monkeypatch):
     cfg = _cfg(tiny_model_dir, small_pairs, tmp_path / "a")
     yaml = tmp_path / "rm.yaml"
-    yaml.write_text(json.dumps(rl.config.to_dict(cfg)))  # JSON is YAML
+    yaml.write_text(json.dumps(to_dict(cfg)))  # JSON is YAML
     assert _cli("rm", "train", "--config", yaml, "--no-progress") == 0
     straight = tmp_path / "a" / "final"
 
@@ -98,26 +98,39 @@ def test_shipped_config_loads():
     assert cfg.steps == 7 and cfg.pooling in ("last", "mean")
 
 
+def _scene(objects):
+    return tuple((o["cell"], o["shape"], o["color"]) for o in objects)
+
+
 @pytest.mark.slow
 def test_rm_learns_held_out_pairs(tmp_path, tiny_model_dir):
-    """From the random-init tiny VLM: held-out pairwise accuracy from chance to >= 80% in 150 steps.
+    """SFT -> RM on the tiny VLM, as in the recipe: a brief caption SFT from random init, then BT training
+    from it. Held-out pairwise accuracy (all four corruptions, unseen scenes) must reach 80%.
 
-    The pairs here are the count corruptions (an object added to or dropped from the caption): telling
-    them apart needs the image (the number of shapes drawn), and the random-init tiny model learns it
-    in a CPU minute. Colour and shape swaps need the colour/shape binding an SFT'd start brings (see
-    the report in rewards/rm_train.py's RMConfig docs); a random start learns them far more slowly.
+    Measured on this machine: from random init alone, BT's one bit per pair did not teach colour/shape
+    binding in minutes (colour swaps stayed at chance over 200 steps); the SFT start brings it, and a
+    low RM lr (1e-4) keeps it (3e-4 lost it).
     """
     from model.load import load_processor
     from model.reward import RewardModel
     from rewards.rm import RewardModelScorer
+    from rl.sft import SFTConfig, train_sft
+    from rl.data import load_records, write_records
+    from rl.synth import write_suite
 
-    pairs = write_preference_pairs(tmp_path / "pairs", seed=0, n=1000, n_heldout=100, kinds=("add", "drop"))
-    heldout = load_pairs(pairs["heldout"])
-    before = evaluate_pairs(RewardModel.from_pretrained(tiny_model_dir, pooling="mean"),
-                            load_processor(tiny_model_dir), heldout)
-    cfg = dataclasses.replace(_cfg(tiny_model_dir, pairs, tmp_path / "run"), steps=150, batch_size=8,
-                              save_every=0, log_every=10, pooling="mean",
-                              optim=OptimConfig(lr=3e-4, warmup_steps=20))
+    suite = write_suite(tmp_path / "sft_data", seed=5, n=1000, n_heldout=0, n_rl=0, tasks=("caption",))
+    sft = train_sft(SFTConfig(model=str(tiny_model_dir), data=str(suite["sft"]), out=str(tmp_path / "sft"),
+                              steps=300, batch_size=16, save_every=0, log_every=50,
+                              optim=OptimConfig(lr=1e-3, warmup_steps=10)), progress=False)
+    pairs = write_preference_pairs(tmp_path / "pairs", seed=0, n=2000, n_heldout=200)
+    # Held-out pairs over scenes the SFT captions never showed either.
+    sft_scenes = {_scene(r.meta["objects"]) for r in load_records(suite["sft"])}
+    heldout = [r for r in load_pairs(pairs["heldout"]) if _scene(r.meta["objects"]) not in sft_scenes]
+    assert len(heldout) >= 120
+    write_records(tmp_path / "heldout.jsonl", heldout)
+    before = evaluate_pairs(RewardModel.from_pretrained(sft), load_processor(sft), heldout)
+    cfg = dataclasses.replace(_cfg(sft, pairs, tmp_path / "run"), steps=200, batch_size=16, save_every=0,
+                              log_every=10, eval_data=str(tmp_path / "heldout.jsonl"), pooling="last", optim=OptimConfig(lr=1e-4, warmup_steps=20))
     final = train_rm(cfg, progress=False)
     after = json.loads((tmp_path / "run" / "eval.json").read_text())
     assert before["pairwise_accuracy"] < 0.7, before
@@ -125,6 +138,6 @@ def test_rm_learns_held_out_pairs(tmp_path, tiny_model_dir):
     # The saved RM, through the scorer: chosen answers score higher on [0, 1] than rejected ones.
     scorer = RewardModelScorer(final)
     items = lambda turns: [(r.images, r.messages, turns(r)[-1]["content"][0]["text"].split("</think>")[1])  # noqa: E731
-                           for r in heldout[:40]]
+                           for r in heldout[:60]]
     good, bad = scorer(items(lambda r: r.chosen)), scorer(items(lambda r: r.rejected))
-    assert sum(g > b for g, b in zip(good, bad)) >= 0.8 * len(good)
+    assert sum(g > b for g, b in zip(good, bad)) >= 0.75 * len(good)

@@ -24,6 +24,10 @@ def add_commands(sub) -> None:
                         "path/file.py:Name) instead of the task routes; repeat for several (equal weights)")
     p.add_argument("--no-format-gate", action="store_true",
                    help="do not require the <think>..</think> form (with --verifier)")
+    p.add_argument("--rm", metavar="DIR",
+                   help="reward model folder (vlrl rm train) scoring the tasks routed to it, e.g. caption; "
+                        "its score is sigmoid(raw BT score), see rewards.rm")
+    p.add_argument("--rm-batch-size", type=int, default=16)
     p.set_defaults(func=run_score)
 
 
@@ -117,19 +121,26 @@ def run_score(args: argparse.Namespace) -> int:
             route = cfg.route(obj["task"])
         except KeyError as e:
             raise DataError(path, line, "task", str(e).strip("'\"")) from None
-        if route.use_rm:
-            raise DataError(path, line, "task", f"task {obj['task']!r} is routed to the reward model, which "
-                                                "`vlrl score` does not load; route it to verifiers (--verifier or --config)")
+        if route.use_rm and not args.rm:
+            raise DataError(path, line, "task", f"task {obj['task']!r} is routed to the reward model: pass "
+                                                "--rm DIR, or route it to verifiers (--verifier or --config)")
         answer = obj.get("answer")
         inputs.append(RewardInput(task=obj["task"], response=obj["response"],
                                   answer=None if answer is None else str(answer), prompt=obj.get("prompt", ""),
-                                  images=tuple(obj.get("images", [])),
+                                  images=tuple(str((path.parent / p).resolve()) for p in obj.get("images", [])),
                                   image_sizes=_image_sizes(obj, path.parent, path, line), meta=obj.get("meta", {})))
 
+    rm = None
+    if args.rm:
+        from rewards.rm import RewardModelScorer
+
+        if not Path(args.rm, "config.json").is_file():
+            raise DataError(args.rm, 0, "--rm", "not a reward model folder (no config.json)")
+        rm = RewardModelScorer(args.rm, batch_size=args.rm_batch_size)
     results = []
     with VerifierPool.from_config(cfg.pool) as pool:
         for start in range(0, len(inputs), CHUNK):
-            results += score_batch(inputs[start:start + CHUNK], cfg, pool=pool)
+            results += score_batch(inputs[start:start + CHUNK], cfg, pool=pool, rm=rm)
         stats = dict(pool.stats)
 
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -1,0 +1,119 @@
+"""A generative pairwise judge: a VLM shown the image, the question and two answers, asked which is
+better ("A" or "B"). The verdict is read from the log-probs of the two letter tokens at the first
+answer position (no sampling), and every pair is asked in both orders and averaged
+(`rl.algos.preference.both_order_preference`), so a judge's preference for a position cancels out.
+
+Two ways to use it:
+  judge.compare([(images, prompt, x, y), ...])  -> P(x better than y) per pair, in [0, 1]
+  ReferenceJudge(judge, reference)              -> the hybrid reward's `rm=` callable: a solution's
+      score is P(solution better than the reference answer) for its prompt, so 0.5 means "as good as
+      the reference". The reference is a callable (images, prompt) -> str: e.g. the SFT policy's greedy
+      answer cached per prompt, or a ground-truth description where one exists.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+
+JUDGE_TEMPLATE = ("Question: {question}\n"
+                  "Answer A: {a}\n"
+                  "Answer B: {b}\n"
+                  "Which answer is better? Reply with one letter, A or B.")
+
+# (images, prompt text or messages, answer x, answer y)
+PairItem = tuple[Sequence[Any], Any, str, str]
+
+
+def question_text(prompt: str | Sequence[dict]) -> str:
+    """The question of a prompt: the text itself, or the text of the last user turn of a message list."""
+    from rl.data import message_text
+
+    if isinstance(prompt, str):
+        return prompt
+    users = [m for m in prompt if m["role"] == "user"]
+    if not users:
+        raise ValueError("the prompt has no user turn")
+    return message_text(users[-1])
+
+
+class PairwiseJudge:
+    """Wraps a causal VLM (anything returning `.logits` (B, L, V)) and its processor.
+
+    template: the judge's instruction with {question}, {a}, {b}. answer_prefix: text appended after the
+    generation prompt before the letter is read (e.g. an empty think block for a reasoning model, so
+    the letter is the first token it would emit). labels: the two verdict strings, one token each.
+    """
+
+    def __init__(self, model, processor, *, template: str = JUDGE_TEMPLATE, answer_prefix: str = "",
+                 labels: tuple[str, str] = ("A", "B"), batch_size: int = 8,
+                 image_root: str | os.PathLike | None = None):
+        self.model, self.processor = model, processor
+        self.template, self.answer_prefix, self.batch_size = template, answer_prefix, batch_size
+        self.image_root = None if image_root is None else Path(image_root)
+        ids = []
+        for label in labels:
+            tok = processor.tokenizer.encode(label, add_special_tokens=False)
+            if len(tok) != 1:
+                raise ValueError(f"verdict label {label!r} is {len(tok)} tokens for this tokenizer; need exactly 1")
+            ids.append(tok[0])
+        self.label_ids = torch.tensor(ids)
+
+    @classmethod
+    def from_pretrained(cls, path: str | os.PathLike, *, dtype: str = "float32", device: str = "cpu",
+                        **kw) -> PairwiseJudge:
+        from model.load import load_vlm
+
+        model, processor = load_vlm(path, dtype=dtype, device=device)
+        return cls(model, processor, **kw)
+
+    def _text(self, n_images: int, prompt: Any, a: str, b: str) -> str:
+        msg = [{"role": "user", "content": [{"type": "image"}] * n_images + [
+            {"type": "text", "text": self.template.format(question=question_text(prompt), a=a, b=b)}]}]
+        return self.processor.apply_chat_template(msg, tokenize=False, add_generation_prompt=True) + self.answer_prefix
+
+    @torch.no_grad()
+    def letter_logp(self, items: Sequence[PairItem]) -> torch.Tensor:
+        """log p("A"), log p("B") at the verdict position with x shown as A and y as B: (N, 2) float32."""
+        from model.reward import as_images
+
+        device = next(self.model.parameters()).device
+        out = []
+        for start in range(0, len(items), self.batch_size):
+            chunk = items[start:start + self.batch_size]
+            images = [as_images(ims, self.image_root) for ims, _, _, _ in chunk]
+            texts = [self._text(len(ims), p, x, y) for (_, p, x, y), ims in zip(chunk, images)]
+            side = self.processor.tokenizer.padding_side
+            self.processor.tokenizer.padding_side = "left"  # the verdict position is then the last one
+            try:
+                batch = self.processor(text=texts, images=[im for ims in images for im in ims] or None,
+                                       return_tensors="pt", padding=True)
+            finally:
+                self.processor.tokenizer.padding_side = side
+            logits = self.model(**{k: v.to(device) for k, v in batch.items()}).logits[:, -1].float()  # (b, V)
+            out.append(torch.log_softmax(logits, -1)[:, self.label_ids.to(device)].cpu())
+        return torch.cat(out) if out else torch.zeros(0, 2)
+
+    def compare(self, items: Sequence[PairItem]) -> list[float]:
+        """P(x better than y) per (images, prompt, x, y), averaged over both presentation orders."""
+        from rl.algos.preference import both_order_preference
+
+        swapped = [(ims, p, y, x) for ims, p, x, y in items]
+        lp = self.letter_logp(list(items) + swapped)  # (2N, 2)
+        xy, yx = lp[:len(items)], lp[len(items):]
+        return both_order_preference(xy[:, 0], xy[:, 1], yx[:, 0], yx[:, 1]).tolist()
+
+
+class ReferenceJudge:
+    """Pointwise scores from a pairwise judge: P(solution better than `reference(images, prompt)`).
+
+    Same shape as the scalar RM (`rewards.hybrid.RewardModel`): items (images, prompt, solution) -> floats.
+    """
+
+    def __init__(self, judge: PairwiseJudge, reference: Callable[[Sequence[Any], Any], str]):
+        self.judge, self.reference = judge, reference
+
+    def __call__(self, items: Sequence[tuple[Sequence[Any], Any, str]]) -> list[float]:
+        return self.judge.compare([(ims, p, sol, self.reference(ims, p)) for ims, p, sol in items])

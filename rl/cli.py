@@ -11,7 +11,7 @@ import os
 import sys
 
 # Modules that define `add_commands(subparsers)`; each handler is set with `set_defaults(func=...)`.
-COMMAND_MODULES = ["rl.commands", "rewards.commands", "rl.round_commands"]
+COMMAND_MODULES = ["rl.commands", "rewards.commands", "rewards.rm_commands", "rl.round_commands"]
 
 
 def _set_threads() -> None:

@@ -15,6 +15,9 @@ def schema_for_config(path: str | Path) -> type:
     if stem.startswith("pipeline"):
         from rl.pipeline import PipelineConfig
         return PipelineConfig
+    if stem.startswith("rm"):
+        from rewards.rm_train import RMConfig
+        return RMConfig
     if stem.startswith("reward"):
         from rewards.config import RewardConfig
         return RewardConfig

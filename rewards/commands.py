@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 from pathlib import Path
 from typing import Any
 
@@ -143,14 +142,8 @@ def run_score(args: argparse.Namespace) -> int:
             results += score_batch(inputs[start:start + CHUNK], cfg, pool=pool, rm=rm)
         stats = dict(pool.stats)
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        for (_, obj), r in zip(rows, results):
-            f.write(json.dumps({**obj, "reward": r.reward, "parts": r.parts}, ensure_ascii=False) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, out)
+    from rl.atomic import write_jsonl
+    write_jsonl(out, ({**obj, "reward": r.reward, "parts": r.parts} for (_, obj), r in zip(rows, results)))
     mean = sum(r.reward for r in results) / len(results)
     print(f"scored {len(results)} lines -> {out}: mean reward {mean:.4f}, "
           f"{stats.get('timeouts', 0)} timeouts, {stats.get('errors', 0)} errors")

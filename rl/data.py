@@ -198,14 +198,9 @@ def load_images(rec: Record) -> list[Image.Image]:
 
 
 def write_records(path: str | Path, records: list[Record]) -> None:
-    """Write records as JSONL atomically (temporary file, fsync, rename)."""
-    import os
+    """Write records as JSONL atomically, image paths relative to the file's folder."""
+    from rl.atomic import write_jsonl
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        for r in records:
-            f.write(json.dumps(r.to_json(path.parent.resolve())) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    base = path.parent.resolve()
+    write_jsonl(path, (r.to_json(base) for r in records))

@@ -6,7 +6,6 @@ rule answer (caption) report the format rate only (and a reward-model score when
 """
 from __future__ import annotations
 
-import json
 import os
 from collections import defaultdict
 from dataclasses import dataclass
@@ -150,12 +149,7 @@ def evaluate(model, processor, records, *, batch_size: int = 64, max_new_tokens:
 
 def write_eval(out: str | os.PathLike, table: dict, gens: list[Generation]) -> None:
     """eval.json (the table) and generations.jsonl, each written atomically."""
+    from rl.atomic import write_json, write_jsonl
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
-    tmp.write_text(json.dumps(table, indent=1))
-    os.replace(tmp, out)
-    gpath = out.with_name(out.stem + ".generations.jsonl")
-    tmp = gpath.with_name(gpath.name + ".tmp")
-    tmp.write_text("".join(json.dumps(g.__dict__) + "\n" for g in gens))
-    os.replace(tmp, gpath)
+    write_json(out, table)
+    write_jsonl(out.with_name(out.stem + ".generations.jsonl"), (g.__dict__ for g in gens))

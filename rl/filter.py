@@ -19,7 +19,6 @@ Outputs, each written atomically, for OUT = path/name.jsonl:
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import time
 from collections import Counter, defaultdict
@@ -153,13 +152,7 @@ def save_figure(fig, path: Path) -> None:
     os.replace(tmp, path)
 
 
-def write_json(path: Path, obj) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+from rl.atomic import write_json  # noqa: E402  (re-exported: rft and the pipeline use it from here)
 
 
 def run_filter(model: str, data: str, out: str, *, k: int, band: tuple[float, float], reward_cfg,

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -77,11 +76,7 @@ def _done(stage_dir: Path) -> dict | None:
     return json.loads(marker.read_text()) if marker.is_file() else None
 
 
-def _write_json(path: Path, obj) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=1))
-    os.replace(tmp, path)
+from rl.atomic import write_json as _write_json  # noqa: E402
 
 
 def run_stage(name: str, stage_dir: Path, fn) -> dict:
@@ -211,7 +206,6 @@ def _rm_scorer(rm_path: str | None, heldout, reward_cfg):
 def _round(cfg: PipelineConfig, run: Path, i: int, model: str, data: dict, rm_path: str | None,
            tables: dict, stage_rl, rm_score) -> str:
     """filter_i -> rft_i -> rl_i; returns the round's final model."""
-    from rewards.config import RewardConfig  # noqa: F401  (cfg.rl.reward is one)
     from rl.data import load_records, write_records
 
     rc = cfg.round

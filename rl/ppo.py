@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 from rewards.inputs import is_correct, reward_inputs
+from rl.atomic import write_json
 from rl.config import to_dict
 from rl.rl_config import RLConfig
 
@@ -106,7 +107,6 @@ class RLRun:
     """Holds the workers of one run and the stages the loop calls by name."""
 
     def __init__(self, cfg: RLConfig, *, start_from: Path | None):
-        from rewards.hybrid import RewardInput  # noqa: F401  (fail early if the reward side is broken)
         from rl.actors import spawn
         from rl.data import load_records
         from rl.workers import CriticWorker, PolicyWorker, RewardWorker
@@ -302,9 +302,7 @@ def fit(cfg: RLConfig, *, resume: bool = True, progress: bool = True) -> Path:
     if run.eval_records:
         table = evaluate_run(run, 0)
         log.log(step, _eval_metrics(table))
-        tmp = out / "eval.json.tmp"
-        tmp.write_text(json.dumps(table, indent=1))
-        tmp.replace(out / "eval.json")
+        write_json(out / "eval.json", table)
         print(format_table(table, f"held-out after RL ({step} steps, {cfg.algo})"))
     run.close()
     log.close()

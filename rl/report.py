@@ -335,8 +335,5 @@ def write_report(run_dir: str | os.PathLike) -> Path:
             "table{border-collapse:collapse;margin:.5em 0 1em}td,th{border:1px solid #ccc;padding:2px 8px;"
             "text-align:right}img{max-width:100%;display:block;margin:.5em 0}</style></head><body>"
             + "\n".join(p for p in sec if p) + "</body></html>\n")
-    out = run / "report.html"
-    tmp = out.with_name(out.name + ".tmp")
-    tmp.write_text(page, encoding="utf-8")
-    os.replace(tmp, out)
-    return out
+    from rl.atomic import write_text
+    return write_text(run / "report.html", page)

@@ -18,6 +18,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from rl.atomic import write_lines, write_text
+
 
 class MetricsLog:
     """Appends one JSON object per step to metrics.jsonl and mirrors scalars to TensorBoard."""
@@ -51,9 +53,7 @@ class MetricsLog:
         if not self.path.is_file():
             return
         keep = [line for line in self.path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
-        tmp = self.path.with_suffix(".tmp")
-        tmp.write_text("".join(line + "\n" for line in keep))
-        os.replace(tmp, self.path)
+        write_lines(self.path, (line + "\n" for line in keep))
 
     def close(self) -> None:
         if self._tb is not None:
@@ -68,15 +68,6 @@ def set_rng_state(state: dict) -> None:
     random.setstate(state["python"])
     np.random.set_state(state["numpy"])
     torch.set_rng_state(state["torch"])
-
-
-def _write_text_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def latest_checkpoint(run_dir: str | os.PathLike) -> Path | None:
@@ -111,7 +102,7 @@ def save_checkpoint(run_dir: str | os.PathLike, step: int, *, models: dict[str, 
         torch.save({**state, "step": step, "rng": rng_state()}, d / "trainer_state.pt")
 
     path = atomic_dir(root / name, write)
-    _write_text_atomic(root / "latest", name)
+    write_text(root / "latest", name)
     ckpts = sorted(p for p in root.glob("step-*") if p.is_dir())
     for old in ckpts[:-keep] if keep > 0 else []:
         shutil.rmtree(old, ignore_errors=True)

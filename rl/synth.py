@@ -22,6 +22,8 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw
 
+from rl.atomic import write_lines
+
 TASKS = ("counting", "grounding", "math", "caption")
 COLORS = {"red": (230, 40, 40), "green": (40, 200, 60), "blue": (50, 90, 240), "yellow": (240, 220, 30)}
 SHAPES = ("square", "circle")
@@ -156,15 +158,6 @@ def synth_split(rng: random.Random, n_per_task: int, spec: SceneSpec, tasks, exc
     return out
 
 
-def _write_atomic(path: Path, lines: list[str]) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    with open(tmp, "w") as f:
-        f.writelines(lines)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def write_suite(out: str | os.PathLike, *, seed: int = 0, n: int = 2000, n_heldout: int = 100,
                 n_rl: int | None = None, tasks=TASKS, spec: SceneSpec = SceneSpec()) -> dict[str, Path]:
     """Write sft.jsonl, rl.jsonl and heldout.jsonl (+ img/) under `out`; returns their paths.
@@ -193,7 +186,7 @@ def write_suite(out: str | os.PathLike, *, seed: int = 0, n: int = 2000, n_heldo
                 rec = {**rec, "messages": rec["messages"][:1]}
             lines.append(json.dumps({"id": rec_id, "images": [rel], **rec}) + "\n")
         paths[name] = out / f"{name}.jsonl"
-        _write_atomic(paths[name], lines)
+        write_lines(paths[name], lines)
     return paths
 
 

@@ -21,7 +21,8 @@ import os
 import random
 from pathlib import Path
 
-from rl.synth import (COLORS, NUMBER_WORDS, SHAPES, SceneSpec, _user, _write_atomic, describe, draw_scene,
+from rl.atomic import write_lines
+from rl.synth import (COLORS, NUMBER_WORDS, SHAPES, SceneSpec, _user, describe, draw_scene,
                       object_box, random_objects)
 
 CORRUPTIONS = ("color", "shape", "add", "drop")
@@ -114,5 +115,5 @@ def write_preference_pairs(out: str | os.PathLike, *, seed: int = 0, n: int = 20
             draw_scene(rec["meta"]["objects"], spec).save(out / rel)
             lines.append(json.dumps({"id": rec_id, "images": [rel], **rec}) + "\n")
         paths[name] = out / f"prefs_{name}.jsonl"
-        _write_atomic(paths[name], lines)
+        write_lines(paths[name], lines)
     return paths

@@ -16,7 +16,6 @@ from typing import Literal, Sequence
 
 import torch
 
-from rl.config import to_dict
 from rl.sft import OptimConfig, batch_indices, make_optimizer
 
 
@@ -135,7 +134,7 @@ def train_rm(cfg: RMConfig, *, resume: bool = True, progress: bool = True) -> Pa
     from model.load import atomic_dir, load_processor
     from model.reward import RewardModel
     from rl.algos.preference import bradley_terry_loss
-    from rl.runlog import MetricsLog, latest_checkpoint, load_trainer_state, save_checkpoint, set_rng_state
+    from rl.runlog import MetricsLog, latest_checkpoint, save_checkpoint, start_or_resume
 
     out = Path(cfg.out)
     records = load_pairs(cfg.data)
@@ -146,18 +145,8 @@ def train_rm(cfg: RMConfig, *, resume: bool = True, progress: bool = True) -> Pa
     processor = load_processor(ckpt or cfg.model)
     rm.train()
     opt, sched = make_optimizer(rm, cfg.optim, cfg.steps)
-    step = 0
     log = MetricsLog(out)
-    if ckpt is not None:
-        state = load_trainer_state(ckpt)
-        opt.load_state_dict(state["optimizer"])
-        sched.load_state_dict(state["scheduler"])
-        set_rng_state(state["rng"])
-        step = state["step"]
-        log.truncate_after(step)
-        print(f"resumed from {ckpt} at step {step}")
-    else:
-        (out / "config.json").write_text(json.dumps(to_dict(cfg), indent=1))
+    step = start_or_resume(out, ckpt, cfg, log, opt, sched)
 
     def checkpoint(at: int) -> None:
         save_checkpoint(out, at, models={"policy": (rm, processor)},

@@ -111,3 +111,20 @@ def save_checkpoint(run_dir: str | os.PathLike, step: int, *, models: dict[str, 
 
 def load_trainer_state(ckpt: Path) -> dict:
     return torch.load(ckpt / "trainer_state.pt", weights_only=False)
+
+
+def start_or_resume(out: Path, ckpt: Path | None, cfg: Any, log: MetricsLog, opt, sched) -> int:
+    """Restore optimizer, scheduler, RNG and step from `ckpt` (dropping log rows past it), or
+    record the config of a fresh run in `out/config.json`. Returns the step to continue from."""
+    from rl.config import to_dict
+
+    if ckpt is None:
+        write_text(Path(out) / "config.json", json.dumps(to_dict(cfg), indent=1))
+        return 0
+    state = load_trainer_state(ckpt)
+    opt.load_state_dict(state["optimizer"])
+    sched.load_state_dict(state["scheduler"])
+    set_rng_state(state["rng"])
+    log.truncate_after(state["step"])
+    print(f"resumed from {ckpt} at step {state['step']}")
+    return state["step"]

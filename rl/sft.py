@@ -16,7 +16,6 @@ from typing import Literal
 
 import torch
 
-from rl.config import to_dict
 
 
 @dataclass(frozen=True)
@@ -96,8 +95,7 @@ def train_sft(cfg: SFTConfig, *, resume: bool = True, progress: bool = True) -> 
     from model.load import load_vlm, save_vlm
     from rl.data import load_images, load_records
     from rl.evaluate import evaluate, format_table, write_eval
-    from rl.runlog import (MetricsLog, latest_checkpoint, load_trainer_state, save_checkpoint,
-                           set_rng_state)
+    from rl.runlog import MetricsLog, latest_checkpoint, save_checkpoint, start_or_resume
 
     out = Path(cfg.out)
     records = load_records(cfg.data, require="target")
@@ -106,20 +104,8 @@ def train_sft(cfg: SFTConfig, *, resume: bool = True, progress: bool = True) -> 
     torch.manual_seed(cfg.seed)
     model, processor = load_vlm(ckpt or cfg.model, dtype=cfg.dtype, train=True)
     opt, sched = make_optimizer(model, cfg.optim, cfg.steps)
-    step = 0
     log = MetricsLog(out)
-    if ckpt is not None:
-        state = load_trainer_state(ckpt)
-        opt.load_state_dict(state["optimizer"])
-        sched.load_state_dict(state["scheduler"])
-        set_rng_state(state["rng"])
-        step = state["step"]
-        log.truncate_after(step)
-        print(f"resumed from {ckpt} at step {step}")
-    else:
-        (out).mkdir(parents=True, exist_ok=True)
-        import json
-        (out / "config.json").write_text(json.dumps(to_dict(cfg), indent=1))
+    step = start_or_resume(out, ckpt, cfg, log, opt, sched)
 
     def checkpoint(at: int) -> None:
         save_checkpoint(out, at, models={"policy": (model, processor)},

@@ -47,9 +47,10 @@ def generate_greedy(model, processor, records, *, batch_size: int = 64, max_new_
         for i in range(0, len(records), batch_size):
             chunk = records[i:i + batch_size]
             inputs = encode_prompts(processor, [r.prompt_messages for r in chunk], [load_images(r) for r in chunk])
+            inputs = inputs.to(model.device)
             seq = model.generate(**inputs, do_sample=False, max_new_tokens=max_new_tokens,
                                  eos_token_id=eos, pad_token_id=tok.pad_token_id)
-            out += tok.batch_decode(seq[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+            out += tok.batch_decode(seq[:, inputs["input_ids"].shape[1]:].cpu(), skip_special_tokens=True)
     model.train(was_training)
     return out
 

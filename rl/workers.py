@@ -20,6 +20,15 @@ def _threads() -> None:
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
 
 
+def _device() -> torch.device:
+    """The GPU Ray (or CUDA_VISIBLE_DEVICES) gave this process, else the CPU."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _on(mb: dict, device: torch.device) -> dict:
+    return {k: v.to(device) if isinstance(v, Tensor) else v for k, v in mb.items()}
+
+
 class PolicyWorker:
     """The actor (with an optimizer) or the frozen reference policy (optim=None)."""
 
@@ -30,7 +39,8 @@ class PolicyWorker:
         from rl.sft import make_optimizer
 
         torch.manual_seed(seed)
-        self.model, self.processor = load_vlm(path, dtype=dtype, train=optim is not None)
+        self.device = _device()
+        self.model, self.processor = load_vlm(path, dtype=dtype, train=optim is not None, device=str(self.device))
         self.chunk_size = chunk_size or None
         # The policy being optimised is the one the rollouts sample from: softmax(logits / T).
         self.temperature = temperature
@@ -62,10 +72,10 @@ class PolicyWorker:
         ent = torch.zeros(B, T)
         row = 0
         for mb in micro_batches(batch, micro_batch_size):
-            lp, en = self._logp(mb, entropy=True)
+            lp, en = self._logp(_on(mb, self.device), entropy=True)
             n, t = lp.shape
-            logp[row:row + n, :t] = lp.float()
-            ent[row:row + n, :t] = en.float()
+            logp[row:row + n, :t] = lp.float().cpu()
+            ent[row:row + n, :t] = en.float().cpu()
             row += n
         self.model.train(was)
         return {"logp": logp, "entropy": ent}
@@ -89,6 +99,7 @@ class PolicyWorker:
             norm = dict(num_tokens=max(1, n_tok), num_seqs=max(1, n_seq), agg=ppo.agg)
             total = 0.0
             for mb in micro_batches(batch, ppo.micro_batch_size, order=rows):
+                mb = _on(mb, self.device)
                 logp, _ = self._logp(mb)
                 loss, m = policy_loss(logp, mb["old_logp"], mb["adv"], mb["mask"], clip_low=ppo.clip_low,
                                       clip_high=ppo.clip_high, dual_clip=ppo.dual_clip, **norm)
@@ -123,7 +134,7 @@ class PolicyWorker:
         return out
 
     def state_dict(self) -> dict[str, Tensor]:
-        return {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+        return {k: v.detach().to("cpu", copy=True) for k, v in self.model.state_dict().items()}
 
     def save(self, path: str) -> None:
         self.model.save_pretrained(path)
@@ -150,7 +161,8 @@ class CriticWorker:
         from rl.sft import make_optimizer
 
         torch.manual_seed(seed + 1)
-        self.model = ValueModel.from_pretrained(path, dtype=getattr(torch, dtype))
+        self.device = _device()
+        self.model = ValueModel.from_pretrained(path, dtype=getattr(torch, dtype)).to(self.device)
         self.model.train()
         self.opt, self.sched = make_optimizer(self.model, optim, total_steps)
         self.max_grad_norm = optim.max_grad_norm
@@ -162,7 +174,7 @@ class CriticWorker:
         out = torch.zeros(B, T)
         row = 0
         for mb in micro_batches(batch, micro_batch_size):
-            v = self.model(**model_inputs(mb))[:, :-1]
+            v = self.model(**model_inputs(_on(mb, self.device)))[:, :-1].cpu()
             out[row:row + v.shape[0], :v.shape[1]] = v
             row += v.shape[0]
         return out
@@ -177,6 +189,7 @@ class CriticWorker:
             n_seq = int((batch["mask"][list(rows)].sum(-1) > 0).sum())
             total = 0.0
             for mb in micro_batches(batch, ppo.micro_batch_size, order=rows):
+                mb = _on(mb, self.device)
                 v = self.model(**model_inputs(mb))[:, :-1]
                 loss, m = value_loss(v, mb["old_values"], mb["returns"], mb["mask"], clip=ppo.value_clip,
                                      agg=ppo.agg, num_tokens=max(1, n_tok), num_seqs=max(1, n_seq))

@@ -212,7 +212,10 @@ def _round(cfg: PipelineConfig, run: Path, i: int, model: str, data: dict, rm_pa
 
     def stage_filter() -> dict:
         from rl.filter import run_filter
-        prompts = load_records(data["rl"])[: rc.max_prompts]
+        import random
+        prompts = load_records(data["rl"])
+        # a seeded sample across the whole file (prompt files are often grouped by task)
+        prompts = random.Random(cfg.seed + i).sample(prompts, min(rc.max_prompts, len(prompts)))
         src = run / f"filter{i}" / "prompts.jsonl"
         write_records(src, prompts)
         summary = run_filter(model, str(src), str(run / f"filter{i}" / "rl.jsonl"), k=rc.k,

@@ -62,13 +62,19 @@ def read_metrics(path: Path) -> list[dict]:
     return rows
 
 
+def _is_eval_table(obj) -> bool:
+    """A held-out table {task: {n, format, accuracy, ...}} as rl.evaluate writes it."""
+    return isinstance(obj, dict) and bool(obj) and all(isinstance(v, dict) and "format" in v for v in obj.values())
+
+
 def read_stage(path: Path, name: str | None = None) -> Stage:
     st = Stage(name or path.name, path)
     for folder in (path, path / "sft"):
         if not st.metrics:
             st.metrics = read_metrics(folder / "metrics.jsonl")
-        if st.eval is None:
-            st.eval = _read_json(folder / "eval.json") if (folder / "eval.json").is_file() else None
+        if st.eval is None and (folder / "eval.json").is_file():
+            table = _read_json(folder / "eval.json")
+            st.eval = table if _is_eval_table(table) else None   # e.g. the RM's pairwise eval is not one
     for f in sorted(path.glob("*.filter.json")):
         s = _read_json(f)
         if isinstance(s, dict) and "histogram" in s:

@@ -62,6 +62,11 @@ def test_report_of_a_full_round(tmp_path):
                for s in range(1, 6)] + [{"step": 5, "time": 0, "eval/counting/accuracy": 0.7}]
     _jsonl(run / "rl1" / "metrics.jsonl", rl_rows)
     (run / "rl1" / "eval.json").write_text(json.dumps(_table(0.7, 0.4)))
+    # the reward model's stage has an eval.json of another schema (pairwise accuracy): not a held-out table
+    (run / "rm").mkdir()
+    (run / "rm" / "eval.json").write_text(json.dumps({"step": 300, "data": "prefs.jsonl", "n": 200,
+                                                      "pairwise_accuracy": 1.0, "by_corruption": {}}))
+    _done(run / "rm")
     _done(run / "rl1")
     verdicts = ([Verdict(True, "in_band", pass_rate=0.5)] * 3 + [Verdict(False, "above_band", pass_rate=1.0)] * 4
                 + [Verdict(False, "below_band", pass_rate=0.0)] * 2 + [Verdict(False, "no_reward_model")])

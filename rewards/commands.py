@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 from typing import Any
 
@@ -31,21 +30,12 @@ def add_commands(sub) -> None:
 
 
 def _read(path: Path) -> list[tuple[int, dict]]:
-    from rl.data import DataError
+    from rl.data import DataError, iter_jsonl
 
-    if not path.is_file():
-        raise DataError(path, 0, "file", "not found")
     rows = []
-    with open(path, encoding="utf-8") as f:
-        for line_no, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(path, line_no, "json", f"not valid JSON: {e.msg} at column {e.colno}") from None
-            _check_row(obj, path, line_no)
-            rows.append((line_no, obj))
+    for line_no, obj in iter_jsonl(path):
+        _check_row(obj, path, line_no)
+        rows.append((line_no, obj))
     if not rows:
         raise DataError(path, 0, "file", "holds no lines")
     return rows

@@ -16,7 +16,7 @@ from typing import Literal, Sequence
 
 import torch
 
-from rl.sft import OptimConfig, batch_indices, make_optimizer
+from rl.sft import OptimConfig, batch_indices, make_optimizer, optimizer_step
 
 
 @dataclass(frozen=True)
@@ -177,10 +177,7 @@ def train_rm(cfg: RMConfig, *, resume: bool = True, progress: bool = True) -> Pa
             log.log(step, {"train/skipped_nonfinite": 1})
             step += 1
             continue
-        grad_norm = torch.nn.utils.clip_grad_norm_(rm.parameters(), cfg.optim.max_grad_norm or float("inf"))
-        opt.step()
-        sched.step()
-        opt.zero_grad(set_to_none=True)
+        grad_norm = optimizer_step(rm, opt, sched, cfg.optim.max_grad_norm)
         step += 1
         bar.update(1)
         if step % cfg.log_every == 0 or step == cfg.steps:

@@ -160,6 +160,21 @@ def parse_record(obj: Any, path: Path, line: int, *, tasks: Iterable[str] = KNOW
                   meta=meta, chosen=chosen, rejected=rejected, source=f"{path}:{line}")
 
 
+def iter_jsonl(path: str | Path):
+    """(line number, object) for each non-blank line; DataError for a missing file or bad JSON."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(path, 0, "file", "not found")
+    with open(path, encoding="utf-8") as f:
+        for line_no, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                yield line_no, json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(path, line_no, "json", f"not valid JSON: {e.msg} at column {e.colno}") from None
+
+
 def load_records(path: str | Path, *, tasks: Iterable[str] = KNOWN_TASKS, check_images: bool = True,
                  max_pixels: int = MAX_IMAGE_PIXELS, require: str | None = None) -> list[Record]:
     """Read and validate every line of a JSONL file.
@@ -168,26 +183,17 @@ def load_records(path: str | Path, *, tasks: Iterable[str] = KNOWN_TASKS, check_
     not the assistant's) or "preference" (chosen and rejected present).
     """
     path = Path(path)
-    if not path.is_file():
-        raise DataError(path, 0, "file", "not found")
     records, ids = [], {}
-    with open(path, encoding="utf-8") as f:
-        for line_no, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(path, line_no, "json", f"not valid JSON: {e.msg} at column {e.colno}") from None
-            rec = parse_record(obj, path, line_no, tasks=tasks, check_images=check_images, max_pixels=max_pixels)
-            if rec.id in ids:
-                raise DataError(path, line_no, "id", f"duplicate id {rec.id!r} (first on line {ids[rec.id]})")
-            ids[rec.id] = line_no
-            if require == "target" and rec.target is None:
-                raise DataError(path, line_no, "messages", "an SFT record must end with an assistant message")
-            if require == "preference" and rec.chosen is None:
-                raise DataError(path, line_no, "chosen", "a preference record needs chosen and rejected")
-            records.append(rec)
+    for line_no, obj in iter_jsonl(path):
+        rec = parse_record(obj, path, line_no, tasks=tasks, check_images=check_images, max_pixels=max_pixels)
+        if rec.id in ids:
+            raise DataError(path, line_no, "id", f"duplicate id {rec.id!r} (first on line {ids[rec.id]})")
+        ids[rec.id] = line_no
+        if require == "target" and rec.target is None:
+            raise DataError(path, line_no, "messages", "an SFT record must end with an assistant message")
+        if require == "preference" and rec.chosen is None:
+            raise DataError(path, line_no, "chosen", "a preference record needs chosen and rejected")
+        records.append(rec)
     if not records:
         raise DataError(path, 0, "file", "holds no records")
     return records

@@ -80,6 +80,15 @@ def _permutation(n: int, seed: int, epoch: int) -> list[int]:
     return idx
 
 
+def optimizer_step(model, opt, sched, max_grad_norm: float) -> float:
+    """Clip gradients (0: no clipping), step optimizer and schedule, clear grads; returns the norm."""
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm or float("inf"))
+    opt.step()
+    sched.step()
+    opt.zero_grad(set_to_none=True)
+    return float(grad_norm)
+
+
 def make_optimizer(model, cfg: OptimConfig, total_steps: int):
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=tuple(cfg.betas))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(
@@ -147,10 +156,7 @@ def train_sft(cfg: SFTConfig, *, resume: bool = True, progress: bool = True) -> 
             log.log(step, {"train/skipped_nonfinite": 1})
             step += 1
             continue
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.max_grad_norm or float("inf"))
-        opt.step()
-        sched.step()
-        opt.zero_grad(set_to_none=True)
+        grad_norm = optimizer_step(model, opt, sched, cfg.optim.max_grad_norm)
         step += 1
         tokens += n_tok
         losses.append(loss_sum / max(1, n_tok))

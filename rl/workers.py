@@ -14,6 +14,7 @@ import torch
 from torch import Tensor
 
 from rl.batch import micro_batches, model_inputs
+from rl.sft import optimizer_step
 
 
 def _threads() -> None:
@@ -120,10 +121,7 @@ class PolicyWorker:
                 self.opt.zero_grad(set_to_none=True)
                 skipped += 1
                 continue
-            gn = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.max_grad_norm or float("inf"))
-            self.opt.step()
-            self.sched.step()
-            self.opt.zero_grad(set_to_none=True)
+            gn = optimizer_step(self.model, self.opt, self.sched, self.max_grad_norm)
             steps += 1
             sums["loss"] = sums.get("loss", 0.0) + total
             sums["grad_norm"] = sums.get("grad_norm", 0.0) + float(gn)
@@ -202,10 +200,7 @@ class CriticWorker:
                 self.opt.zero_grad(set_to_none=True)
                 sums["skipped_nonfinite"] = sums.get("skipped_nonfinite", 0.0) + 1
                 continue
-            gn = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.max_grad_norm or float("inf"))
-            self.opt.step()
-            self.sched.step()
-            self.opt.zero_grad(set_to_none=True)
+            gn = optimizer_step(self.model, self.opt, self.sched, self.max_grad_norm)
             sums["loss"] = sums.get("loss", 0.0) + total
             sums["grad_norm"] = sums.get("grad_norm", 0.0) + float(gn)
         denom = max(1, len(minibatch_rows))

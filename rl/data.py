@@ -138,7 +138,8 @@ def parse_record(obj: Any, path: Path, line: int, *, tasks: Iterable[str] = KNOW
     n_parts = count_image_parts(obj["messages"])
     if n_parts != len(images):
         raise DataError(*where, "images", f"{len(images)} image(s) listed but the messages hold {n_parts} image part(s)")
-    resolved = [(path.parent / p).resolve() for p in images]
+    base = path if path.is_dir() else path.parent
+    resolved = [(base / p).resolve() for p in images]
     if check_images:
         for i, p in enumerate(resolved):
             _check_image(p, where, f"images[{i}]", max_pixels)
@@ -161,8 +162,15 @@ def parse_record(obj: Any, path: Path, line: int, *, tasks: Iterable[str] = KNOW
 
 
 def iter_jsonl(path: str | Path):
-    """(line number, object) for each non-blank line; DataError for a missing file or bad JSON."""
+    """(line number, object) for each non-blank line; DataError for a missing file or bad JSON.
+
+    A folder written by `datasets.Dataset.save_to_disk`, or a `.parquet` file, is read through HF
+    `datasets` instead: row i counts as line i + 1, image paths are relative to the folder / file.
+    """
     path = Path(path)
+    if path.is_dir() or path.suffix == ".parquet":
+        yield from _iter_hf_dataset(path)
+        return
     if not path.is_file():
         raise DataError(path, 0, "file", "not found")
     with open(path, encoding="utf-8") as f:
@@ -173,6 +181,19 @@ def iter_jsonl(path: str | Path):
                 yield line_no, json.loads(line)
             except json.JSONDecodeError as e:
                 raise DataError(path, line_no, "json", f"not valid JSON: {e.msg} at column {e.colno}") from None
+
+
+def _iter_hf_dataset(path: Path):
+    import datasets
+
+    try:
+        ds = datasets.load_from_disk(str(path)) if path.is_dir() else datasets.Dataset.from_parquet(str(path))
+    except (FileNotFoundError, ValueError) as e:
+        raise DataError(path, 0, "file", f"not a datasets folder or parquet file: {e}") from None
+    if isinstance(ds, datasets.DatasetDict):
+        raise DataError(path, 0, "file", f"holds several splits {list(ds)}; point at one split's folder")
+    for i, row in enumerate(ds):
+        yield i + 1, {k: v for k, v in row.items() if v is not None}
 
 
 def load_records(path: str | Path, *, tasks: Iterable[str] = KNOWN_TASKS, check_images: bool = True,

@@ -87,3 +87,19 @@ def test_cli_check_exits_2_with_location(folder):
     ok = write(folder, GOOD)
     r = subprocess.run([sys.executable, "-m", "rl.cli", "data", "check", str(ok)], capture_output=True, text=True)
     assert r.returncode == 0 and "1 records ok" in r.stdout
+
+
+def test_hf_datasets_folder_and_parquet(folder):
+    import datasets
+
+    ds = datasets.Dataset.from_list([dict(GOOD, id=f"r{i}") for i in range(3)])
+    ds.save_to_disk(str(folder / "ds"))
+    (folder / "ds" / "img.png").write_bytes((folder / "img.png").read_bytes())
+    recs = load_records(folder / "ds")
+    assert [r.id for r in recs] == ["r0", "r1", "r2"] and recs[0].images == [(folder / "ds" / "img.png").resolve()]
+    ds.to_parquet(str(folder / "data.parquet"))
+    assert [r.answer for r in load_records(folder / "data.parquet")] == ["3", "3", "3"]
+    bad = datasets.Dataset.from_list([{**GOOD, "id": "x", "task": "juggling"}])
+    bad.to_parquet(str(folder / "bad.parquet"))
+    with pytest.raises(DataError, match=r"bad.parquet:1: task: unknown task 'juggling'"):
+        load_records(folder / "bad.parquet")

@@ -134,7 +134,8 @@ def train_rm(cfg: RMConfig, *, resume: bool = True, progress: bool = True) -> Pa
     from model.load import atomic_dir, load_processor
     from model.reward import RewardModel
     from rl.algos.preference import bradley_terry_loss
-    from rl.runlog import MetricsLog, latest_checkpoint, save_checkpoint, start_or_resume
+    from rl.runlog import (MetricsLog, latest_checkpoint, over_budget, periodic, save_checkpoint,
+                           start_or_resume)
 
     out = Path(cfg.out)
     records = load_pairs(cfg.data)
@@ -187,11 +188,11 @@ def train_rm(cfg: RMConfig, *, resume: bool = True, progress: bool = True) -> Pa
             log.log(step, row)
             bar.set_postfix(loss=f"{row['train/loss']:.3f}", acc=f"{row['train/accuracy']:.2f}")
             window.clear()
-        if cfg.eval_every and eval_records and step % cfg.eval_every == 0 and step < cfg.steps:
+        if eval_records and periodic(step, cfg.eval_every) and step < cfg.steps:
             result = run_eval(step)
             bar.write(f"step {step}: held-out pairwise accuracy {result['pairwise_accuracy']:.3f}")
-        out_of_time = cfg.max_minutes and (time.time() - t_start) / 60 >= cfg.max_minutes
-        if (cfg.save_every and step % cfg.save_every == 0) or step == cfg.steps or out_of_time:
+        out_of_time = over_budget(t_start, cfg.max_minutes)
+        if periodic(step, cfg.save_every) or step == cfg.steps or out_of_time:
             checkpoint(step)
         if out_of_time:
             bar.write(f"time budget of {cfg.max_minutes} min reached at step {step}")

@@ -183,7 +183,8 @@ def fit(cfg: RLConfig, *, resume: bool = True, progress: bool = True) -> Path:
     from rl.algos import kl_coefs
     from rl.data import load_images
     from rl.evaluate import format_table
-    from rl.runlog import MetricsLog, latest_checkpoint, load_trainer_state, save_checkpoint, set_rng_state
+    from rl.runlog import (MetricsLog, latest_checkpoint, load_trainer_state, over_budget, periodic,
+                           save_checkpoint, set_rng_state)
     from rl.sft import batch_indices
     from rollout.sequences import build_sequences
     from rollout.types import Prompt, SamplingConfig
@@ -283,12 +284,12 @@ def fit(cfg: RLConfig, *, resume: bool = True, progress: bool = True) -> Path:
             for p in range(min(cfg.log_samples, len(records))) for j in range(ro.n)])
         bar.update(1)
         bar.set_postfix(reward=f"{metrics['reward/all/total']:.3f}")
-        out_of_time = cfg.max_minutes and (time.time() - t_start) / 60 >= cfg.max_minutes
-        if cfg.eval_every and run.eval_records and step % cfg.eval_every == 0 and step < cfg.steps:
+        out_of_time = over_budget(t_start, cfg.max_minutes)
+        if run.eval_records and periodic(step, cfg.eval_every) and step < cfg.steps:
             table = evaluate_run(run, cfg.eval_limit)
             log.log(step, _eval_metrics(table))
             bar.write(format_table(table, f"step {step}"))
-        if (cfg.save_every and step % cfg.save_every == 0) or step == cfg.steps or out_of_time:
+        if periodic(step, cfg.save_every) or step == cfg.steps or out_of_time:
             checkpoint(step)
         if out_of_time:
             bar.write(f"[rl] time budget of {cfg.max_minutes} min reached at step {step}")

@@ -70,6 +70,16 @@ def set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
 
 
+def periodic(step: int, every: int) -> bool:
+    """True on every `every`-th step (never when every is 0)."""
+    return bool(every) and step % every == 0
+
+
+def over_budget(t_start: float, max_minutes: float) -> bool:
+    """True once `max_minutes` of wall time have passed since t_start (never when it is 0)."""
+    return bool(max_minutes) and (time.time() - t_start) / 60 >= max_minutes
+
+
 def latest_checkpoint(run_dir: str | os.PathLike) -> Path | None:
     ptr = Path(run_dir) / "checkpoints" / "latest"
     if not ptr.is_file():

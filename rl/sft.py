@@ -104,7 +104,8 @@ def train_sft(cfg: SFTConfig, *, resume: bool = True, progress: bool = True) -> 
     from model.load import load_vlm, save_vlm
     from rl.data import load_images, load_records
     from rl.evaluate import evaluate, format_table, write_eval
-    from rl.runlog import MetricsLog, latest_checkpoint, save_checkpoint, start_or_resume
+    from rl.runlog import (MetricsLog, latest_checkpoint, over_budget, periodic, save_checkpoint,
+                           start_or_resume)
 
     out = Path(cfg.out)
     records = load_records(cfg.data, require="target")
@@ -168,11 +169,11 @@ def train_sft(cfg: SFTConfig, *, resume: bool = True, progress: bool = True) -> 
             log.log(step, metrics)
             bar.set_postfix(loss=f"{metrics['train/loss']:.3f}")
             losses = []
-        if cfg.eval_every and eval_records and step % cfg.eval_every == 0 and step < cfg.steps:
+        if eval_records and periodic(step, cfg.eval_every) and step < cfg.steps:
             table, _ = run_eval(step, cfg.eval_limit)
             bar.write(format_table(table, f"step {step}"))
-        out_of_time = cfg.max_minutes and (time.time() - t_start) / 60 >= cfg.max_minutes
-        if (cfg.save_every and step % cfg.save_every == 0) or step == cfg.steps or out_of_time:
+        out_of_time = over_budget(t_start, cfg.max_minutes)
+        if periodic(step, cfg.save_every) or step == cfg.steps or out_of_time:
             checkpoint(step)
         if out_of_time:
             bar.write(f"time budget of {cfg.max_minutes} min reached at step {step}")

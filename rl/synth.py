@@ -5,9 +5,9 @@ The canvas is a GRID x GRID board of CELL-pixel cells (84x84 by default): with Q
 patches merged 2x2, each cell is exactly one vision token, which keeps the tasks learnable.
 
 Tasks (record field `task`):
-  counting   "How many shapes are there?"                        answer "3"
+  counting   "How many shapes are there?" / "How many red shapes are there?"    answer "3"
   grounding  "Where is the red shape? ..."                        answer "[32, 4, 51, 23]" (pixels)
-  math       "Add 4 to the number of shapes. ..."                 answer "7" (any equivalent form scores)
+  math       "Add 4 to the number of (red) shapes. ..."           answer "7" (any equivalent form scores)
   caption    "Describe the image."                                no answer: judged by the reward model
 
 Records follow the layout in README.md ("Data format"); `meta.objects` holds the ground truth scene.
@@ -38,6 +38,9 @@ class SceneSpec:
     cell: int = 28
     size: int = 20
     max_count: int = 6
+    color_questions: float = 0.5
+    """Share of counting and math questions about the shapes of one colour ("How many red shapes
+    ..."): they need colour binding, as grounding does, and leave RL headroom after SFT."""
 
     @property
     def side(self) -> int:
@@ -58,7 +61,7 @@ def cell_background(row: int, col: int) -> tuple[int, int, int]:
     Qwen2-VL's vision tokens carry no absolute position in their content (its RoPE is relative),
     so without a cue a tiny model cannot say *where* a shape is; real images have such context.
     """
-    return (20 + 30 * row, 20 + 30 * col, 20)
+    return (20 + 60 * row, 20 + 60 * col, 20)
 
 
 def draw_scene(objects: list[dict], spec: SceneSpec) -> Image.Image:
@@ -92,6 +95,15 @@ def describe(objects: list[dict]) -> str:
     return text[0].upper() + text[1:] + "."
 
 
+def counted(rng: random.Random, objects: list[dict], spec: SceneSpec) -> tuple[str, int]:
+    """What a counting or math question counts and how many there are: ("shapes", all of them) or,
+    for a share `spec.color_questions` of questions, ("red shapes", those of one colour present)."""
+    if rng.random() < spec.color_questions:
+        color = rng.choice(sorted({o["color"] for o in objects}))
+        return f"{color} shapes", sum(o["color"] == color for o in objects)
+    return "shapes", len(objects)
+
+
 def _user(text: str) -> list[dict]:
     return [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": text}]}]
 
@@ -100,9 +112,9 @@ def make_example(task: str, rng: random.Random, spec: SceneSpec) -> dict:
     """One record without id/images: task, messages (user + assistant target), answer, meta."""
     if task == "counting":
         objs = random_objects(rng, rng.randint(1, spec.max_count), spec)
-        n = len(objs)
-        question = "How many shapes are there?"
-        thought, solution, answer = f"I count {n} shapes.", str(n), str(n)
+        what, n = counted(rng, objs, spec)
+        question = f"How many {what} are there?"
+        thought, solution, answer = f"I count {n} {what}.", str(n), str(n)
     elif task == "grounding":
         objs = random_objects(rng, rng.randint(1, 2), spec, distinct_colors=True)
         target = rng.choice(objs)
@@ -112,10 +124,10 @@ def make_example(task: str, rng: random.Random, spec: SceneSpec) -> dict:
         thought, solution = f"The {target['color']} shape is in row {row + 1}, column {col + 1}.", answer
     elif task == "math":
         objs = random_objects(rng, rng.randint(1, spec.max_count - 1), spec)
-        n, k = len(objs), rng.randint(1, 4)
-        question = f"Add {k} to the number of shapes. Put the result in \\boxed{{}}."
+        (what, n), k = counted(rng, objs, spec), rng.randint(1, 4)
+        question = f"Add {k} to the number of {what}. Put the result in \\boxed{{}}."
         answer = str(n + k)
-        thought, solution = f"I count {n} shapes. {n} + {k} = {n + k}.", f"\\boxed{{{n + k}}}"
+        thought, solution = f"I count {n} {what}. {n} + {k} = {n + k}.", f"\\boxed{{{n + k}}}"
     elif task == "caption":
         objs = random_objects(rng, rng.randint(1, 3), spec)
         question = "Describe the image."

@@ -1,10 +1,11 @@
 import json
+import re
 import random
 
 from PIL import Image
 
 from rl.data import load_records
-from rl.synth import SceneSpec, TASKS, make_example, scene_key, write_suite
+from rl.synth import COLORS, SceneSpec, TASKS, make_example, scene_key, write_suite
 
 
 def test_suite_is_deterministic_and_valid(tmp_path):
@@ -30,6 +31,7 @@ def test_splits_are_disjoint(tmp_path):
 def test_answers_match_the_drawn_scene():
     rng = random.Random(0)
     spec = SceneSpec()
+    seen_color_questions = set()
     for _ in range(50):
         for task in TASKS:
             rec = make_example(task, rng, spec)
@@ -39,14 +41,22 @@ def test_answers_match_the_drawn_scene():
             for o in objs:
                 x1, y1, x2, y2 = o["box"]
                 assert 0 <= x1 < x2 < spec.side and 0 <= y1 < y2 < spec.side
+            question = rec["messages"][0]["content"][1]["text"]
+            if task in ("counting", "math"):
+                # "How many [red ]shapes ..." / "Add k to the number of [red ]shapes. ..."
+                color = re.search(r"(\w+) shapes\b", question).group(1)
+                n = sum(o["color"] == color for o in objs) if color in COLORS else len(objs)
+                assert n >= 1
+                seen_color_questions.add(color in COLORS)
             if task == "counting":
-                assert rec["answer"] == str(len(objs)) and target.endswith(f"</think>{len(objs)}")
+                assert rec["answer"] == str(n) and target.endswith(f"</think>{n}")
             if task == "grounding":
                 color = rec["messages"][0]["content"][1]["text"].split()[3]
                 (box,) = [o["box"] for o in objs if o["color"] == color]
                 assert json.loads(rec["answer"]) == box
             if task == "math":
-                k = int(rec["messages"][0]["content"][1]["text"].split()[1])
-                assert int(rec["answer"]) == len(objs) + k
+                k = int(question.split()[1])
+                assert int(rec["answer"]) == n + k
             if task == "caption":
                 assert "answer" not in rec
+    assert seen_color_questions == {True, False}   # both question forms are drawn

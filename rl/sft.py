@@ -12,7 +12,7 @@ import random
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Literal, Mapping
 
 import torch
 
@@ -48,6 +48,18 @@ class SFTConfig:
     seed: int = 0
     max_minutes: float = 0.0              # stop (and save) after this wall time; 0: no limit
     dtype: Literal["float32", "bfloat16"] = "float32"
+    task_weights: dict[str, int] = field(default_factory=dict)
+    """Records of a task appear this many times per epoch (default 1): a slow-to-learn task
+    (grounding) gets more of the batches without drawing more distinct examples."""
+
+
+def weighted_records(records: list, weights: Mapping[str, int]) -> list:
+    """`records` with each record of task t repeated weights.get(t, 1) times, in a fixed order (the
+    data position stays a pure function of the step). Weights are integers >= 1."""
+    bad = {t: w for t, w in weights.items() if not isinstance(w, int) or w < 1}
+    if bad:
+        raise ValueError(f"task_weights must be integers >= 1, got {bad}")
+    return [r for r in records for _ in range(weights.get(r.task, 1))]
 
 
 def lr_factor(step: int, *, total: int, warmup: int, schedule: str, min_ratio: float) -> float:
@@ -108,7 +120,7 @@ def train_sft(cfg: SFTConfig, *, resume: bool = True, progress: bool = True) -> 
                            start_or_resume)
 
     out = Path(cfg.out)
-    records = load_records(cfg.data, require="target")
+    records = weighted_records(load_records(cfg.data, require="target"), cfg.task_weights)
     eval_records = load_records(cfg.eval_data, require="prompt") if cfg.eval_data else []
     ckpt = latest_checkpoint(out) if resume else None
     torch.manual_seed(cfg.seed)

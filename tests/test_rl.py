@@ -79,6 +79,34 @@ def test_one_step_updates_and_syncs(tmp_path, sft_run):
     assert len(samples) == 4 * 2 and {"id", "task", "response", "reward"} <= set(json.loads(samples[0]))
 
 
+def test_actor_update_moves_log_probs_the_way_the_advantage_points(sft_run):
+    """Real policy, real rollout batch (images included): samples of prompts with A > 0 gain
+    log-probability and those with A < 0 lose it after a few small actor steps."""
+    from rl.data import load_images, load_records
+    from rl.sft import OptimConfig
+    from rl.workers import PolicyWorker
+    from rollout.sequences import build_sequences
+    from rollout.types import EngineConfig, Prompt, SamplingConfig, make_engine
+
+    records = load_records(sft_run["data"]["rl"], require="prompt")[:4]
+    prompts = [Prompt(r.prompt_messages, load_images(r)) for r in records]
+    engine = make_engine(EngineConfig(backend="hf", model=str(sft_run["final"])))
+    completions = engine.generate(prompts, SamplingConfig(n=2, max_tokens=24, seed=0))
+    worker = PolicyWorker(str(sft_run["final"]), optim=OptimConfig(lr=1e-5, warmup_steps=0, schedule="constant"))
+    batch = build_sequences(worker.processor, prompts, completions)
+    batch["mask"] = mask = batch["response_mask"][:, 1:].float()
+    sign = 1.0 - 2.0 * (batch["prompt_index"] % 2).float()            # prompts 0, 2: A = +1; 1, 3: A = -1
+    before = worker.logp(batch)["logp"]
+    rows = mask.shape[0]
+    batch.update(adv=sign[:, None] * mask, old_logp=before, ref_logp=before, kl_coef=torch.zeros(rows),
+                 correct=torch.zeros(rows, dtype=torch.bool))
+    for _ in range(3):
+        worker.update(batch, ppo=PPOConfig(lm_coef=0.0), kl_mode="reward", kl_kind="k3",
+                      minibatch_rows=[list(range(rows))])
+    change = ((worker.logp(batch)["logp"] - before) * mask).sum(-1)
+    assert change[sign > 0].mean() > 0 > change[sign < 0].mean(), change
+
+
 def test_killed_run_resumes_at_the_same_step_and_data(tmp_path, sft_run, monkeypatch):
     fit(_cfg(sft_run, tmp_path / "a"), progress=False)
     real_save = rl.runlog.save_checkpoint

@@ -6,7 +6,7 @@ import torch
 from safetensors.torch import load_file
 
 import rl.runlog
-from rl.sft import OptimConfig, SFTConfig, batch_indices, lr_factor, train_sft
+from rl.sft import OptimConfig, SFTConfig, batch_indices, lr_factor, train_sft, weighted_records
 
 
 def test_lr_schedule_shape():
@@ -27,6 +27,17 @@ def _cfg(tiny_model_dir, suite_dir, out, **kw):
     return SFTConfig(model=str(tiny_model_dir), data=str(suite_dir / "sft.jsonl"), out=str(out), steps=4,
                      batch_size=4, save_every=2, keep_checkpoints=5, log_every=1,
                      optim=OptimConfig(lr=1e-3, warmup_steps=1), **kw)
+
+
+def test_task_weights_repeat_records_of_a_task():
+    from types import SimpleNamespace as R
+
+    recs = [R(task="counting", id="c0"), R(task="grounding", id="g0"), R(task="math", id="m0")]
+    out = weighted_records(recs, {"grounding": 3})
+    assert [r.id for r in out] == ["c0", "g0", "g0", "g0", "m0"]
+    assert weighted_records(recs, {}) == recs
+    with pytest.raises(ValueError, match="task_weights"):
+        weighted_records(recs, {"math": 0})
 
 
 def test_killed_run_resumes_exactly(tmp_path, tiny_model_dir, suite_dir, monkeypatch):

@@ -33,6 +33,18 @@ def throughput(count: float, seconds: float) -> float:
     return count / seconds if seconds > 0 else 0.0
 
 
+def best_time(fn, repeats: int) -> float:
+    """Fastest wall time of `repeats` calls of fn(): the one least disturbed by other jobs."""
+    import time
+
+    best = float("inf")
+    for _ in range(max(1, repeats)):
+        t0 = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
 def samples_to_target(curve: Sequence[dict], target: float) -> dict | None:
     """The first point of a learning curve whose accuracy reaches `target`, or None.
 

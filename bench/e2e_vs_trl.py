@@ -35,7 +35,7 @@ SYSTEMS = ("vlrl-ppo", "vlrl-grpo", "vlrl-grpo-hf", "trl-grpo")
 class Budget:
     """What every system gets: the same prompts, samples and optimisation settings."""
 
-    steps: int = 20               # rollout batches
+    steps: int = 32               # rollout batches
     prompts_per_step: int = 8
     n: int = 8                    # samples per prompt
     max_tokens: int = 32

@@ -16,7 +16,7 @@ import argparse
 import time
 from pathlib import Path
 
-from bench.common import fmt, throughput, write_result
+from bench.common import best_time, fmt, throughput, write_result
 
 EASYR1 = {"model": "Qwen2.5-VL-7B", "algo": "GRPO", "gpus": "8xH100", "tokens_per_s_per_gpu": 2000.0, "actor_mfu": 0.23}
 # bf16 dense peak FLOP/s by device-name fragment (vendor data sheets, SXM parts)
@@ -128,8 +128,8 @@ def profile(size: str, scratch: Path, *, prompts: int, n: int, response_tokens: 
     """Rollout tokens/s, weight-sync seconds, actor update tokens/s and MFU on one GPU."""
     import torch
 
-    from bench.scratch import suite, tiny_model
-    from bench.train_step import fixed_batch, time_calls
+    from bench.scratch import tiny_model
+    from bench.train_step import fixed_batch
     from rl.data import load_images, load_records
     from rl.ppo import minibatch_rows
     from rl.rl_config import PPOConfig
@@ -170,8 +170,8 @@ def profile(size: str, scratch: Path, *, prompts: int, n: int, response_tokens: 
     ppo = PPOConfig(minibatches=1, micro_batch_size=micro_batch_size, lm_coef=0.0)
     old = actor.logp(batch, micro_batch_size=micro_batch_size)
     batch.update(old_logp=old["logp"], ref_logp=old["logp"])
-    logp_s = time_calls(lambda: actor.logp(batch, micro_batch_size=micro_batch_size), 1)
-    update_s = time_calls(lambda: actor.update(batch, ppo=ppo, kl_mode="reward", kl_kind="k3", minibatch_rows=rows), 1)
+    logp_s = best_time(lambda: actor.logp(batch, micro_batch_size=micro_batch_size), 1)
+    update_s = best_time(lambda: actor.update(batch, ppo=ppo, kl_mode="reward", kl_kind="k3", minibatch_rows=rows), 1)
     seq_lens = batch["attention_mask"].sum(-1).tolist()
     tokens = sum(seq_lens)
     flops = train_flops(TEXT[size], seq_lens)

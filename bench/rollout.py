@@ -46,17 +46,24 @@ def measure(model: str, data: str, *, backend: str, prompts: int, n: int, max_to
             "mean_response_tokens": best["tokens"] / (len(batch) * n), "peak_rss_mib": peak_rss_mib()}
 
 
-def headline(per_backend: dict[str, dict], r: float | None) -> list[str]:
-    """Summary lines: tokens/s, start time and peak memory per backend, then the ratio."""
-    lines = [f"{b:<5} {fmt(m['tokens_per_s'], 'tok/s')}, start {fmt(m['engine_start_s'], 's')}, "
+def model_name(path: str) -> str:
+    """A short name for a model folder: its own name, or its parent's for a run's `final/`."""
+    p = Path(path)
+    return p.parent.name if p.name in ("final", "hf") else p.name
+
+
+def headline(name: str, per_backend: dict[str, dict], r: float | None) -> list[str]:
+    """Summary lines of one model: tokens/s, start time and peak memory per backend, then the ratio."""
+    lines = [f"{name}: {b:<4} {fmt(m['tokens_per_s'], 'tok/s')}, start {fmt(m['engine_start_s'], 's')}, "
              f"peak RSS {fmt(m['peak_rss_mib'], 'MiB')}" for b, m in per_backend.items()]
-    lines.append(f"vllm/hf tokens/s: {fmt_ratio(r)}")
+    lines.append(f"{name}: vllm/hf tokens/s {fmt_ratio(r)}")
     return lines
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--model", required=True, help="HF model folder (the tiny VLM on CPU)")
+    p.add_argument("--model", required=True, action="append",
+                   help="HF model folder (the tiny VLM on CPU); repeat to compare several models")
     p.add_argument("--data", required=True, help="prompt records (JSONL); the first --prompts are used")
     p.add_argument("--backend", choices=("both", *BACKENDS), default="both")
     p.add_argument("--prompts", type=int, default=32)
@@ -71,20 +78,24 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.backend != "both":
         from rl.atomic import write_json
-        m = measure(args.model, args.data, backend=args.backend, **common)
+        m = measure(args.model[0], args.data, backend=args.backend, **common)
         write_json(args.json, m) if args.json else print(m)
         return 0
 
     from bench.scratch import run_child
-    child = ["--model", args.model, "--data", args.data, "--prompts", str(args.prompts), "--n", str(args.n),
-             "--max-tokens", str(args.max_tokens), "--repeats", str(args.repeats)]
-    per_backend = {b: run_child("bench.rollout", [*child, "--backend", b], timeout=args.timeout) for b in BACKENDS}
-    r = ratio(per_backend["vllm"]["tokens_per_s"], per_backend["hf"]["tokens_per_s"])
-    result = {"config": {**common, "model": str(args.model), "temperature": 1.0},
-              "metrics": per_backend, "ratios": {"vllm/hf tokens_per_s": r},
-              "headline": headline(per_backend, r)}
-    path = write_result("rollout", result, args.results_dir)
-    print("\n".join(result["headline"]) + f"\n-> {path}")
+    metrics, ratios, lines = {}, {}, []
+    for model in args.model:
+        name = model_name(model)
+        child = ["--model", model, "--data", args.data, "--prompts", str(args.prompts), "--n", str(args.n),
+                 "--max-tokens", str(args.max_tokens), "--repeats", str(args.repeats)]
+        per_backend = {b: run_child("bench.rollout", [*child, "--backend", b], timeout=args.timeout) for b in BACKENDS}
+        metrics[name] = {"model": model, **per_backend}
+        ratios[f"vllm/hf tokens_per_s [{name}]"] = ratio(per_backend["vllm"]["tokens_per_s"], per_backend["hf"]["tokens_per_s"])
+        lines += headline(name, per_backend, ratios[f"vllm/hf tokens_per_s [{name}]"])
+        print("\n".join(lines[-3:]), flush=True)
+    result = {"config": {**common, "models": args.model, "temperature": 1.0}, "metrics": metrics, "ratios": ratios,
+              "headline": [line for line in lines if "vllm/hf" not in line]}
+    print(f"-> {write_result('rollout', result, args.results_dir)}")
     return 0
 
 

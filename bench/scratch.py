@@ -24,7 +24,7 @@ def tiny_model(scratch: Path, *, spec=None, name: str = "tiny") -> Path:
     return out
 
 
-def suite(scratch: Path, *, tasks=("counting",), n: int = 400, n_heldout: int = 100, n_rl: int = 200) -> dict[str, Path]:
+def suite(scratch: Path, *, tasks=("counting",), n: int = 400, n_heldout: int = 200, n_rl: int = 256) -> dict[str, Path]:
     """The synthetic suite (seed 0) under scratch/data: sft.jsonl, rl.jsonl, heldout.jsonl."""
     from rl.synth import write_suite
 

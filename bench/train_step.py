@@ -11,11 +11,10 @@ tokens/s (what the loss is taken over) is reported next to it.
 from __future__ import annotations
 
 import argparse
-import time
 
 import torch
 
-from bench.common import fmt, peak_rss_mib, throughput, write_result
+from bench.common import best_time, fmt, peak_rss_mib, throughput, write_result
 
 
 def fixed_batch(processor, data: str, *, prompts: int, n: int, response_tokens: int, seed: int = 0) -> dict:
@@ -41,16 +40,6 @@ def fixed_batch(processor, data: str, *, prompts: int, n: int, response_tokens: 
     return batch
 
 
-def time_calls(fn, repeats: int) -> float:
-    """Best wall time of `repeats` calls of fn() (the least disturbed by other jobs on the machine)."""
-    best = float("inf")
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t0)
-    return best
-
-
 def measure(model: str, data: str, *, prompts: int, n: int, response_tokens: int, repeats: int,
             minibatches: int = 2, micro_batch_size: int = 32, dtype: str = "float32") -> dict:
     """Tokens/s of actor log-probs, actor update and critic update on one fixed batch."""
@@ -74,17 +63,17 @@ def measure(model: str, data: str, *, prompts: int, n: int, response_tokens: int
         actor.update(batch, ppo=ppo, kl_mode="reward", kl_kind="k3", minibatch_rows=rows)
 
     actor_update()  # warm-up: allocator, first optimizer state
-    t_logp = time_calls(lambda: actor.logp(batch, micro_batch_size=micro_batch_size), repeats)
-    t_actor = time_calls(actor_update, repeats)
+    t_logp = best_time(lambda: actor.logp(batch, micro_batch_size=micro_batch_size), repeats)
+    t_actor = best_time(actor_update, repeats)
     n_params = sum(p.numel() for p in actor.model.parameters())
-    del actor
+    actor = None  # frees the actor before the critic loads
     critic = CriticWorker(model, optim=optim, total_steps=10_000, dtype=dtype)
 
     def critic_update():
         critic.update(batch, ppo=ppo, minibatch_rows=rows)
 
     critic_update()
-    t_critic = time_calls(critic_update, repeats)
+    t_critic = best_time(critic_update, repeats)
     out = {"batch_rows": B, "tokens": all_tokens, "response_tokens": resp_tokens, "params": n_params,
            "peak_rss_mib": peak_rss_mib()}
     for name, t in (("actor_logp", t_logp), ("actor_update", t_actor), ("critic_update", t_critic)):

@@ -13,7 +13,7 @@ import argparse
 import time
 from pathlib import Path
 
-from bench.common import fmt, throughput, write_result
+from bench.common import best_time, fmt, ratio, throughput, write_result
 
 # name -> TinySpec overrides; head_dim stays 64 (a size vLLM's CPU attention supports)
 SIZES: dict[str, dict] = {
@@ -33,7 +33,9 @@ def build(scratch: Path, name: str) -> Path:
 
 
 def measure(model: str, *, repeats: int) -> dict:
-    """Start a vLLM engine on `model`, then time full-state syncs from an HF copy of it."""
+    """Start a vLLM engine on `model`, then time full-state syncs from an HF copy of it. For scale,
+    also time the HF backend's sync (`load_state_dict` into a second HF copy: a memory copy) and
+    keep the engine's start time (what a sync by restarting the engine would cost at least)."""
     from model.load import load_vlm
     from rollout.types import EngineConfig, make_engine
 
@@ -41,7 +43,6 @@ def measure(model: str, *, repeats: int) -> dict:
     try:
         hf, _ = load_vlm(model)
         state = {k: v.detach().clone() for k, v in hf.state_dict().items()}
-        del hf
         n_params = sum(v.numel() for v in state.values())
         n_bytes = sum(v.numel() * v.element_size() for v in state.values())
         engine.sync_weights(state)  # warm-up
@@ -50,16 +51,20 @@ def measure(model: str, *, repeats: int) -> dict:
             t0 = time.perf_counter()
             engine.sync_weights(state)
             times.append(time.perf_counter() - t0)
+        start_s = engine.start_seconds
     finally:
         engine.close()
+    hf_s = best_time(lambda: hf.load_state_dict(state), repeats)
     best = min(times)
     return {"params": n_params, "mib": n_bytes / 2**20, "seconds": best, "seconds_all": times,
-            "mib_per_s": throughput(n_bytes / 2**20, best), "in_process": True}
+            "mib_per_s": throughput(n_bytes / 2**20, best), "engine_start_s": start_s,
+            "hf_load_state_dict_s": hf_s, "in_process": True}
 
 
 def headline(per_size: dict[str, dict]) -> list[str]:
     return [f"{name:<10} {fmt(m['params'] / 1e6, 'M params')}: {fmt(m['seconds'], 's')} per sync "
-            f"({fmt(m['mib_per_s'], 'MiB/s')})" for name, m in per_size.items()]
+            f"({fmt(m['mib_per_s'], 'MiB/s')}); engine start {fmt(m['engine_start_s'], 's')}, "
+            f"HF load_state_dict {fmt(m['hf_load_state_dict_s'], 's')}" for name, m in per_size.items()]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -90,8 +95,11 @@ def main(argv: list[str] | None = None) -> int:
         except Exception as e:  # noqa: BLE001  (one size failing must not hide the others)
             errors[name] = str(e)
             print(f"{name} FAILED: {e}", flush=True)
+    ratios = {f"vllm sync / HF load_state_dict [{k}]": ratio(m["seconds"], m["hf_load_state_dict_s"])
+              for k, m in per_size.items()}
+    ratios.update({f"engine restart / vllm sync [{k}]": ratio(m["engine_start_s"], m["seconds"]) for k, m in per_size.items()})
     result = {"config": {"repeats": args.repeats, "sizes": {k: SIZES[k] for k in per_size}, "backend": "vllm (in-process, CPU)"},
-              "metrics": {"sizes": per_size, "errors": errors}, "ratios": {},
+              "metrics": {"sizes": per_size, "errors": errors}, "ratios": ratios,
               "headline": headline(per_size) + [f"{k} FAILED: {v.splitlines()[0]}" for k, v in errors.items()]}
     print(f"-> {write_result('weight_sync', result, args.results_dir)}")
     return 0

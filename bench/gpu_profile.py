@@ -70,25 +70,36 @@ def peak_flops_for(device_name: str) -> float | None:
 
 # ----------------------------------------------------------------------------- GPU work
 
+SPECIAL_TOKENS = ("<|im_end|>", "<|endoftext|>", "<|image_pad|>", "<|video_pad|>", "<|vision_start|>", "<|vision_end|>")
+
+
+def model_config(size: str, ids: dict[str, int]):
+    """The Qwen2.5-VL config of a size, with the special-token ids of the tokenizer in use."""
+    from transformers import Qwen2_5_VLConfig
+
+    text = dict(TEXT[size], max_position_embeddings=32768, rms_norm_eps=1e-6, eos_token_id=ids["<|im_end|>"],
+                pad_token_id=ids["<|endoftext|>"], bos_token_id=None,
+                rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": [16, 24, 24]})
+    return Qwen2_5_VLConfig(text_config=text, vision_config=dict(VISION, out_hidden_size=text["hidden_size"]),
+                            image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
+                            vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
+                            tie_word_embeddings=text["tie_word_embeddings"])
+
+
 def build_model(out: Path, size: str, tokenizer_dir: Path) -> Path:
     """A random-init Qwen2.5-VL folder (bf16, built on the GPU) with the tiny VLM's tokenizer: token
     ids stay below its vocabulary, which is all generation and training need."""
     import torch
-    from transformers import (AutoTokenizer, Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration,
+    from transformers import (Qwen2_5_VLForConditionalGeneration,
                               Qwen2_5_VLProcessor, Qwen2VLImageProcessor, Qwen2VLVideoProcessor)
 
     if (out / "config.json").is_file():
         return out
-    tok = AutoTokenizer.from_pretrained(str(tokenizer_dir))
-    ids = {t: tok.convert_tokens_to_ids(t) for t in ("<|im_end|>", "<|endoftext|>", "<|image_pad|>", "<|video_pad|>",
-                                                      "<|vision_start|>", "<|vision_end|>")}
-    text = dict(TEXT[size], max_position_embeddings=32768, rms_norm_eps=1e-6, eos_token_id=ids["<|im_end|>"],
-                pad_token_id=ids["<|endoftext|>"], bos_token_id=None,
-                rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": [16, 24, 24]})
-    cfg = Qwen2_5_VLConfig(text_config=text, vision_config=dict(VISION, out_hidden_size=text["hidden_size"]),
-                           image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
-                           vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
-                           tie_word_embeddings=text["tie_word_embeddings"])
+    from model.load import load_processor
+
+    tiny = load_processor(tokenizer_dir)
+    tok = tiny.tokenizer
+    cfg = model_config(size, {t: tok.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS})
     torch.manual_seed(0)
     default = torch.get_default_dtype()
     torch.set_default_dtype(torch.bfloat16)
@@ -99,7 +110,7 @@ def build_model(out: Path, size: str, tokenizer_dir: Path) -> Path:
         torch.set_default_dtype(default)
     pixel_kw = dict(patch_size=14, temporal_patch_size=2, merge_size=2)
     processor = Qwen2_5_VLProcessor(image_processor=Qwen2VLImageProcessor(**pixel_kw), tokenizer=tok,
-                                    video_processor=Qwen2VLVideoProcessor(**pixel_kw), chat_template=tok.chat_template)
+                                    video_processor=Qwen2VLVideoProcessor(**pixel_kw), chat_template=tiny.chat_template)
     model.save_pretrained(out)
     processor.save_pretrained(out)
     del model

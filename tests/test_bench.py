@@ -8,7 +8,7 @@ import pytest
 
 from bench.common import fmt, fmt_ratio, ratio, samples_to_target, summary_lines, throughput, write_result
 from bench.e2e_vs_trl import _completion_text, compare, vlrl_curve
-from bench.gpu_profile import TEXT, dense_params, mfu, peak_flops_for, train_flops
+from bench.gpu_profile import SPECIAL_TOKENS, TEXT, dense_params, mfu, model_config, peak_flops_for, train_flops
 
 
 def test_ratio_and_throughput_never_divide_by_zero():
@@ -104,3 +104,16 @@ def test_write_result_is_stamped_and_atomic(tmp_path):
     assert path == tmp_path / "demo.json" and doc["name"] == "demo" and doc["metrics"] == {"x": 1.0}
     assert {"cpu", "cores", "torch", "env"} <= set(doc["machine"]) and doc["command"]
     assert not list(tmp_path.glob("*.tmp"))
+
+
+@pytest.mark.slow
+def test_random_init_qwen2_5_vl_7b_has_the_published_size():
+    """The GPU profile's 7B config, instantiated on the meta device (no memory): 8.29B parameters,
+    as Qwen2.5-VL-7B-Instruct's model card states."""
+    import torch
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    cfg = model_config("7b", {t: i for i, t in enumerate(SPECIAL_TOKENS)})
+    with torch.device("meta"):
+        model = Qwen2_5_VLForConditionalGeneration(cfg)
+    assert sum(p.numel() for p in model.parameters()) == pytest.approx(8.29e9, rel=0.005)

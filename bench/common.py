@@ -45,13 +45,13 @@ def best_time(fn, repeats: int) -> float:
     return best
 
 
-def samples_to_target(curve: Sequence[dict], target: float) -> dict | None:
-    """The first point of a learning curve whose accuracy reaches `target`, or None.
+def samples_to_target(curve: Sequence[dict], target: float, *, key: str = "accuracy") -> dict | None:
+    """The first point of a learning curve whose `key` reaches `target`, or None.
 
-    curve: points {"samples", "seconds", "accuracy"} in training order (seconds = training wall
-    time so far, evaluation excluded). Returns that point (a copy)."""
+    curve: points {"samples", "seconds", key} in training order (seconds = training wall time so
+    far, evaluation excluded). Returns that point (a copy)."""
     for point in curve:
-        if point["accuracy"] is not None and point["accuracy"] >= target:
+        if point.get(key) is not None and point[key] >= target:
             return dict(point)
     return None
 
@@ -79,11 +79,15 @@ def fmt_ratio(value: float | None) -> str:
 
 
 def summary_lines(results: Sequence[dict]) -> list[str]:
-    """One screen: per benchmark, its headline lines (result['headline']) and its ratios."""
+    """One screen: per benchmark its own compact lines (result['summary']) when it wrote some, else
+    its headline lines and every ratio."""
     lines = []
     for r in results:
         status = "" if r.get("ok", True) else f"  FAILED: {r.get('error', '')}"
         lines.append(f"== {r['name']}{status}")
+        if r.get("summary"):
+            lines += [f"   {line}" for line in r["summary"]]
+            continue
         lines += [f"   {h}" for h in r.get("headline", [])]
         for key, value in (r.get("ratios") or {}).items():
             lines.append(f"   ratio {key}: {fmt_ratio(value)}")

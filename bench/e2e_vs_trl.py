@@ -43,6 +43,7 @@ class Budget:
     lr: float = 5e-5
     minibatches: int = 2          # optimizer steps per rollout batch
     eval_every: int = 4           # rollout batches between evaluations
+    eval_samples: int = 2         # sampled accuracy: samples per held-out prompt (at `temperature`)
     seed: int = 0
 
     @property
@@ -55,48 +56,89 @@ class Budget:
 def vlrl_curve(rows: list[dict], *, samples_per_step: int) -> list[dict]:
     """Learning curve from a vlrl run's metrics.jsonl rows: one point per eval row.
 
-    Training seconds up to step s = wall time between step rows, evaluation rows cut out (an eval
-    runs right after its step's row); the first step counts its own stage times (`time/*`)."""
+    Training seconds up to step s = wall time between consecutive step rows; a step that follows an
+    evaluation (or is the first) counts its own stage times (`time/*`) instead, which leaves out the
+    evaluation and the checkpoint written after it."""
     curve, seconds, last = [], 0.0, None
     for row in rows:
         if any(k.startswith("eval/") for k in row):
             acc = row.get("eval/counting/accuracy", row.get("eval/all/accuracy"))
             curve.append({"samples": row["step"] * samples_per_step, "seconds": seconds, "accuracy": acc})
-            last = row["time"]
+            last = None
         elif any(k.startswith("time/") for k in row):
             seconds += sum(v for k, v in row.items() if k.startswith("time/")) if last is None else row["time"] - last
             last = row["time"]
     return curve
 
 
-def compare(runs: dict[str, dict], target: float) -> tuple[dict, dict]:
-    """Per system: the point where it reached `target` (or None); ratios of each vlrl system to TRL
-    in training seconds and samples to reach it (None when either did not reach it)."""
-    reached = {name: samples_to_target(r["curve"], target) for name, r in runs.items()}
+def sampled_accuracy(model_dir: str, records, *, k: int, temperature: float, max_tokens: int) -> float:
+    """Share of correct samples (format gate + verifier, reward 1) over k samples per held-out
+    prompt at the training temperature: the quantity RL optimises. HF backend, seed 0, for every
+    system alike."""
+    from rewards.config import PoolConfig, RewardConfig
+    from rewards.inputs import is_correct
+    from rl.sampling import sample_and_score
+
+    scored = sample_and_score(model_dir, records, k=k, backend="hf", reward_cfg=RewardConfig(pool=PoolConfig(workers=0)),
+                              max_tokens=max_tokens, temperature=temperature, seed=0, progress=False)
+    flat = [is_correct(s.result) for group in scored for s in group]
+    return sum(flat) / max(1, len(flat))
+
+
+def add_sampled(curve: list[dict], checkpoints: dict[int, str], records, b: "Budget") -> list[dict]:
+    """Attach `sampled_accuracy` to the curve points whose checkpoint (by samples seen) was saved."""
+    for point in curve:
+        ckpt = checkpoints.get(point["samples"])
+        point["sampled_accuracy"] = (sampled_accuracy(ckpt, records, k=b.eval_samples, temperature=b.temperature,
+                                                      max_tokens=b.max_tokens) if ckpt else None)
+    return curve
+
+
+def compare(runs: dict[str, dict], targets: dict[str, float]) -> tuple[dict, dict]:
+    """Per metric ('accuracy': greedy, 'sampled_accuracy') and system: the point where it reached its
+    target (or None); ratios of each vlrl system to TRL in training seconds per sample and, per
+    metric, seconds and samples to reach the target (None when either did not reach it)."""
+    reached = {m: {name: samples_to_target(r["curve"], t, key=m) for name, r in runs.items()} for m, t in targets.items()}
     ratios = {}
-    base = reached.get("trl-grpo")
-    for name in runs:
-        if name == "trl-grpo":
+    trl = runs.get("trl-grpo")
+    for name, r in runs.items():
+        if name == "trl-grpo" or trl is None:
             continue
-        hit = reached[name]
-        ratios[f"{name}/trl seconds to target"] = ratio(hit and hit["seconds"], base and base["seconds"])
-        ratios[f"{name}/trl samples to target"] = ratio(hit and hit["samples"], base and base["samples"])
-        ratios[f"{name}/trl seconds per sample"] = ratio(
-            runs[name]["train_s"] / max(1, runs[name]["samples"]),
-            runs["trl-grpo"]["train_s"] / max(1, runs["trl-grpo"]["samples"])) if "trl-grpo" in runs else None
+        ratios[f"{name}/trl seconds per sample"] = ratio(r["train_s"] / max(1, r["samples"]),
+                                                         trl["train_s"] / max(1, trl["samples"]))
+        for m in targets:
+            hit, base = reached[m][name], reached[m]["trl-grpo"]
+            ratios[f"{name}/trl seconds to target ({m})"] = ratio(hit and hit["seconds"], base and base["seconds"])
+            ratios[f"{name}/trl samples to target ({m})"] = ratio(hit and hit["samples"], base and base["samples"])
     return reached, ratios
 
 
-def headline(runs: dict, reached: dict, target: float) -> list[str]:
-    lines = [f"target: held-out counting accuracy >= {target:.0%} (start {fmt(runs and next(iter(runs.values()))['curve'][0]['accuracy'])})"]
+def headline(runs: dict, reached: dict, targets: dict[str, float]) -> list[str]:
+    """One line per system: throughput, where each target was reached, the curves' ends."""
+    def at(hit):
+        return f"{hit['samples']} samples/{fmt(hit['seconds'], 's')}" if hit else "not reached"
+
+    first = next(iter(runs.values()))["curve"][0] if runs else {}
+    lines = [f"targets: greedy >= {targets['accuracy']:.0%} (start {fmt(first.get('accuracy'))}), sampled >= "
+             f"{targets['sampled_accuracy']:.0%} (start {fmt(first.get('sampled_accuracy'))})"]
     for name, r in runs.items():
-        hit = reached.get(name)
-        where = (f"reached at {hit['samples']} samples, {fmt(hit['seconds'], 's')}" if hit else "not reached")
-        best = max((p["accuracy"] for p in r["curve"]), default=None)
-        lines.append(f"{name:<13} {where}; {r['samples']} samples in {fmt(r['train_s'], 's')} "
-                     f"({fmt(r['samples'] / max(1e-9, r['train_s']), 'samples/s')}), best {fmt(best)}, "
-                     f"start-up {fmt(r['start_s'], 's')}")
+        end = r["curve"][-1]
+        lines.append(f"{name:<12} {fmt(r['samples'] / max(1e-9, r['train_s']), 'samples/s')}; greedy "
+                     f"{at(reached['accuracy'][name])}, sampled {at(reached['sampled_accuracy'][name])}; "
+                     f"end {fmt(end['accuracy'])}/{fmt(end.get('sampled_accuracy'))}")
     return lines
+
+
+def ratio_lines(ratios: dict, systems: list[str]) -> list[str]:
+    """One line of ratios to TRL per vlrl system: seconds per sample, then seconds and samples to
+    each target ('-': a side did not reach it)."""
+    def r(name, what):
+        return fmt_ratio(ratios.get(f"{name}/trl {what}"))
+
+    return [f"{name}/trl: s/sample {r(name, 'seconds per sample')}; to greedy target s {r(name, 'seconds to target (accuracy)')}"
+            f" samples {r(name, 'samples to target (accuracy)')}; to sampled target s "
+            f"{r(name, 'seconds to target (sampled_accuracy)')} samples {r(name, 'samples to target (sampled_accuracy)')}"
+            for name in systems]
 
 
 # ----------------------------------------------------------------------------- children
@@ -104,6 +146,7 @@ def headline(runs: dict, reached: dict, target: float) -> list[str]:
 def run_vlrl(system: str, policy: str, data: str, heldout: str, out: Path, b: Budget) -> dict:
     """One vlrl run through the real driver (`rl.ppo.fit`); the curve comes from its metrics.jsonl."""
     from rewards.config import PoolConfig, RewardConfig
+    from rl.data import load_records
     from rl.ppo import fit
     from rl.rl_config import PPOConfig, RLConfig, RolloutConfig
     from rl.sft import OptimConfig
@@ -118,13 +161,15 @@ def run_vlrl(system: str, policy: str, data: str, heldout: str, out: Path, b: Bu
         ppo=PPOConfig(lam_alpha=1.0, minibatches=b.minibatches, lm_coef=0.1 if algo == "ppo" else 0.0),
         actor_optim=OptimConfig(lr=b.lr, warmup_steps=0, schedule="constant"),
         critic_optim=OptimConfig(lr=1e-4, warmup_steps=0, schedule="constant"),
-        save_every=0, eval_every=b.eval_every, eval_limit=0, log_samples=0)
+        save_every=b.eval_every, keep_checkpoints=10_000, eval_every=b.eval_every, eval_limit=0, log_samples=0)
     t0 = time.perf_counter()
     fit(cfg, resume=False, progress=False)
     total = time.perf_counter() - t0
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line]
     curve = vlrl_curve(rows, samples_per_step=b.samples_per_step)
     train_s = curve[-1]["seconds"] if curve else 0.0
+    ckpts = {int(p.name.split("-")[1]) * b.samples_per_step: str(p) for p in (out / "checkpoints").glob("step-*")}
+    add_sampled(curve, ckpts, load_records(heldout, require="prompt"), b)
     eval_s = sum(r2["time"] - r1["time"] for r1, r2 in zip(rows, rows[1:]) if any(k.startswith("eval/") for k in r2))
     return {"curve": curve, "train_s": train_s, "samples": b.steps * b.samples_per_step,
             "start_s": max(0.0, total - train_s - eval_s), "rollout_backend": backend, "algo": algo}
@@ -187,7 +232,7 @@ def run_trl(policy: str, data: str, heldout: str, out: Path, b: Budget) -> dict:
         """Greedy held-out accuracy every `eval_every` rollout batches; its time is kept apart."""
 
         def __init__(self):
-            self.curve, self.eval_s, self.t_begin = [], 0.0, None
+            self.curve, self.eval_s, self.t_begin, self.checkpoints = [], 0.0, None, {}
 
         def on_train_begin(self, args, state, control, **kw):
             self.t_begin = time.perf_counter()
@@ -200,6 +245,10 @@ def run_trl(policy: str, data: str, heldout: str, out: Path, b: Budget) -> dict:
             train_s = t - self.t_begin - self.eval_s
             table = summarize(judge(eval_records, generate_greedy(model, processor, eval_records)))
             model.train()
+            ckpt = out / "checkpoints" / f"step-{batches:06d}"
+            model.save_pretrained(ckpt)
+            processor.save_pretrained(ckpt)
+            self.checkpoints[batches * b.samples_per_step] = str(ckpt)
             self.eval_s += time.perf_counter() - t
             self.curve.append({"samples": batches * b.samples_per_step, "seconds": train_s,
                                "accuracy": table["counting"]["accuracy"]})
@@ -210,19 +259,22 @@ def run_trl(policy: str, data: str, heldout: str, out: Path, b: Budget) -> dict:
     start_s = time.perf_counter() - t0
     trainer.train()
     train_s = cb.curve[-1]["seconds"] if cb.curve else 0.0
+    add_sampled(cb.curve, cb.checkpoints, eval_records, b)
     return {"curve": cb.curve, "train_s": train_s, "samples": b.steps * b.samples_per_step, "start_s": start_s,
             "rollout_backend": "hf (TRL, use_vllm=False)", "algo": "grpo"}
 
 
-def initial_accuracy(policy: str, heldout: str) -> float:
-    """Greedy held-out counting accuracy of the starting checkpoint (shared first curve point)."""
+def start_point(policy: str, heldout: str, b: Budget) -> dict:
+    """The shared first curve point: greedy and sampled held-out accuracy of the starting checkpoint."""
     from model.load import load_vlm
     from rl.data import load_records
     from rl.evaluate import generate_greedy, judge, summarize
 
     model, processor = load_vlm(policy)
     records = load_records(heldout, require="prompt")
-    return summarize(judge(records, generate_greedy(model, processor, records)))["counting"]["accuracy"]
+    greedy = summarize(judge(records, generate_greedy(model, processor, records)))["counting"]["accuracy"]
+    sampled = sampled_accuracy(policy, records, k=b.eval_samples, temperature=b.temperature, max_tokens=b.max_tokens)
+    return {"samples": 0, "seconds": 0.0, "accuracy": greedy, "sampled_accuracy": sampled}
 
 
 # ----------------------------------------------------------------------------- command line
@@ -232,7 +284,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--policy", required=True, help="the SFT checkpoint every system starts from")
     p.add_argument("--data", required=True, help="RL prompt records (counting)")
     p.add_argument("--heldout", required=True, help="held-out prompt records (counting)")
-    p.add_argument("--target", type=float, default=0.8, help="held-out accuracy to reach")
+    p.add_argument("--target", type=float, default=0.75, help="greedy held-out accuracy to reach")
+    p.add_argument("--sampled-target", type=float, default=0.2,
+                   help="sampled held-out accuracy (at the training temperature) to reach")
     p.add_argument("--systems", default=",".join(SYSTEMS), help=f"comma-separated subset of {SYSTEMS}")
     p.add_argument("--out", default=None, help="run folders (default: a scratch folder)")
     p.add_argument("--timeout", type=float, default=900, help="seconds per system")
@@ -256,7 +310,8 @@ def main(argv: list[str] | None = None) -> int:
         write_json(args.json, {**r, "process_s": time.perf_counter() - T_PROCESS})
         return 0
 
-    start = {"samples": 0, "seconds": 0.0, "accuracy": initial_accuracy(args.policy, args.heldout)}
+    start = start_point(args.policy, args.heldout, budget)
+    print(f"[e2e] start: greedy {start['accuracy']:.3f}, sampled {start['sampled_accuracy']:.3f}", flush=True)
     common = ["--policy", args.policy, "--data", args.data, "--heldout", args.heldout, "--out", str(out)]
     common += [a for k, v in asdict(budget).items() for a in (f"--{k.replace('_', '-')}", str(v))]
     runs, errors = {}, {}
@@ -266,16 +321,19 @@ def main(argv: list[str] | None = None) -> int:
                           log=out / f"{system}.log")
             r["curve"] = [start, *r["curve"]]
             runs[system] = r
-            print(f"[e2e] {system}: {r['samples']} samples, {r['train_s']:.1f} s training, "
-                  f"curve {[round(c['accuracy'], 2) for c in r['curve']]}", flush=True)
+            print(f"[e2e] {system}: {r['samples']} samples, {r['train_s']:.1f} s training, greedy "
+                  f"{[round(c['accuracy'], 2) for c in r['curve']]}, sampled "
+                  f"{[c.get('sampled_accuracy') and round(c['sampled_accuracy'], 2) for c in r['curve']]}", flush=True)
         except Exception as e:  # noqa: BLE001  (a system that fails is reported, the others still run)
             errors[system] = str(e)
             print(f"[e2e] {system} FAILED: {e}", flush=True)
-    reached, ratios = compare(runs, args.target)
-    result = {"config": {**asdict(budget), "target": args.target, "policy": args.policy, "reward": "hybrid: format gate + counting",
+    targets = {"accuracy": args.target, "sampled_accuracy": args.sampled_target}
+    reached, ratios = compare(runs, targets)
+    result = {"config": {**asdict(budget), "targets": targets, "policy": args.policy, "reward": "hybrid: format gate + counting",
                          "trl_use_vllm": False},
               "metrics": {"runs": runs, "reached": reached, "errors": errors}, "ratios": ratios,
-              "headline": headline(runs, reached, args.target) + [f"{s} FAILED: {e.splitlines()[0]}" for s, e in errors.items()]}
+              "headline": headline(runs, reached, targets) + [f"{s} FAILED: {e.splitlines()[0]}" for s, e in errors.items()]}
+    result["summary"] = result["headline"] + ratio_lines(ratios, [s for s in runs if s != "trl-grpo"])
     print(f"-> {write_result('e2e_vs_trl', result, args.results_dir)}")
     print("\n".join(result["headline"]))
     for k, v in ratios.items():

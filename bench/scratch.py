@@ -35,16 +35,23 @@ def suite(scratch: Path, *, tasks=("counting",), n: int = 400, n_heldout: int = 
     return write_suite(out, seed=0, n=n, n_heldout=n_heldout, n_rl=n_rl, tasks=tasks)
 
 
-def sft_model(scratch: Path, model: Path, data: dict[str, Path], *, steps: int, batch_size: int = 16) -> Path:
-    """The tiny VLM after `steps` SFT steps on the suite's SFT split (scratch/sft-<steps>/final)."""
+def sft_model(scratch: Path, model: Path, data: dict[str, Path], *, steps: int, take: int | None = None,
+              batch_size: int = 16) -> Path:
+    """The tiny VLM after SFT on the suite's SFT split: `steps` steps of the cosine schedule, and the
+    checkpoint at step `take` (default: the end). Stopping before the end of the schedule leaves a
+    policy that still explores when sampled, which RL needs (scratch/sft-<take>-of-<steps>)."""
     from rl.sft import OptimConfig, SFTConfig, train_sft
 
-    out = Path(scratch) / f"sft-{steps}"
-    if (out / "final" / "config.json").is_file():
-        return out / "final"
+    take = take or steps
+    out = Path(scratch) / f"sft-{take}-of-{steps}"
+    ckpt = out / "checkpoints" / f"step-{take:06d}" if take < steps else out / "final"
+    if (ckpt / "config.json").is_file():
+        return ckpt
     cfg = SFTConfig(model=str(model), data=str(data["sft"]), eval_data=None, out=str(out), steps=steps,
-                    batch_size=batch_size, save_every=0, log_every=10, optim=OptimConfig(lr=3e-4, warmup_steps=20))
-    return train_sft(cfg, resume=False, progress=False)
+                    batch_size=batch_size, save_every=take, keep_checkpoints=2, log_every=10,
+                    optim=OptimConfig(lr=3e-4, warmup_steps=20))
+    train_sft(cfg, resume=False, progress=False)
+    return ckpt
 
 
 def default_scratch() -> Path:

@@ -13,7 +13,7 @@ import argparse
 import time
 from pathlib import Path
 
-from bench.common import best_time, fmt, ratio, throughput, write_result
+from bench.common import best_time, fmt, fmt_ratio, ratio, throughput, write_result
 
 # name -> TinySpec overrides; head_dim stays 64 (a size vLLM's CPU attention supports)
 SIZES: dict[str, dict] = {
@@ -101,6 +101,10 @@ def main(argv: list[str] | None = None) -> int:
     result = {"config": {"repeats": args.repeats, "sizes": {k: SIZES[k] for k in per_size}, "backend": "vllm (in-process, CPU)"},
               "metrics": {"sizes": per_size, "errors": errors}, "ratios": ratios,
               "headline": headline(per_size) + [f"{k} FAILED: {v.splitlines()[0]}" for k, v in errors.items()]}
+    result["summary"] = [f"{k:<10} {fmt(m['params'] / 1e6, 'M')}: sync {fmt(m['seconds'], 's')} ({fmt(m['mib_per_s'], 'MiB/s')}), "
+                         f"{fmt_ratio(ratio(m['seconds'], m['hf_load_state_dict_s']))} HF load_state_dict, "
+                         f"{fmt_ratio(ratio(m['seconds'], m['engine_start_s']))} an engine restart"
+                         for k, m in per_size.items()] + result["headline"][len(per_size):]
     print(f"-> {write_result('weight_sync', result, args.results_dir)}")
     return 0
 

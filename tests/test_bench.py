@@ -33,6 +33,7 @@ def test_summary_lists_headlines_ratios_and_failures():
     assert lines == ["== rollout", "   vllm 900 tok/s", "   ratio vllm/hf tokens_per_s: 3.00x",
                      "== e2e_vs_trl  FAILED: timed out"]
     assert fmt_ratio(None) == "-"
+    assert summary_lines([{"name": "x", "summary": ["compact"], "headline": ["long"]}]) == ["== x", "   compact"]
 
 
 def test_samples_to_target_is_the_first_crossing():
@@ -44,31 +45,41 @@ def test_samples_to_target_is_the_first_crossing():
     assert samples_to_target([{"samples": 1, "seconds": 1, "accuracy": None}], 0.0) is None
 
 
-def test_vlrl_curve_cuts_evaluation_time_out():
+def test_samples_to_target_reads_the_named_metric():
+    curve = [{"samples": 0, "seconds": 0.0, "accuracy": 0.9, "sampled_accuracy": 0.1},
+             {"samples": 64, "seconds": 3.0, "accuracy": 0.5, "sampled_accuracy": None},
+             {"samples": 128, "seconds": 6.0, "accuracy": 0.5, "sampled_accuracy": 0.45}]
+    assert samples_to_target(curve, 0.4, key="sampled_accuracy")["samples"] == 128
+
+
+def test_vlrl_curve_cuts_evaluation_and_checkpoint_time_out():
     rows = [
         {"step": 1, "time": 10.0, "time/rollout": 2.0, "time/update": 1.0},    # first step: its stage times (3 s)
-        {"step": 2, "time": 14.0, "time/rollout": 2.0},                         # +4 s
+        {"step": 2, "time": 14.0, "time/rollout": 2.0},                         # +4 s of wall time
         {"step": 2, "time": 20.0, "eval/counting/accuracy": 0.6},              # 6 s of eval: not training
-        {"step": 3, "time": 23.0, "time/rollout": 2.0},                         # +3 s after the eval
-        {"step": 3, "time": 25.0, "eval/counting/accuracy": 0.8},
+        {"step": 3, "time": 29.0, "time/rollout": 2.5},                         # after an eval (+ checkpoint): 2.5 s
+        {"step": 4, "time": 32.0, "time/rollout": 2.0},                         # +3 s
+        {"step": 4, "time": 35.0, "eval/counting/accuracy": 0.8},
     ]
     assert vlrl_curve(rows, samples_per_step=64) == [
-        {"samples": 128, "seconds": 7.0, "accuracy": 0.6}, {"samples": 192, "seconds": 10.0, "accuracy": 0.8}]
+        {"samples": 128, "seconds": 7.0, "accuracy": 0.6}, {"samples": 256, "seconds": 12.5, "accuracy": 0.8}]
 
 
 def test_compare_forms_ratios_against_trl_only_when_both_reached():
     def run(points, train_s):
-        return {"curve": [{"samples": s, "seconds": t, "accuracy": a} for s, t, a in points],
+        return {"curve": [{"samples": s, "seconds": t, "accuracy": a, "sampled_accuracy": a / 2} for s, t, a in points],
                 "train_s": train_s, "samples": 256}
     runs = {"vlrl-grpo": run([(0, 0, 0.5), (128, 10.0, 0.85)], 20.0),
             "vlrl-ppo": run([(0, 0, 0.5), (256, 30.0, 0.6)], 30.0),
             "trl-grpo": run([(0, 0, 0.5), (192, 40.0, 0.81)], 50.0)}
-    reached, ratios = compare(runs, 0.8)
-    assert reached["vlrl-ppo"] is None and reached["trl-grpo"]["samples"] == 192
-    assert ratios["vlrl-grpo/trl seconds to target"] == pytest.approx(0.25)
-    assert ratios["vlrl-grpo/trl samples to target"] == pytest.approx(128 / 192)
-    assert ratios["vlrl-ppo/trl seconds to target"] is None
+    reached, ratios = compare(runs, {"accuracy": 0.8, "sampled_accuracy": 0.42})
+    assert reached["accuracy"]["vlrl-ppo"] is None and reached["accuracy"]["trl-grpo"]["samples"] == 192
+    assert ratios["vlrl-grpo/trl seconds to target (accuracy)"] == pytest.approx(0.25)
+    assert ratios["vlrl-grpo/trl samples to target (accuracy)"] == pytest.approx(128 / 192)
+    assert ratios["vlrl-ppo/trl seconds to target (accuracy)"] is None
     assert ratios["vlrl-ppo/trl seconds per sample"] == pytest.approx(30 / 50)
+    assert reached["sampled_accuracy"]["trl-grpo"] is None          # 0.405 < 0.42
+    assert ratios["vlrl-grpo/trl seconds to target (sampled_accuracy)"] is None
 
 
 def test_trl_completions_become_text():

@@ -178,6 +178,7 @@ def run_vlrl(system: str, policy: str, data: str, heldout: str, out: Path, b: Bu
     add_sampled(curve, ckpts, load_records(heldout, require="prompt"), b)
     eval_s = sum(r2["time"] - r1["time"] for r1, r2 in zip(rows, rows[1:]) if any(k.startswith("eval/") for k in r2))
     return {"curve": curve, "train_s": train_s, "samples": b.steps * b.samples_per_step,
+            # start_s: engine and model start-up, checkpoints and the last save: neither training nor eval
             "start_s": max(0.0, total - train_s - eval_s), "rollout_backend": backend, "algo": algo}
 
 

@@ -19,7 +19,7 @@ BACKENDS = ("vllm", "hf")
 
 
 def measure(model: str, data: str, *, backend: str, prompts: int, n: int, max_tokens: int, repeats: int,
-            temperature: float = 1.0, ignore_eos: bool = False) -> dict:
+            dtype: str = "float32", temperature: float = 1.0) -> dict:
     """Start one engine, warm it up, time `repeats` generate calls over the same prompts."""
     from rl.data import load_images, load_records
     from rollout.types import EngineConfig, Prompt, SamplingConfig, make_engine
@@ -27,7 +27,7 @@ def measure(model: str, data: str, *, backend: str, prompts: int, n: int, max_to
     records = load_records(data, require="prompt")[:prompts]
     batch = [Prompt(r.prompt_messages, load_images(r)) for r in records]
     t0 = time.perf_counter()
-    engine = make_engine(EngineConfig(backend=backend, model=model, seed=0))
+    engine = make_engine(EngineConfig(backend=backend, model=model, dtype=dtype, seed=0))
     start_s = time.perf_counter() - t0
     try:
         engine.generate(batch[:2], SamplingConfig(n=2, max_tokens=8, temperature=temperature, seed=1))
@@ -70,11 +70,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--n", type=int, default=8)
     p.add_argument("--max-tokens", type=int, default=48)
     p.add_argument("--repeats", type=int, default=2, help="timed calls per backend; the fastest counts")
+    p.add_argument("--dtype", default="float32", help="float32 (fast on CPU) | bfloat16 (GPU)")
     p.add_argument("--timeout", type=float, default=600, help="seconds per backend child")
     p.add_argument("--json", help="child mode (one --backend): write its measurement here")
     p.add_argument("--results-dir", default=None)
     args = p.parse_args(argv)
-    common = dict(prompts=args.prompts, n=args.n, max_tokens=args.max_tokens, repeats=args.repeats)
+    common = dict(prompts=args.prompts, n=args.n, max_tokens=args.max_tokens, repeats=args.repeats, dtype=args.dtype)
 
     if args.backend != "both":
         from rl.atomic import write_json
@@ -87,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
     for model in args.model:
         name = model_name(model)
         child = ["--model", model, "--data", args.data, "--prompts", str(args.prompts), "--n", str(args.n),
-                 "--max-tokens", str(args.max_tokens), "--repeats", str(args.repeats)]
+                 "--max-tokens", str(args.max_tokens), "--repeats", str(args.repeats), "--dtype", args.dtype]
         per_backend = {b: run_child("bench.rollout", [*child, "--backend", b], timeout=args.timeout) for b in BACKENDS}
         metrics[name] = {"model": model, **per_backend}
         ratios[f"vllm/hf tokens_per_s [{name}]"] = ratio(per_backend["vllm"]["tokens_per_s"], per_backend["hf"]["tokens_per_s"])

@@ -7,7 +7,7 @@ import json
 import pytest
 
 from bench.common import fmt, fmt_ratio, ratio, samples_to_target, summary_lines, throughput, write_result
-from bench.e2e_vs_trl import _completion_text, compare, vlrl_curve
+from bench.e2e_vs_trl import _completion_text, compare, counting_reward, vlrl_curve
 from bench.gpu_profile import SPECIAL_TOKENS, TEXT, dense_params, mfu, model_config, peak_flops_for, train_flops
 
 
@@ -86,6 +86,17 @@ def test_trl_completions_become_text():
     assert _completion_text("3") == "3"
     assert _completion_text([{"role": "assistant", "content": "<think>x</think>3"}]) == "<think>x</think>3"
     assert _completion_text([{"role": "assistant", "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]}]) == "ab"
+
+
+def test_trl_reward_is_the_projects_hybrid_reward():
+    """The function TRL calls scores like vlrl's reward worker: format gate first, then counting."""
+    from rewards.config import PoolConfig, RewardConfig
+
+    reward = counting_reward(RewardConfig(pool=PoolConfig(workers=0)))
+    completions = [[{"role": "assistant", "content": "<think>I count 3 shapes.</think>3"}],
+                   [{"role": "assistant", "content": "<think>I count 2 shapes.</think>2"}],
+                   [{"role": "assistant", "content": "3"}]]                       # right count, no format: gated
+    assert reward(prompts=[None] * 3, completions=completions, answer=["3"] * 3, task=["counting"] * 3) == [1.0, 0.0, 0.0]
 
 
 def test_dense_params_match_the_published_decoders():

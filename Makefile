@@ -19,5 +19,8 @@ test: $(STAMP)
 demo: $(STAMP)
 	$(RUN_ENV) $(VENV)/bin/vlrl pipeline --config configs/tiny/pipeline.yaml
 
+bench: $(STAMP)
+	$(RUN_ENV) $(VENV)/bin/python -m bench.run_all
+
 clean:
 	rm -rf runs .pytest_cache

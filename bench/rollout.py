@@ -1,0 +1,104 @@
+"""Rollout throughput: tokens/s of the vLLM backend against the HF `generate` backend on the same
+model, prompts, images, n and max tokens, plus each backend's engine start time and peak memory.
+
+    python -m bench.rollout --model DIR --data FILE.jsonl [--prompts 32 --n 8 --max-tokens 48]
+
+Each backend runs in its own child process (`--backend vllm|hf`), so the peak resident memory of
+one is not inflated by the other. Tokens are response tokens actually generated (EOS included),
+not padding; one small warm-up call runs before the timed calls.
+"""
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+from bench.common import fmt, fmt_ratio, peak_rss_mib, ratio, throughput, write_result
+
+BACKENDS = ("vllm", "hf")
+
+
+def measure(model: str, data: str, *, backend: str, prompts: int, n: int, max_tokens: int, repeats: int,
+            dtype: str = "float32", temperature: float = 1.0) -> dict:
+    """Start one engine, warm it up, time `repeats` generate calls over the same prompts."""
+    from rl.data import load_images, load_records
+    from rollout.types import EngineConfig, Prompt, SamplingConfig, make_engine
+
+    records = load_records(data, require="prompt")[:prompts]
+    batch = [Prompt(r.prompt_messages, load_images(r)) for r in records]
+    t0 = time.perf_counter()
+    engine = make_engine(EngineConfig(backend=backend, model=model, dtype=dtype, seed=0))
+    start_s = time.perf_counter() - t0
+    try:
+        engine.generate(batch[:2], SamplingConfig(n=2, max_tokens=8, temperature=temperature, seed=1))
+        runs = []
+        for i in range(repeats):
+            sampling = SamplingConfig(n=n, max_tokens=max_tokens, temperature=temperature, seed=100 + i)
+            t1 = time.perf_counter()
+            out = engine.generate(batch, sampling)
+            seconds = time.perf_counter() - t1
+            tokens = sum(len(c.token_ids) for group in out for c in group)
+            runs.append({"seconds": seconds, "tokens": tokens, "tokens_per_s": throughput(tokens, seconds)})
+    finally:
+        engine.close()
+    best = max(runs, key=lambda r: r["tokens_per_s"])
+    return {"backend": backend, "engine_start_s": start_s, "runs": runs, "tokens_per_s": best["tokens_per_s"],
+            "mean_response_tokens": best["tokens"] / (len(batch) * n), "peak_rss_mib": peak_rss_mib()}
+
+
+def model_name(path: str) -> str:
+    """A short name for a model folder: its own name, or its parent's for a run's `final/`."""
+    p = Path(path)
+    return p.parent.name if p.name in ("final", "hf") else p.name
+
+
+def headline(name: str, per_backend: dict[str, dict], r: float | None) -> list[str]:
+    """Summary lines of one model: tokens/s, start time and peak memory per backend, then the ratio."""
+    lines = [f"{name}: {b:<4} {fmt(m['tokens_per_s'], 'tok/s')}, start {fmt(m['engine_start_s'], 's')}, "
+             f"peak RSS {fmt(m['peak_rss_mib'], 'MiB')}" for b, m in per_backend.items()]
+    lines.append(f"{name}: vllm/hf tokens/s {fmt_ratio(r)}")
+    return lines
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", required=True, action="append",
+                   help="HF model folder (the tiny VLM on CPU); repeat to compare several models")
+    p.add_argument("--data", required=True, help="prompt records (JSONL); the first --prompts are used")
+    p.add_argument("--backend", choices=("both", *BACKENDS), default="both")
+    p.add_argument("--prompts", type=int, default=32)
+    p.add_argument("--n", type=int, default=8)
+    p.add_argument("--max-tokens", type=int, default=48)
+    p.add_argument("--repeats", type=int, default=2, help="timed calls per backend; the fastest counts")
+    p.add_argument("--dtype", default="float32", help="float32 (fast on CPU) | bfloat16 (GPU)")
+    p.add_argument("--timeout", type=float, default=600, help="seconds per backend child")
+    p.add_argument("--json", help="child mode (one --backend): write its measurement here")
+    p.add_argument("--results-dir", default=None)
+    args = p.parse_args(argv)
+    common = dict(prompts=args.prompts, n=args.n, max_tokens=args.max_tokens, repeats=args.repeats, dtype=args.dtype)
+
+    if args.backend != "both":
+        from rl.atomic import write_json
+        m = measure(args.model[0], args.data, backend=args.backend, **common)
+        write_json(args.json, m) if args.json else print(m)
+        return 0
+
+    from bench.scratch import run_child
+    metrics, ratios, lines = {}, {}, []
+    for model in args.model:
+        name = model_name(model)
+        child = ["--model", model, "--data", args.data, "--prompts", str(args.prompts), "--n", str(args.n),
+                 "--max-tokens", str(args.max_tokens), "--repeats", str(args.repeats), "--dtype", args.dtype]
+        per_backend = {b: run_child("bench.rollout", [*child, "--backend", b], timeout=args.timeout) for b in BACKENDS}
+        metrics[name] = {"model": model, **per_backend}
+        ratios[f"vllm/hf tokens_per_s [{name}]"] = ratio(per_backend["vllm"]["tokens_per_s"], per_backend["hf"]["tokens_per_s"])
+        lines += headline(name, per_backend, ratios[f"vllm/hf tokens_per_s [{name}]"])
+        print("\n".join(lines[-3:]), flush=True)
+    result = {"config": {**common, "models": args.model, "temperature": 1.0}, "metrics": metrics, "ratios": ratios,
+              "headline": [line for line in lines if "vllm/hf" not in line]}
+    print(f"-> {write_result('rollout', result, args.results_dir)}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,105 @@
+"""The CPU benchmark set (`make bench`): builds its inputs in a scratch folder, runs rollout,
+train_step, weight_sync and e2e_vs_trl one after the other (each in its own process), writes
+bench/results/<name>.json and prints a one-screen summary with the ratios.
+
+    python -m bench.run_all [--only rollout,train_step] [--scratch DIR] [--results-dir DIR]
+
+Inputs: the tiny VLM (random init), the synthetic counting suite (seed 0), and a short SFT of the
+tiny VLM (`--sft-steps`) from which every system of e2e_vs_trl starts.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from bench.common import RESULTS_DIR, command_line, machine_info, summary_lines
+from bench.scratch import REPO, default_scratch, sft_model, suite, tiny_model
+
+BENCHES = ("rollout", "train_step", "weight_sync", "e2e_vs_trl")
+
+
+def bench_args(name: str, *, model: Path, sft: Path, data: dict[str, Path], scratch: Path, target: float,
+               sampled_target: float) -> list[str]:
+    """Command-line arguments of one benchmark in the CPU set (sized for ~12 minutes in all).
+
+    rollout runs two models: the random-init tiny VLM (responses mostly run to max tokens) and the
+    SFT checkpoint (short answers that stop at EOS: the RL workload)."""
+    if name == "rollout":
+        models = [a for m in (model, sft) for a in ("--model", str(m))]
+        return [*models, "--data", str(data["rl"]), "--prompts", "32", "--n", "8", "--max-tokens", "48"]
+    if name == "train_step":
+        return ["--model", str(model), "--data", str(data["rl"]), "--prompts", "8", "--n", "8", "--response-tokens", "32"]
+    if name == "weight_sync":
+        return ["--scratch", str(scratch)]
+    if name == "e2e_vs_trl":
+        return ["--policy", str(sft), "--data", str(data["rl"]), "--heldout", str(data["heldout"]),
+                "--out", str(scratch / "e2e"), "--target", str(target), "--sampled-target", str(sampled_target)]
+    raise ValueError(f"unknown benchmark {name!r}; choose from {BENCHES}")
+
+
+def run_bench(name: str, args: list[str], *, results_dir: Path, log: Path, timeout: float) -> dict:
+    """Run `python -m bench.<name>`; return its results JSON, or a failure record."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
+    t0 = time.perf_counter()
+    try:
+        with open(log, "w") as f:
+            proc = subprocess.run([sys.executable, "-m", f"bench.{name}", *args, "--results-dir", str(results_dir)],
+                                  cwd=REPO, env=env, stdout=f, stderr=subprocess.STDOUT, timeout=timeout)
+        error = None if proc.returncode == 0 else f"exit {proc.returncode} (log: {log})"
+    except subprocess.TimeoutExpired:
+        error = f"timed out after {timeout:.0f} s (log: {log})"
+    seconds = time.perf_counter() - t0
+    path = results_dir / f"{name}.json"
+    if error is None and path.is_file():
+        return {**json.loads(path.read_text()), "ok": True, "wall_s": seconds}
+    return {"name": name, "ok": False, "error": error or f"no {path}", "wall_s": seconds}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--only", default=",".join(BENCHES), help=f"comma-separated subset of {BENCHES}")
+    p.add_argument("--scratch", default=None, help="inputs and logs (default $VLRL_BENCH_SCRATCH or a temp folder)")
+    p.add_argument("--results-dir", default=str(RESULTS_DIR))
+    p.add_argument("--sft-steps", type=int, default=90, help="e2e start: this step of a 150-step SFT schedule")
+    p.add_argument("--target", type=float, default=0.75, help="e2e: greedy held-out counting accuracy to reach")
+    p.add_argument("--sampled-target", type=float, default=0.2,
+                   help="e2e: sampled held-out counting accuracy (training temperature) to reach")
+    p.add_argument("--timeout", type=float, default=900, help="seconds per benchmark")
+    args = p.parse_args(argv)
+
+    t0 = time.perf_counter()
+    scratch = Path(args.scratch) if args.scratch else default_scratch()
+    results_dir = Path(args.results_dir)
+    (scratch / "logs").mkdir(parents=True, exist_ok=True)
+    print(f"[bench] inputs in {scratch}", flush=True)
+    model = tiny_model(scratch)
+    data = suite(scratch)
+    sft = sft_model(scratch, model, data, steps=150, take=args.sft_steps)
+    print(f"[bench] inputs ready ({time.perf_counter() - t0:.0f} s)", flush=True)
+
+    results = []
+    for name in [b for b in args.only.split(",") if b]:
+        a = bench_args(name, model=model, sft=sft, data=data, scratch=scratch, target=args.target,
+                       sampled_target=args.sampled_target)
+        r = run_bench(name, a, results_dir=results_dir, log=scratch / "logs" / f"{name}.log", timeout=args.timeout)
+        print(f"[bench] {name}: {'ok' if r['ok'] else 'FAILED'} in {r['wall_s']:.0f} s", flush=True)
+        results.append(r)
+    total = time.perf_counter() - t0
+    machine = machine_info()
+    lines = [f"vlrl benchmarks: {machine['cpu']}, {machine['cores']} cores, OMP_NUM_THREADS="
+             f"{machine['env']['OMP_NUM_THREADS']}; total {total / 60:.1f} min", *summary_lines(results)]
+    from rl.atomic import write_json
+    write_json(results_dir / "summary.json", {"machine": machine, "command": command_line(), "total_s": total,
+                                              "benches": {r["name"]: {"ok": r["ok"], "wall_s": r["wall_s"]} for r in results},
+                                              "summary": lines})
+    print("\n".join(lines))
+    return 0 if all(r["ok"] for r in results) else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

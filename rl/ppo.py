@@ -67,8 +67,13 @@ def minibatch_rows(rows: list[int], *, minibatches: int, epochs: int, seed: int)
     return [r for r in out if r]
 
 
-def step_metrics(batch: dict, results, tasks: list[str]) -> dict[str, float]:
-    """Reward per task and component, KL per task, response lengths."""
+def uses_kl(kl_cfg) -> bool:
+    """Whether any task has a non-zero KL coefficient (else no reference policy is needed)."""
+    return kl_cfg.default != 0 or any(c != 0 for c in kl_cfg.coefs.values())
+
+
+def step_metrics(batch: dict, results, tasks: list[str], *, kl: bool = True) -> dict[str, float]:
+    """Reward per task and component, KL per task (when a reference policy runs), response lengths."""
     from rl.algos import kl as kl_estimate
 
     out: dict[str, float] = {}
@@ -81,7 +86,8 @@ def step_metrics(batch: dict, results, tasks: list[str]) -> dict[str, float]:
         out[f"reward/{t}/total"] = sum(results[i].reward for i in idx) / len(idx)
         for part in sorted({p for i in idx for p in results[i].parts}):
             out[f"reward/{t}/{part}"] = sum(results[i].parts.get(part, 0.0) for i in idx) / len(idx)
-        out[f"kl/{t}"] = float(k1[idx].sum() / mask[idx].sum().clamp(min=1))
+        if kl:
+            out[f"kl/{t}"] = float(k1[idx].sum() / mask[idx].sum().clamp(min=1))
     out["reward/all/total"] = sum(r.reward for r in results) / max(1, len(results))
     lengths = mask.sum(-1).float()
     out["response/length_mean"] = float(lengths.mean())
@@ -123,8 +129,11 @@ class RLRun:
         self.actor = spawn(PolicyWorker, policy_dir, optim=cfg.actor_optim, total_steps=cfg.steps, dtype=cfg.dtype,
                            seed=cfg.seed, chunk_size=cfg.ppo.entropy_chunk, temperature=cfg.rollout.temperature,
                            num_gpus=r.actor_gpus, name="actor", **common)
-        self.ref = spawn(PolicyWorker, cfg.policy, optim=None, dtype=cfg.dtype, chunk_size=cfg.ppo.entropy_chunk,
-                         temperature=cfg.rollout.temperature, num_gpus=r.actor_gpus, name="ref", **common)
+        # No KL anywhere: no reference forward (the driver then uses the actor's log-probs and logs no KL).
+        self.ref = None
+        if uses_kl(cfg.kl):
+            self.ref = spawn(PolicyWorker, cfg.policy, optim=None, dtype=cfg.dtype, chunk_size=cfg.ppo.entropy_chunk,
+                             temperature=cfg.rollout.temperature, num_gpus=r.actor_gpus, name="ref", **common)
         self.critic = None
         if cfg.algo == "ppo":
             critic_dir = str(start_from / "critic") if start_from else (cfg.critic or cfg.policy)
@@ -242,15 +251,17 @@ def fit(cfg: RLConfig, *, resume: bool = True, progress: bool = True) -> Path:
             batch["kl_coef"] = kl_coefs(tasks, cfg.kl.coefs, default=cfg.kl.default)
         with tm("logp"):
             mbs = cfg.ppo.micro_batch_size
-            pend = [run.actor.call("logp", batch, micro_batch_size=mbs), run.ref.call("logp", batch, micro_batch_size=mbs)]
+            pend = {"actor": run.actor.call("logp", batch, micro_batch_size=mbs)}
+            if run.ref is not None:
+                pend["ref"] = run.ref.call("logp", batch, micro_batch_size=mbs)
             if run.critic is not None:
-                pend.append(run.critic.call("values", batch, micro_batch_size=mbs))
-            res = [p.result() for p in pend]
-            batch["logp"], batch["entropy"] = res[0]["logp"], res[0]["entropy"]
-            batch["ref_logp"] = res[1]["logp"]
+                pend["critic"] = run.critic.call("values", batch, micro_batch_size=mbs)
+            res = {k: p.result() for k, p in pend.items()}
+            batch["logp"], batch["entropy"] = res["actor"]["logp"], res["actor"]["entropy"]
+            batch["ref_logp"] = res["ref"]["logp"] if run.ref is not None else batch["logp"]
             batch["old_logp"] = batch["logp"]
             if run.critic is not None:
-                batch["values"] = batch["old_values"] = res[2]
+                batch["values"] = batch["old_values"] = res["critic"]
         engine_gap = _engine_logp_gap(batch, completions) if ro.temperature == 1.0 else None
         with tm("advantage"):
             batch.update(compute_advantages(batch, algo=cfg.algo, ppo=cfg.ppo, grpo=cfg.grpo, kl_mode=cfg.kl.mode,
@@ -270,7 +281,7 @@ def fit(cfg: RLConfig, *, resume: bool = True, progress: bool = True) -> Path:
             if actor_on:
                 run.rollout("sync_weights", run.actor("state_dict"))
         step += 1
-        metrics = {**step_metrics(batch, results, tasks), **update_metrics, **tm.seconds,
+        metrics = {**step_metrics(batch, results, tasks, kl=run.ref is not None), **update_metrics, **tm.seconds,
                    "rollout/tokens_per_s": n_tokens / max(1e-9, tm.seconds["time/rollout"]),
                    "rollout/kept_frac": float(batch["keep"].float().mean()),
                    "train/value_pretraining": float(not actor_on)}

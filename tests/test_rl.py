@@ -7,7 +7,7 @@ import torch
 
 import rl.runlog
 from rl.algos import kl as kl_estimate
-from rl.ppo import compute_advantages, fit, minibatch_rows
+from rl.ppo import compute_advantages, fit, minibatch_rows, uses_kl
 from rl.rl_config import GRPOConfig, KLConfig, PPOConfig, RLConfig, RolloutConfig
 from rewards.config import PoolConfig, RewardConfig
 
@@ -45,6 +45,11 @@ def test_loss_mode_leaves_rewards_alone_and_grpo_ignores_values():
     ds = compute_advantages({**b, "scores": torch.tensor([1.0, 1.0, 1.0, 0.0])}, algo="grpo", ppo=PPOConfig(),
                             grpo=GRPOConfig(dynamic_sampling=True), kl_mode="loss")
     assert ds["keep"].tolist() == [False, False, True, True]
+
+
+def test_reference_policy_only_when_some_task_has_kl():
+    assert not uses_kl(KLConfig()) and not uses_kl(KLConfig(coefs={"math": 0.0}))
+    assert uses_kl(KLConfig(coefs={"caption": 0.02})) and uses_kl(KLConfig(default=0.01))
 
 
 def test_minibatches_cover_every_row_each_epoch():

@@ -25,6 +25,7 @@ class DataConfig:
     n: int = 2000                         # synthetic SFT records per task
     n_heldout: int = 100                  # synthetic held-out records per task
     n_rl: int = 1000                      # synthetic RL prompt records per task
+    color_questions: float = 0.5          # share of counting/math questions about one colour (SceneSpec)
     sft: str = ""                         # SFT records (synth: false)
     rl: str = ""                          # RL prompt records (synth: false)
     heldout: str = ""                     # held-out prompt records (synth: false)
@@ -114,8 +115,9 @@ def run_pipeline(cfg: PipelineConfig) -> dict:
             for p in (d.sft, d.rl, d.heldout):
                 load_records(p)  # validate now, not halfway through a stage
             return {"sft": d.sft, "rl": d.rl, "heldout": d.heldout}
-        from rl.synth import write_suite
-        paths = write_suite(run / "data", seed=d.seed, n=d.n, n_heldout=d.n_heldout, n_rl=d.n_rl)
+        from rl.synth import SceneSpec, write_suite
+        paths = write_suite(run / "data", seed=d.seed, n=d.n, n_heldout=d.n_heldout, n_rl=d.n_rl,
+                            spec=SceneSpec(color_questions=d.color_questions))
         return {k: str(v.resolve()) for k, v in paths.items()}
 
     base = run_stage("model", run / "model", stage_model)["model"]

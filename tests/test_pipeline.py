@@ -10,7 +10,7 @@ from rl.pipeline import PipelineConfig, accuracy_table, run_pipeline
 
 @pytest.mark.slow
 def test_interrupted_pipeline_resumes_without_rerunning_finished_stages(tmp_path, monkeypatch, sft_run):
-    overrides = [f"run_dir={tmp_path / 'run'}", f"model={sft_run['final']}", "data.seed=1", "data.n=40", "data.n_heldout=5", "data.n_rl=10",
+    overrides = [f"run_dir={tmp_path / 'run'}", f"model={sft_run['final']}", "data.seed=1", "data.color_questions=0", "data.n=40", "data.n_heldout=5", "data.n_rl=10",
                  "sft.steps=3", "sft.batch_size=8", "rm.enabled=false",
                  "rl.steps=1", "rl.prompts_per_step=4", "rl.rollout.backend=hf", "rl.rollout.n=2",
                  "rl.rollout.max_tokens=16", "rl.reward.pool.workers=0",

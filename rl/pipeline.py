@@ -53,6 +53,7 @@ class RoundConfig:
     temperature: float = 1.0
     max_tokens: int = 48
     max_per_prompt: int = 2               # accepted samples kept per prompt
+    replay: float = 0.0                   # SFT records mixed into the RFT data per accepted sample
     sft: SFTConfig = field(default_factory=lambda: SFTConfig(
         steps=40, batch_size=16, save_every=0, optim=OptimConfig(lr=2e-5, warmup_steps=5, schedule="constant")))
     rl_steps: int = 60                    # RL steps after the RFT model
@@ -237,7 +238,13 @@ def _round(cfg: PipelineConfig, run: Path, i: int, model: str, data: dict, rm_pa
         if not summary["counts"]["accepted"]:
             print(f"[pipeline] rft{i}: no sample was accepted; the round goes on with the current model")
             return {"model": model, "eval": tables[list(tables)[-1]], "accepted": 0}
-        scfg = dataclasses.replace(rc.sft, model=model, data=summary["sft_data"], eval_data=data["heldout"],
+        rft_data = summary["sft_data"]
+        if rc.replay > 0:  # against forgetting the tasks the accepted samples barely cover
+            rft_data = str(run / f"rft{i}" / "rft_replay.jsonl")
+            accepted = load_records(summary["sft_data"], require="target")
+            write_records(rft_data, accepted + replay_sample(load_records(data["sft"], require="target"),
+                                                             round(rc.replay * len(accepted)), seed=cfg.seed + i))
+        scfg = dataclasses.replace(rc.sft, model=model, data=rft_data, eval_data=data["heldout"],
                                    out=str(run / f"rft{i}" / "sft"))
         final = train_sft(scfg)
         return {"model": str(final.resolve()), "eval": _read_eval(run / f"rft{i}" / "sft"),
@@ -248,6 +255,12 @@ def _round(cfg: PipelineConfig, run: Path, i: int, model: str, data: dict, rm_pa
     rl = run_stage(f"rl{i}", run / f"rl{i}", lambda: stage_rl(f"rl{i}", rft["model"], kept, rc.rl_steps))
     tables[f"rl{i}"] = rl["eval"]
     return rl["model"]
+
+
+def replay_sample(records: list, n: int, *, seed: int) -> list:
+    """n records drawn without replacement (all of them if n >= len), seeded."""
+    import random
+    return random.Random(seed).sample(records, min(n, len(records)))
 
 
 def _read_eval(folder: Path) -> dict:

@@ -16,7 +16,7 @@ def test_interrupted_pipeline_resumes_without_rerunning_finished_stages(tmp_path
                  "rl.rollout.max_tokens=16", "rl.reward.pool.workers=0",
                  "rl.reward.tasks={caption: {verifiers: [{verifier: instruction, settings: {min_words: 2}}]}}",
                  "rounds=1", "round.k=4", "round.max_prompts=16", "round.temperature=0.5", "round.band=[0.0, 1.0]", "round.max_tokens=16",
-                 "round.sft.steps=1", "round.rl_steps=1"]
+                 "round.sft.steps=1", "round.rl_steps=1", "round.replay=1.0"]
     cfg = load_config(PipelineConfig, None, overrides)
     real_fit = rl.ppo.fit
     calls = []
@@ -40,7 +40,11 @@ def test_interrupted_pipeline_resumes_without_rerunning_finished_stages(tmp_path
         assert (run / stage / "done.json").stat().st_mtime_ns == mtime, stage
     assert summary["order"] == ["sft", "rl", "rft1", "rl1"]
     assert (run / "rl1" / "done.json").is_file() and (run / "report.html").is_file()
-    assert json.loads((run / "rft1" / "done.json").read_text())["accepted"] > 0
+    accepted = json.loads((run / "rft1" / "done.json").read_text())["accepted"]
+    assert accepted > 0
+    # replay 1.0: the RFT data hold the accepted samples plus as many SFT records
+    mixed = [json.loads(line)["id"] for line in (run / "rft1" / "rft_replay.jsonl").read_text().splitlines()]
+    assert len(mixed) == 2 * accepted and sum(i.startswith("sft-") for i in mixed) == accepted
     kept = (run / "filter1" / "rl.jsonl").read_text().splitlines()
     assert all("pass_rate" in json.loads(line)["meta"] for line in kept)
     assert "rl1" in accuracy_table(summary["stages"]).splitlines()[1]

@@ -215,10 +215,8 @@ def _round(cfg: PipelineConfig, run: Path, i: int, model: str, data: dict, rm_pa
 
     def stage_filter() -> dict:
         from rl.filter import run_filter
-        import random
-        prompts = load_records(data["rl"])
         # a seeded sample across the whole file (prompt files are often grouped by task)
-        prompts = random.Random(cfg.seed + i).sample(prompts, min(rc.max_prompts, len(prompts)))
+        prompts = seeded_sample(load_records(data["rl"]), rc.max_prompts, seed=cfg.seed + i)
         src = run / f"filter{i}" / "prompts.jsonl"
         write_records(src, prompts)
         summary = run_filter(model, str(src), str(run / f"filter{i}" / "rl.jsonl"), k=rc.k,
@@ -242,7 +240,7 @@ def _round(cfg: PipelineConfig, run: Path, i: int, model: str, data: dict, rm_pa
         if rc.replay > 0:  # against forgetting the tasks the accepted samples barely cover
             rft_data = str(run / f"rft{i}" / "rft_replay.jsonl")
             accepted = load_records(summary["sft_data"], require="target")
-            write_records(rft_data, accepted + replay_sample(load_records(data["sft"], require="target"),
+            write_records(rft_data, accepted + seeded_sample(load_records(data["sft"], require="target"),
                                                              round(rc.replay * len(accepted)), seed=cfg.seed + i))
         scfg = dataclasses.replace(rc.sft, model=model, data=rft_data, eval_data=data["heldout"],
                                    out=str(run / f"rft{i}" / "sft"))
@@ -257,8 +255,8 @@ def _round(cfg: PipelineConfig, run: Path, i: int, model: str, data: dict, rm_pa
     return rl["model"]
 
 
-def replay_sample(records: list, n: int, *, seed: int) -> list:
-    """n records drawn without replacement (all of them if n >= len), seeded."""
+def seeded_sample(records: list, n: int, *, seed: int) -> list:
+    """n records drawn without replacement (all of them, shuffled, if n >= len), seeded."""
     import random
     return random.Random(seed).sample(records, min(n, len(records)))
 

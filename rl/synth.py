@@ -189,17 +189,23 @@ def write_suite(out: str | os.PathLike, *, seed: int = 0, n: int = 2000, n_heldo
     }
     paths = {}
     for name, recs in splits.items():
-        lines = []
-        for i, rec in enumerate(recs):
-            rec_id = f"{name}-{rec['task']}-{i:05d}"
-            rel = f"img/{rec_id}.png"
-            draw_scene(rec["meta"]["objects"], spec).save(out / rel)
-            if name != "sft":  # prompt records: the assistant target is not shown to RL or eval
-                rec = {**rec, "messages": rec["messages"][:1]}
-            lines.append(json.dumps({"id": rec_id, "images": [rel], **rec}) + "\n")
-        paths[name] = out / f"{name}.jsonl"
-        write_lines(paths[name], lines)
+        # prompt records (rl, heldout): the assistant target is not shown to RL or eval
+        items = [(f"{name}-{rec['task']}-{i:05d}", rec if name == "sft" else {**rec, "messages": rec["messages"][:1]})
+                 for i, rec in enumerate(recs)]
+        paths[name] = write_scene_records(out / f"{name}.jsonl", items, spec)
     return paths
+
+
+def write_scene_records(path: Path, items: list[tuple[str, dict]], spec: SceneSpec) -> Path:
+    """Draw each (id, record)'s scene to img/<id>.png beside `path` and write the records, with their
+    `id` and `images` fields, as JSONL (atomically). Returns `path`."""
+    lines = []
+    for rec_id, rec in items:
+        rel = f"img/{rec_id}.png"
+        draw_scene(rec["meta"]["objects"], spec).save(path.parent / rel)
+        lines.append(json.dumps({"id": rec_id, "images": [rel], **rec}) + "\n")
+    write_lines(path, lines)
+    return path
 
 
 def corpus_texts(seed: int = 0, n: int = 300) -> list[str]:

@@ -21,9 +21,8 @@ import os
 import random
 from pathlib import Path
 
-from rl.atomic import write_lines
-from rl.synth import (COLORS, NUMBER_WORDS, SHAPES, SceneSpec, _user, describe, draw_scene,
-                      object_box, random_objects)
+from rl.synth import (COLORS, NUMBER_WORDS, SHAPES, SceneSpec, _user, describe,
+                      object_box, random_objects, write_scene_records)
 
 CORRUPTIONS = ("color", "shape", "add", "drop")
 QUESTION = "Describe the image."
@@ -106,14 +105,7 @@ def write_preference_pairs(out: str | os.PathLike, *, seed: int = 0, n: int = 20
                                      max_objects=max_objects, kinds=kinds),
               "train": _draw_pairs(random.Random(f"{seed}-prefs-train"), n, spec, seen,
                                    max_objects=max_objects, kinds=kinds)}
-    paths = {}
-    for name, recs in splits.items():
-        lines = []
-        for i, rec in enumerate(recs):
-            rec_id = f"pref-{name}-{i:05d}"
-            rel = f"img/{rec_id}.png"
-            draw_scene(rec["meta"]["objects"], spec).save(out / rel)
-            lines.append(json.dumps({"id": rec_id, "images": [rel], **rec}) + "\n")
-        paths[name] = out / f"prefs_{name}.jsonl"
-        write_lines(paths[name], lines)
+    paths = {name: write_scene_records(out / f"prefs_{name}.jsonl",
+                                       [(f"pref-{name}-{i:05d}", rec) for i, rec in enumerate(recs)], spec)
+             for name, recs in splits.items()}
     return paths

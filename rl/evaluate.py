@@ -55,6 +55,22 @@ def generate_greedy(model, processor, records, *, batch_size: int = 64, max_new_
     return out
 
 
+def eval_subset(records: Sequence, limit: int) -> list:
+    """`limit` records spread evenly over `records` (all when limit is 0 or covers them): a held-out
+    file grouped by task still gives every task its share in a periodic eval."""
+    if not limit or limit >= len(records):
+        return list(records)
+    return [records[i * len(records) // limit] for i in range(limit)]
+
+
+def sampled_accuracy(records, samples: Sequence[Sequence[str]]) -> dict[str, float]:
+    """{task: mean correctness over every record's k sampled responses} for tasks with a rule
+    answer (avg@k at the sampling temperature: the quantity RL optimises, next to greedy accuracy)."""
+    flat_records = [r for r, group in zip(records, samples) for _ in group]
+    gens = judge(flat_records, [s for group in samples for s in group])
+    return {task: row["accuracy"] for task, row in summarize(gens).items() if row["accuracy"] is not None}
+
+
 def judge(records, responses: Sequence[str]) -> list[Generation]:
     """Format and correctness of each response (pure: no model involved)."""
     import verifiers
@@ -102,12 +118,16 @@ def summarize(gens: list[Generation]) -> dict[str, dict]:
 def format_table(table: dict[str, dict], title: str = "") -> str:
     lines = [title] if title else []
     with_rm = any("rm_score" in row for row in table.values())
-    lines.append(f"{'task':<12} {'n':>5} {'accuracy':>9} {'format':>7}" + (f" {'rm_score':>9}" if with_rm else ""))
+    with_sampled = any("sampled_accuracy" in row for row in table.values())
+    lines.append(f"{'task':<12} {'n':>5} {'accuracy':>9} {'format':>7}" + (f" {'rm_score':>9}" if with_rm else "")
+                 + (f" {'sampled':>8}" if with_sampled else ""))
     for task, row in table.items():
         acc = "-" if row["accuracy"] is None else f"{100 * row['accuracy']:.1f}%"
         line = f"{task:<12} {row['n']:>5} {acc:>9} {100 * row['format']:>6.1f}%"
         if with_rm:
             line += f" {row['rm_score']:>9.3f}" if "rm_score" in row else f" {'-':>9}"
+        if with_sampled:
+            line += f" {100 * row['sampled_accuracy']:>7.1f}%" if "sampled_accuracy" in row else f" {'-':>8}"
         lines.append(line)
     return "\n".join(lines)
 

@@ -30,10 +30,11 @@ def compute_advantages(batch: dict, *, algo: str, ppo, grpo, kl_mode: str, gamma
     """Advantages and critic targets from scores, log-probs and values (all on label positions).
 
     batch: scores (B,), mask (B, T), logp/ref_logp (B, T), values (B, T) (ppo), kl_coef (B,),
-    prompt_index (B,). Returns adv (B, T), returns (B, T) (ppo), token_rewards (B, T), keep (B,).
+    prompt_index (B,), task_id (B,) (ppo with whiten_by "task").
+    Returns adv (B, T), returns (B, T) (ppo), token_rewards (B, T), keep (B,).
     """
     from rl.algos import (decoupled_gae, dynamic_sampling_mask, group_advantages, kl_penalty_rewards,
-                          length_adaptive_lambda, token_rewards_from_scores, whiten)
+                          length_adaptive_lambda, token_rewards_from_scores, whiten, whiten_by_group)
 
     mask = batch["mask"]
     rewards = token_rewards_from_scores(batch["scores"], mask)                       # (B, T)
@@ -51,7 +52,7 @@ def compute_advantages(batch: dict, *, algo: str, ppo, grpo, kl_mode: str, gamma
     adv, returns = decoupled_gae(rewards, batch["values"], mask, gamma=gamma, lam_actor=lam_actor,
                                  lam_critic=ppo.lam_critic)
     if ppo.whiten_adv:
-        adv = whiten(adv, mask)
+        adv = whiten_by_group(adv, mask, batch["task_id"]) if ppo.whiten_by == "task" else whiten(adv, mask)
     return {"adv": adv * mask, "returns": returns, "token_rewards": rewards, "keep": keep}
 
 
@@ -73,7 +74,8 @@ def uses_kl(kl_cfg) -> bool:
 
 
 def step_metrics(batch: dict, results, tasks: list[str], *, kl: bool = True) -> dict[str, float]:
-    """Reward per task and component, KL per task (when a reference policy runs), response lengths."""
+    """Reward per task and component, KL per task (when a reference policy runs), the critic's value
+    bias per task (PPO), response lengths."""
     from rl.algos import kl as kl_estimate
 
     out: dict[str, float] = {}
@@ -88,6 +90,9 @@ def step_metrics(batch: dict, results, tasks: list[str], *, kl: bool = True) -> 
             out[f"reward/{t}/{part}"] = sum(results[i].parts.get(part, 0.0) for i in idx) / len(idx)
         if kl:
             out[f"kl/{t}"] = float(k1[idx].sum() / mask[idx].sum().clamp(min=1))
+        if "values" in batch:  # the shared critic's bias on this task: V(first response state) - score
+            first = batch["values"][idx].gather(1, mask[idx].argmax(-1, keepdim=True))[:, 0]
+            out[f"critic/value_bias/{t}"] = float((first - batch["scores"][idx]).mean())
     out["reward/all/total"] = sum(r.reward for r in results) / max(1, len(results))
     lengths = mask.sum(-1).float()
     out["response/length_mean"] = float(lengths.mean())
@@ -249,6 +254,8 @@ def fit(cfg: RLConfig, *, resume: bool = True, progress: bool = True) -> Path:
             batch["scores"] = torch.tensor([r.reward for r in results], dtype=torch.float32)
             batch["correct"] = torch.tensor([is_correct(r) for r in results])
             batch["kl_coef"] = kl_coefs(tasks, cfg.kl.coefs, default=cfg.kl.default)
+            names = sorted(set(tasks))
+            batch["task_id"] = torch.tensor([names.index(t) for t in tasks])
         with tm("logp"):
             mbs = cfg.ppo.micro_batch_size
             pend = {"actor": run.actor.call("logp", batch, micro_batch_size=mbs)}
@@ -347,12 +354,22 @@ def _eval_metrics(table: dict) -> dict[str, float]:
 
 
 def evaluate_run(run: RLRun, limit: int = 0) -> dict:
-    """Held-out accuracy per task (greedy) and, where a reward model is loaded, its mean score on
-    the greedy solutions of RM-routed prompts (`rm_score`)."""
-    from rl.evaluate import add_rm_scores, judge, summarize
+    """Held-out accuracy per task (greedy); where a reward model is loaded, its mean score on the
+    greedy solutions of RM-routed prompts (`rm_score`); with `eval_samples` = k, the mean accuracy
+    of k samples per prompt at the rollout temperature (`sampled_accuracy`)."""
+    from rl.data import load_images
+    from rl.evaluate import add_rm_scores, eval_subset, judge, sampled_accuracy, summarize
+    from rollout.types import Prompt, SamplingConfig
 
-    records = run.eval_records[:limit] if limit else run.eval_records
+    records = eval_subset(run.eval_records, limit)
     responses = run.actor("generate_greedy", records)
     table = summarize(judge(records, responses))
-    return add_rm_scores(table, records, responses, run.cfg.reward,
-                         lambda items: run.reward("rm_scores", items))
+    table = add_rm_scores(table, records, responses, run.cfg.reward, lambda items: run.reward("rm_scores", items))
+    k, ro = run.cfg.eval_samples, run.cfg.rollout
+    if k:  # avg@k with the rollout engine at the training temperature
+        prompts = [Prompt(r.prompt_messages, load_images(r)) for r in records]
+        groups = run.generate(prompts, SamplingConfig(n=k, temperature=ro.temperature, top_p=ro.top_p,
+                                                      max_tokens=ro.max_tokens, seed=run.cfg.seed + 7))
+        for task, acc in sampled_accuracy(records, [[c.text for c in g] for g in groups]).items():
+            table[task]["sampled_accuracy"] = acc
+    return table

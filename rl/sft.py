@@ -115,7 +115,7 @@ def train_sft(cfg: SFTConfig, *, resume: bool = True, progress: bool = True) -> 
     from model.inputs import encode_sft
     from model.load import load_vlm, save_vlm
     from rl.data import load_images, load_records
-    from rl.evaluate import evaluate, format_table, write_eval
+    from rl.evaluate import eval_subset, evaluate, format_table, write_eval
     from rl.runlog import (MetricsLog, latest_checkpoint, over_budget, periodic, save_checkpoint,
                            start_or_resume)
 
@@ -135,7 +135,7 @@ def train_sft(cfg: SFTConfig, *, resume: bool = True, progress: bool = True) -> 
                         keep=cfg.keep_checkpoints)
 
     def run_eval(at: int, limit: int) -> dict:
-        recs = eval_records[:limit] if limit else eval_records
+        recs = eval_subset(eval_records, limit)
         table, gens = evaluate(model, processor, recs, max_new_tokens=cfg.eval_max_new_tokens)
         log.log(at, {f"eval/{t}/{k}": v for t, row in table.items() for k, v in row.items()
                      if k != "n" and v is not None})

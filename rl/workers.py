@@ -30,6 +30,12 @@ def _on(mb: dict, device: torch.device) -> dict:
     return {k: v.to(device) if isinstance(v, Tensor) else v for k, v in mb.items()}
 
 
+def _norm(mask: Tensor, *, agg: str) -> dict:
+    """Whole-minibatch token and sequence counts for `rl.algos.aggregate` (micro-batch sums divided
+    by them give the minibatch mean whatever the micro-batching)."""
+    return dict(num_tokens=max(1, int(mask.sum())), num_seqs=max(1, int((mask.sum(-1) > 0).sum())), agg=agg)
+
+
 class PolicyWorker:
     """The actor (with an optimizer) or the frozen reference policy (optim=None)."""
 
@@ -95,9 +101,10 @@ class PolicyWorker:
         sums: dict[str, float] = {}
         steps = skipped = 0
         for rows in minibatch_rows:
-            n_tok = int(batch["mask"][list(rows)].sum())
-            n_seq = int((batch["mask"][list(rows)].sum(-1) > 0).sum())
-            norm = dict(num_tokens=max(1, n_tok), num_seqs=max(1, n_seq), agg=ppo.agg)
+            norm = _norm(batch["mask"][list(rows)], agg=ppo.agg)
+            # The LM loss is a mean over the correct samples only (VAPO's formula), not all samples.
+            lm_norm = _norm(batch["mask"][list(rows)] * batch["correct"][list(rows), None], agg=ppo.agg)
+            n_tok = norm["num_tokens"]
             total = 0.0
             for mb in micro_batches(batch, ppo.micro_batch_size, order=rows):
                 mb = _on(mb, self.device)
@@ -109,9 +116,11 @@ class PolicyWorker:
                     loss = loss + kloss
                     m = {**m, **{f"kl_loss_{k}": v for k, v in km.items()}}
                 if use_lm and ppo.lm_coef > 0:
-                    lm, lmm = positive_lm_loss(logp, mb["mask"], mb["correct"], **norm)
+                    lm, lmm = positive_lm_loss(logp, mb["mask"], mb["correct"], **lm_norm)
                     loss = loss + ppo.lm_coef * lm
-                    m = {**m, "lm_loss": lm.detach(), **lmm}
+                    m = {**m, **lmm}
+                    # lm is this micro-batch's share of the minibatch mean: shares add up
+                    sums["lm_loss"] = sums.get("lm_loss", 0.0) + float(lm.detach())
                 loss.backward()
                 total += float(loss.detach())
                 w = mb["mask"].sum().item() / max(1, n_tok)
@@ -183,14 +192,13 @@ class CriticWorker:
 
         sums: dict[str, float] = {}
         for rows in minibatch_rows:
-            n_tok = int(batch["mask"][list(rows)].sum())
-            n_seq = int((batch["mask"][list(rows)].sum(-1) > 0).sum())
+            norm = _norm(batch["mask"][list(rows)], agg=ppo.agg)
+            n_tok = norm["num_tokens"]
             total = 0.0
             for mb in micro_batches(batch, ppo.micro_batch_size, order=rows):
                 mb = _on(mb, self.device)
                 v = self.model(**model_inputs(mb))[:, :-1]
-                loss, m = value_loss(v, mb["old_values"], mb["returns"], mb["mask"], clip=ppo.value_clip,
-                                     agg=ppo.agg, num_tokens=max(1, n_tok), num_seqs=max(1, n_seq))
+                loss, m = value_loss(v, mb["old_values"], mb["returns"], mb["mask"], clip=ppo.value_clip, **norm)
                 loss.backward()
                 total += float(loss.detach())
                 w = mb["mask"].sum().item() / max(1, n_tok)

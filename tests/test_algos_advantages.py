@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from rl.algos import (decoupled_gae, dynamic_sampling_mask, gae, group_advantages, length_adaptive_lambda,
-                      token_rewards_from_scores, whiten)
+                      token_rewards_from_scores, whiten, whiten_by_group)
 
 
 
@@ -191,3 +191,15 @@ def test_gae_gradients_do_not_flow(lam):
     v = torch.randn(2, 4, requires_grad=True)
     adv, ret = gae(torch.randn(2, 4), v, torch.ones(2, 4), gamma=1.0, lam=lam)
     assert not adv.requires_grad and not ret.requires_grad
+
+
+def test_whiten_by_group_is_whiten_of_each_group():
+    torch.manual_seed(0)
+    x, mask = torch.randn(5, 4), (torch.rand(5, 4) > 0.3).float()
+    mask[:, 0] = 1
+    groups = torch.tensor([1, 0, 1, 0, 1])
+    out = whiten_by_group(x, mask, groups)
+    for g in (0, 1):
+        rows = groups == g
+        assert torch.allclose(out[rows], whiten(x[rows], mask[rows]))
+    assert torch.equal(out * (1 - mask), torch.zeros_like(out))

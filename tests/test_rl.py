@@ -18,7 +18,8 @@ def _toy_batch():
     mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [1, 1, 0, 0, 0], [1, 1, 1, 1, 0]], dtype=torch.float32)
     return {"mask": mask, "scores": torch.tensor([1.0, 0.0, 1.0, 0.0]), "logp": -torch.rand(B, T),
             "ref_logp": -torch.rand(B, T), "values": torch.rand(B, T),
-            "kl_coef": torch.tensor([0.1, 0.0, 0.5, 0.0]), "prompt_index": torch.tensor([0, 0, 1, 1])}
+            "kl_coef": torch.tensor([0.1, 0.0, 0.5, 0.0]), "prompt_index": torch.tensor([0, 0, 1, 1]),
+            "task_id": torch.tensor([0, 0, 1, 1])}
 
 
 def test_per_task_kl_reaches_only_its_samples():
@@ -45,6 +46,25 @@ def test_loss_mode_leaves_rewards_alone_and_grpo_ignores_values():
     ds = compute_advantages({**b, "scores": torch.tensor([1.0, 1.0, 1.0, 0.0])}, algo="grpo", ppo=PPOConfig(),
                             grpo=GRPOConfig(dynamic_sampling=True), kl_mode="loss")
     assert ds["keep"].tolist() == [False, False, True, True]
+
+
+def test_per_task_whitening_undoes_a_value_bias_of_one_task():
+    """The shared critic overestimates task 1 (values 0.9 where 1 of 3 samples is right): batch
+    whitening leaves task 1's advantages mostly negative; per-task whitening centres each task."""
+    b = {"mask": torch.ones(6, 3), "scores": torch.tensor([1.0, 0.0, 1.0, 0.0, 1.0, 0.0]),
+         "values": torch.tensor([0.5, 0.5, 0.5, 0.9, 0.9, 0.9])[:, None].repeat(1, 3),
+         "logp": torch.zeros(6, 3), "ref_logp": torch.zeros(6, 3), "kl_coef": torch.zeros(6),
+         "prompt_index": torch.arange(6), "task_id": torch.tensor([0, 0, 0, 1, 1, 1])}
+
+    def adv(whiten_by):
+        return compute_advantages(b, algo="ppo", ppo=PPOConfig(lam_alpha=0, whiten_by=whiten_by), grpo=GRPOConfig(),
+                                  kl_mode="reward")["adv"]
+
+    assert adv("batch")[3:].mean() < -0.1                                     # task 1 pushed down as a whole
+    by_task = adv("task")
+    for rows in (slice(0, 3), slice(3, 6)):
+        assert abs(float(by_task[rows].mean())) < 1e-5 and float(by_task[rows].std()) > 0.5
+    assert by_task[4].mean() > 0 > by_task[3].mean()                          # the right sample still wins
 
 
 def test_reference_policy_only_when_some_task_has_kl():
@@ -84,22 +104,29 @@ def test_one_step_updates_and_syncs(tmp_path, sft_run):
     assert len(samples) == 4 * 2 and {"id", "task", "response", "reward"} <= set(json.loads(samples[0]))
 
 
-def test_actor_update_moves_log_probs_the_way_the_advantage_points(sft_run):
-    """Real policy, real rollout batch (images included): samples of prompts with A > 0 gain
-    log-probability and those with A < 0 lose it after a few small actor steps."""
+def _rollout_batch(sft_run, *, prompts: int, n: int):
+    """A policy worker (lr 1e-5) and a real rollout batch (images included) of its SFT model."""
     from rl.data import load_images, load_records
     from rl.sft import OptimConfig
     from rl.workers import PolicyWorker
     from rollout.sequences import build_sequences
     from rollout.types import EngineConfig, Prompt, SamplingConfig, make_engine
 
-    records = load_records(sft_run["data"]["rl"], require="prompt")[:4]
-    prompts = [Prompt(r.prompt_messages, load_images(r)) for r in records]
+    records = load_records(sft_run["data"]["rl"], require="prompt")[:prompts]
+    prompt_list = [Prompt(r.prompt_messages, load_images(r)) for r in records]
     engine = make_engine(EngineConfig(backend="hf", model=str(sft_run["final"])))
-    completions = engine.generate(prompts, SamplingConfig(n=2, max_tokens=24, seed=0))
+    completions = engine.generate(prompt_list, SamplingConfig(n=n, max_tokens=24, seed=0))
     worker = PolicyWorker(str(sft_run["final"]), optim=OptimConfig(lr=1e-5, warmup_steps=0, schedule="constant"))
-    batch = build_sequences(worker.processor, prompts, completions)
-    batch["mask"] = mask = batch["response_mask"][:, 1:].float()
+    batch = build_sequences(worker.processor, prompt_list, completions)
+    batch["mask"] = batch["response_mask"][:, 1:].float()
+    return worker, batch
+
+
+def test_actor_update_moves_log_probs_the_way_the_advantage_points(sft_run):
+    """Real policy, real rollout batch (images included): samples of prompts with A > 0 gain
+    log-probability and those with A < 0 lose it after a few small actor steps."""
+    worker, batch = _rollout_batch(sft_run, prompts=4, n=2)
+    mask = batch["mask"]
     sign = 1.0 - 2.0 * (batch["prompt_index"] % 2).float()            # prompts 0, 2: A = +1; 1, 3: A = -1
     before = worker.logp(batch)["logp"]
     rows = mask.shape[0]
@@ -110,6 +137,22 @@ def test_actor_update_moves_log_probs_the_way_the_advantage_points(sft_run):
                       minibatch_rows=[list(range(rows))])
     change = ((worker.logp(batch)["logp"] - before) * mask).sum(-1)
     assert change[sign > 0].mean() > 0 > change[sign < 0].mean(), change
+
+
+def test_positive_lm_loss_is_the_mean_nll_of_the_correct_samples_only(sft_run):
+    """VAPO's L_NLL averages over the correct samples' tokens: wrong samples in the same minibatch
+    (even long ones) must not dilute it. Checked on the update's own forward, micro-batched."""
+    worker, batch = _rollout_batch(sft_run, prompts=3, n=2)
+    mask, rows = batch["mask"], batch["mask"].shape[0]
+    before = worker.logp(batch)["logp"]
+    correct = torch.tensor([i % 3 == 0 for i in range(rows)])
+    batch.update(adv=torch.zeros_like(mask), old_logp=before, ref_logp=before, kl_coef=torch.zeros(rows),
+                 correct=correct)
+    m = worker.update(batch, ppo=PPOConfig(lm_coef=1.0, micro_batch_size=2), kl_mode="reward", kl_kind="k3",
+                      minibatch_rows=[list(range(rows))])
+    pos = mask * correct[:, None]
+    expected = float(-(before * pos).sum() / pos.sum())
+    assert m["actor/lm_loss"] == pytest.approx(expected, rel=1e-4)
 
 
 def test_killed_run_resumes_at_the_same_step_and_data(tmp_path, sft_run, monkeypatch):

@@ -28,7 +28,8 @@ Departures from the papers (each on purpose):
 - `whiten` uses the population variance.
 """
 from rl.algos.advantages import (decoupled_gae, dynamic_sampling_mask, gae, group_advantages,
-                                 length_adaptive_lambda, token_rewards_from_scores, whiten)
+                                 length_adaptive_lambda, token_rewards_from_scores, whiten,
+                                 whiten_by_group)
 from rl.algos.aggregate import Agg, aggregate, masked_mean, masked_sum
 from rl.algos.kl import KLKind, kl, kl_coefs, kl_loss, kl_penalty_rewards
 from rl.algos.losses import explained_variance, policy_loss, positive_lm_loss, value_loss
@@ -36,7 +37,7 @@ from rl.algos.losses import explained_variance, policy_loss, positive_lm_loss, v
 __all__ = [
     "Agg", "KLKind",
     "aggregate", "masked_mean", "masked_sum",
-    "gae", "decoupled_gae", "length_adaptive_lambda", "whiten", "group_advantages", "dynamic_sampling_mask",
+    "gae", "decoupled_gae", "length_adaptive_lambda", "whiten", "whiten_by_group", "group_advantages", "dynamic_sampling_mask",
     "token_rewards_from_scores",
     "kl", "kl_coefs", "kl_penalty_rewards", "kl_loss",
     "policy_loss", "value_loss", "explained_variance", "positive_lm_loss",

@@ -101,6 +101,22 @@ def whiten(x: Tensor, mask: Tensor, *, shift_mean: bool = True, eps: float = 1e-
     return torch.where(mask, out, torch.zeros_like(out))
 
 
+def whiten_by_group(x: Tensor, mask: Tensor, groups: Tensor | Sequence[int], *, eps: float = 1e-8) -> Tensor:
+    """`whiten` applied to each group of rows on its own (x, mask: (B, T); groups: (B,) ints).
+
+    With one shared critic for several task types, a value bias of one task (its values above or
+    below its returns) makes that task's advantages share a sign; batch whitening keeps that sign,
+    and the policy then pushes down (or up) every token of the task, EOS and closing brackets
+    included. Whitening per task type removes each task's mean before the step.
+    """
+    ids = torch.as_tensor(groups, device=x.device)
+    out = torch.zeros_like(x)
+    for g in torch.unique(ids):
+        rows = ids == g
+        out[rows] = whiten(x[rows], mask[rows], eps=eps)
+    return out
+
+
 def group_advantages(scores: Tensor, group_ids: Tensor | Sequence[int], *, norm_std: bool = True,
                      eps: float = 1e-6) -> Tensor:
     """Outcome advantages normalised within each prompt's group of G samples; returns (B,).

@@ -366,7 +366,7 @@ def evaluate_run(run: RLRun, limit: int = 0) -> dict:
     table = summarize(judge(records, responses))
     table = add_rm_scores(table, records, responses, run.cfg.reward, lambda items: run.reward("rm_scores", items))
     k, ro = run.cfg.eval_samples, run.cfg.rollout
-    if k:  # avg@k with the rollout engine at the training temperature
+    if k:  # avg@k with the rollout engine at the training temperature; one fixed seed for every eval
         prompts = [Prompt(r.prompt_messages, load_images(r)) for r in records]
         groups = run.generate(prompts, SamplingConfig(n=k, temperature=ro.temperature, top_p=ro.top_p,
                                                       max_tokens=ro.max_tokens, seed=run.cfg.seed + 7))

@@ -37,7 +37,8 @@ from rl.algos.losses import explained_variance, policy_loss, positive_lm_loss, v
 __all__ = [
     "Agg", "KLKind",
     "aggregate", "masked_mean", "masked_sum",
-    "gae", "decoupled_gae", "length_adaptive_lambda", "whiten", "whiten_by_group", "group_advantages", "dynamic_sampling_mask",
+    "gae", "decoupled_gae", "length_adaptive_lambda", "whiten", "whiten_by_group", "group_advantages",
+    "dynamic_sampling_mask",
     "token_rewards_from_scores",
     "kl", "kl_coefs", "kl_penalty_rewards", "kl_loss",
     "policy_loss", "value_loss", "explained_variance", "positive_lm_loss",

@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 from collections import defaultdict
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 from typing import Sequence
 
@@ -95,7 +96,9 @@ def judge(records, responses: Sequence[str]) -> list[Generation]:
     return gens
 
 
+@lru_cache(maxsize=4096)
 def _image_size(path) -> tuple[int, int]:
+    """(width, height) from the header; cached: avg@k judges each record's images k times."""
     from PIL import Image
     with Image.open(path) as im:
         return im.size

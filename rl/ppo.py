@@ -22,6 +22,7 @@ from rewards.inputs import is_correct, reward_inputs
 from rl.atomic import write_json
 from rl.config import to_dict
 from rl.rl_config import RLConfig
+from rollout.sequences import engine_logp
 
 
 # ----------------------------------------------------------------------------- pure helpers
@@ -97,7 +98,8 @@ def step_metrics(batch: dict, results, tasks: list[str], *, kl: bool = True) -> 
     lengths = mask.sum(-1).float()
     out["response/length_mean"] = float(lengths.mean())
     out["response/length_max"] = float(lengths.max())
-    out["response/entropy"] = float((batch["entropy"] * mask).sum() / mask.sum().clamp(min=1))
+    if "entropy" in batch:  # else (old_logp "engine") the actor update reports it
+        out["response/entropy"] = float((batch["entropy"] * mask).sum() / mask.sum().clamp(min=1))
     return out
 
 
@@ -127,9 +129,14 @@ class RLRun:
         self.eval_records = load_records(cfg.eval_data, require="prompt") if cfg.eval_data else []
         policy_dir = str(start_from or cfg.policy)
         use_ray, r = cfg.ray.enabled, cfg.ray
+        self.own_ray = False   # whether this run started Ray (and so shuts it down in close())
         if use_ray:
+            import ray
+
             from rollout.actor import start_local_ray
-            start_local_ray(num_cpus=r.num_cpus, address=None if r.address in (None, "local") else r.address)
+            if not ray.is_initialized():
+                start_local_ray(num_cpus=r.num_cpus, address=None if r.address in (None, "local") else r.address)
+                self.own_ray = True
         common = dict(use_ray=use_ray, timeout=r.timeout_s)
         self.actor = spawn(PolicyWorker, policy_dir, optim=cfg.actor_optim, total_steps=cfg.steps, dtype=cfg.dtype,
                            seed=cfg.seed, chunk_size=cfg.ppo.entropy_chunk, temperature=cfg.rollout.temperature,
@@ -183,11 +190,19 @@ class RLRun:
         raise RuntimeError(f"rollout failed {self.cfg.rollout.retries + 1} times") from last
 
     def close(self) -> None:
+        """Stop the engine and the verifier pool, end the worker actors (a pipeline runs several RL
+        stages in one process) and Ray itself where this run started it."""
         for h in (self.rollout, self.reward):
             try:
                 h("close")
             except Exception:  # noqa: BLE001
                 pass
+        for h in (self.rollout, self.reward, self.actor, self.ref, self.critic):
+            if h is not None:
+                h.kill()
+        if self.own_ray:
+            import ray
+            ray.shutdown()
 
 
 def fit(cfg: RLConfig, *, resume: bool = True, progress: bool = True) -> Path:
@@ -257,19 +272,22 @@ def fit(cfg: RLConfig, *, resume: bool = True, progress: bool = True) -> Path:
             names = sorted(set(tasks))
             batch["task_id"] = torch.tensor([names.index(t) for t in tasks])
         with tm("logp"):
-            mbs = cfg.ppo.micro_batch_size
-            pend = {"actor": run.actor.call("logp", batch, micro_batch_size=mbs)}
+            mbs, from_engine = cfg.ppo.micro_batch_size, cfg.ppo.old_logp == "engine"
+            pend = {} if from_engine else {"actor": run.actor.call("logp", batch, micro_batch_size=mbs)}
             if run.ref is not None:
                 pend["ref"] = run.ref.call("logp", batch, micro_batch_size=mbs)
             if run.critic is not None:
                 pend["critic"] = run.critic.call("values", batch, micro_batch_size=mbs)
             res = {k: p.result() for k, p in pend.items()}
-            batch["logp"], batch["entropy"] = res["actor"]["logp"], res["actor"]["entropy"]
+            if from_engine:  # the sampler's own log-probs: same weights, one forward pass fewer
+                batch["logp"] = engine_logp(completions, batch["mask"])
+            else:
+                batch["logp"], batch["entropy"] = res["actor"]["logp"], res["actor"]["entropy"]
             batch["ref_logp"] = res["ref"]["logp"] if run.ref is not None else batch["logp"]
             batch["old_logp"] = batch["logp"]
             if run.critic is not None:
                 batch["values"] = batch["old_values"] = res["critic"]
-        engine_gap = _engine_logp_gap(batch, completions) if ro.temperature == 1.0 else None
+        engine_gap = _engine_logp_gap(batch, completions) if ro.temperature == 1.0 and not from_engine else None
         with tm("advantage"):
             batch.update(compute_advantages(batch, algo=cfg.algo, ppo=cfg.ppo, grpo=cfg.grpo, kl_mode=cfg.kl.mode,
                                             gamma=cfg.ppo.gamma))
@@ -282,7 +300,7 @@ def fit(cfg: RLConfig, *, resume: bool = True, progress: bool = True) -> Path:
                 pend.append(run.critic.call("update", batch, ppo=cfg.ppo, minibatch_rows=mb_rows))
             if actor_on and mb_rows:
                 pend.append(run.actor.call("update", batch, ppo=cfg.ppo, kl_mode=cfg.kl.mode, kl_kind=cfg.kl.kind,
-                                           minibatch_rows=mb_rows))
+                                           minibatch_rows=mb_rows, entropy=from_engine))
             update_metrics = {k: v for p in pend for k, v in p.result().items()}
         with tm("sync"):
             if actor_on:
@@ -331,11 +349,13 @@ def fit(cfg: RLConfig, *, resume: bool = True, progress: bool = True) -> Path:
 
 def _engine_logp_gap(batch: dict, completions) -> float:
     """max |engine log-prob - trainer log-prob| over sampled tokens (both of the raw policy at T=1)."""
-    engine = [lp for group in completions for c in group for lp in c.logp]
-    trainer = batch["logp"][batch["mask"].bool()]
-    if len(engine) != trainer.numel() or not engine:
+    try:
+        engine = engine_logp(completions, batch["mask"])
+    except ValueError:
         return float("nan")
-    return float((torch.tensor(engine) - trainer).abs().max())
+    if not batch["mask"].any():
+        return float("nan")
+    return float(((engine - batch["logp"]) * batch["mask"]).abs().max())
 
 
 class _Saver:

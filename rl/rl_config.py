@@ -5,6 +5,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from rewards.config import RewardConfig
+from rl.config import ConfigError
 from rl.sft import OptimConfig
 
 
@@ -49,6 +50,11 @@ class PPOConfig:
     lm_coef: float = 0.1                       # positive-example LM loss weight mu (VAPO); 0 disables
     value_pretrain_steps: int = 0              # critic-only steps on the frozen policy before actor updates
     entropy_chunk: int = 0                     # chunk size for log-prob/entropy (0: whole sequence)
+    # The behaviour policy's log-probs (the ratio's denominator): "trainer" recomputes them with the
+    # actor (robust to engine/trainer numeric gaps, as in bf16 on GPU); "engine" takes the rollout
+    # engine's, saving one forward pass per step where both run the same float32 weights (the
+    # `rollout/logp_gap_max` metric of a "trainer" run measures the gap). Needs temperature 1.
+    old_logp: Literal["trainer", "engine"] = "trainer"
 
 
 @dataclass(frozen=True)
@@ -95,3 +101,8 @@ class RLConfig:
     eval_samples: int = 0                      # k > 0 adds avg@k at the rollout temperature to every eval
     max_minutes: float = 0.0                   # stop (and save) after this wall time; 0: no limit
     dtype: Literal["float32", "bfloat16"] = "float32"
+
+    def __post_init__(self):
+        if self.ppo.old_logp == "engine" and self.rollout.temperature != 1.0:
+            raise ConfigError("ppo.old_logp: 'engine' needs rollout.temperature 1 (the engine returns the raw "
+                              f"policy's log-probs, the trainer optimises softmax(logits/T)); got {self.rollout.temperature}")

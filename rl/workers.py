@@ -59,15 +59,20 @@ class PolicyWorker:
             self.model.requires_grad_(False)
 
     def _logp(self, mb: dict, *, entropy: bool = False) -> tuple[Tensor, Tensor | None]:
-        from model.logprobs import logp_and_entropy, token_logp
+        """Token log-probs of the labels and (entropy=True) the entropy, a detached diagnostic."""
+        from model.logprobs import entropy_from_logits, logp_and_entropy, token_logp
 
         logits = self.model(**model_inputs(mb), use_cache=False).logits[:, :-1]
         if self.temperature != 1.0:
             logits = logits / self.temperature
         labels = mb["input_ids"][:, 1:]
-        if entropy:
+        if entropy and not torch.is_grad_enabled():
             return logp_and_entropy(logits, labels, chunk_size=self.chunk_size)
-        return token_logp(logits, labels, chunk_size=self.chunk_size), None
+        logp = token_logp(logits, labels, chunk_size=self.chunk_size)
+        if not entropy:
+            return logp, None
+        with torch.no_grad():
+            return logp, entropy_from_logits(logits.detach(), chunk_size=self.chunk_size)
 
     @torch.no_grad()
     def logp(self, batch: dict, *, micro_batch_size: int = 32) -> dict[str, Tensor]:
@@ -88,8 +93,9 @@ class PolicyWorker:
         return {"logp": logp, "entropy": ent}
 
     def update(self, batch: dict, *, ppo, kl_mode: str, kl_kind: str, minibatch_rows: Sequence[Sequence[int]],
-               use_lm: bool = True) -> dict[str, float]:
-        """PPO actor update over the given minibatches (one optimizer step each).
+               use_lm: bool = True, entropy: bool = False) -> dict[str, float]:
+        """PPO actor update over the given minibatches (one optimizer step each); entropy=True also
+        reports the policy's token-mean entropy over the update's forwards (`response/entropy`).
 
         batch carries old_logp, adv, mask (B, T), kl_coef (B,), ref_logp (B, T), correct (B,).
         Loss = policy_loss + [kl_mode == 'loss'] kl_loss + lm_coef * positive_lm_loss, each a
@@ -108,7 +114,9 @@ class PolicyWorker:
             total = 0.0
             for mb in micro_batches(batch, ppo.micro_batch_size, order=rows):
                 mb = _on(mb, self.device)
-                logp, _ = self._logp(mb)
+                logp, ent = self._logp(mb, entropy=entropy)
+                if ent is not None:
+                    sums["entropy"] = sums.get("entropy", 0.0) + float((ent * mb["mask"]).sum()) / n_tok
                 loss, m = policy_loss(logp, mb["old_logp"], mb["adv"], mb["mask"], clip_low=ppo.clip_low,
                                       clip_high=ppo.clip_high, dual_clip=ppo.dual_clip, **norm)
                 if kl_mode == "loss":
@@ -135,7 +143,9 @@ class PolicyWorker:
             sums["loss"] = sums.get("loss", 0.0) + total
             sums["grad_norm"] = sums.get("grad_norm", 0.0) + float(gn)
         denom = max(1, len(minibatch_rows))
-        out = {f"actor/{k}": v / denom for k, v in sums.items()}
+        out = {f"actor/{k}": v / denom for k, v in sums.items() if k != "entropy"}
+        if "entropy" in sums:
+            out["response/entropy"] = sums["entropy"] / denom
         out["actor/skipped_nonfinite"] = skipped
         out["actor/lr"] = self.sched.get_last_lr()[0]
         return out

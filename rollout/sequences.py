@@ -96,3 +96,19 @@ def build_sequences(processor, prompts: Sequence[Prompt], completions: Sequence[
         out["pixel_values"] = torch.cat(pixel_values)
         out["image_grid_thw"] = torch.cat(grids)
     return out
+
+
+def engine_logp(completions: Sequence[Sequence[Completion]], mask: torch.Tensor) -> torch.Tensor:
+    """The engine's sampled-token log-probs laid out like the trainer's: (B, T) on the label
+    positions `mask` (B, T) marks (`response_mask[:, 1:]` of `build_sequences`), 0 elsewhere.
+    Rows follow `build_sequences` (prompt-major)."""
+    flat = [c for group in completions for c in group]
+    if len(flat) != mask.shape[0]:
+        raise ValueError(f"{len(flat)} completions for {mask.shape[0]} rows")
+    out = torch.zeros(mask.shape, dtype=torch.float32)
+    for b, c in enumerate(flat):
+        pos = mask[b].nonzero().flatten()
+        if len(c.logp) != len(pos):
+            raise ValueError(f"row {b}: the engine returned {len(c.logp)} log-probs for {len(pos)} response tokens")
+        out[b, pos] = torch.tensor(c.logp, dtype=torch.float32)
+    return out

@@ -67,6 +67,12 @@ def test_per_task_whitening_undoes_a_value_bias_of_one_task():
     assert by_task[4].mean() > 0 > by_task[3].mean()                          # the right sample still wins
 
 
+def test_engine_old_logp_needs_temperature_one():
+    from rl.config import ConfigError
+    with pytest.raises(ConfigError, match="ppo.old_logp"):
+        RLConfig(ppo=PPOConfig(old_logp="engine"), rollout=RolloutConfig(temperature=0.7))
+
+
 def test_reference_policy_only_when_some_task_has_kl():
     assert not uses_kl(KLConfig()) and not uses_kl(KLConfig(coefs={"math": 0.0}))
     assert uses_kl(KLConfig(coefs={"caption": 0.02})) and uses_kl(KLConfig(default=0.01))
@@ -226,10 +232,13 @@ def test_dead_rollout_worker_is_restarted_and_the_step_retried(tmp_path, sft_run
 @pytest.mark.vllm
 def test_ray_smoke_with_vllm_rollouts(tmp_path, sft_run):
     """The actor graph: policy, reference, shared critic, reward and a vLLM rollout engine as Ray
-    actors; two steps with weight sync, then a checkpoint and a final policy."""
+    actors; two steps with weight sync, then a checkpoint and a final policy. The old log-probs
+    come from the engine (ppo.old_logp "engine"): right after a sync they are the actor's own, so
+    the ratio of the single minibatch's forward is 1 and nothing is clipped."""
     import ray
 
     cfg = _cfg(sft_run, tmp_path / "run", rollout=RolloutConfig(backend="vllm", n=2, max_tokens=24),
+               ppo=PPOConfig(minibatches=1, micro_batch_size=8, old_logp="engine"),
                ray=dataclasses.replace(RLConfig().ray, enabled=True, timeout_s=300))
     try:
         final = fit(cfg, progress=False)
@@ -237,5 +246,9 @@ def test_ray_smoke_with_vllm_rollouts(tmp_path, sft_run):
         ray.shutdown()
     rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2] and rows[0]["rollout/tokens_per_s"] > 0
+    for r in rows:
+        assert r["actor/ratio_mean"] == pytest.approx(1.0, abs=1e-4)
+        assert r["actor/clip_frac_high"] == r["actor/clip_frac_low"] == 0.0
+        assert r["response/entropy"] > 0 and "rollout/logp_gap_max" not in r
     assert (final / "model.safetensors").is_file()
     assert (tmp_path / "run" / "checkpoints" / "step-000002" / "critic" / "value_head.safetensors").is_file()

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from rollout import Completion
-from rollout.sequences import build_sequences, encode_prompt, vision_token_ids
+from rollout.sequences import build_sequences, encode_prompt, engine_logp, vision_token_ids
 from tests.rollout_checks import make_prompts
 
 
@@ -33,6 +33,26 @@ def test_layout(tiny, suite_dir):
     expected = torch.cat([encs[0]["pixel_values"]] * 2 + [encs[1]["pixel_values"]])
     assert torch.equal(b["pixel_values"], expected)
     assert torch.equal(b["image_grid_thw"], torch.cat([encs[0]["image_grid_thw"]] * 2 + [encs[1]["image_grid_thw"]]))
+
+
+def test_engine_logp_lands_on_the_label_positions_of_its_row(tiny, suite_dir):
+    """ppo.old_logp "engine": each completion's log-probs sit where the trainer's token_logp of the
+    same tokens would (label positions response_mask[:, 1:]), rows in build_sequences order."""
+    _, proc = tiny
+    prompts = make_prompts(suite_dir, k=2)
+    groups = [[Completion([40, 41], [-0.1, -0.2], "", "stop"), Completion([42], [-0.3], "", "stop")],
+              [Completion([43, 44, 45], [-0.4, -0.5, -0.6], "", "stop")], [Completion([46], [-0.7], "", "stop")]]
+    b = build_sequences(proc, prompts, groups)
+    mask = b["response_mask"][:, 1:].float()
+    out = engine_logp(groups, mask)
+    assert out.shape == mask.shape and (out[mask == 0] == 0).all()
+    assert out[mask.bool()].tolist() == pytest.approx([-0.1, -0.2, -0.3, -0.4, -0.5, -0.6, -0.7])  # row-major
+    # the label of position t is input_ids[t + 1]: the first response token is predicted at P - 1
+    P = len(encode_prompt(proc, prompts[0])["input_ids"][0])
+    assert out[0, P - 1].item() == pytest.approx(-0.1)
+    groups[1][0].logp.pop()
+    with pytest.raises(ValueError, match="row 2: the engine returned 2 log-probs for 3 response tokens"):
+        engine_logp(groups, mask)
 
 
 def test_rejects_vision_tokens_in_a_response(tiny, suite_dir):

@@ -31,7 +31,7 @@ def compute_advantages(batch: dict, *, algo: str, ppo, grpo, kl_mode: str, gamma
     """Advantages and critic targets from scores, log-probs and values (all on label positions).
 
     batch: scores (B,), mask (B, T), logp/ref_logp (B, T), values (B, T) (ppo), kl_coef (B,),
-    prompt_index (B,), task_id (B,) (ppo with whiten_by "task").
+    prompt_index (B,), task_id (B,) (ppo with whiten_by "task" or "task_center").
     Returns adv (B, T), returns (B, T) (ppo), token_rewards (B, T), keep (B,).
     """
     from rl.algos import (decoupled_gae, dynamic_sampling_mask, group_advantages, kl_penalty_rewards,
@@ -53,7 +53,10 @@ def compute_advantages(batch: dict, *, algo: str, ppo, grpo, kl_mode: str, gamma
     adv, returns = decoupled_gae(rewards, batch["values"], mask, gamma=gamma, lam_actor=lam_actor,
                                  lam_critic=ppo.lam_critic)
     if ppo.whiten_adv:
-        adv = whiten_by_group(adv, mask, batch["task_id"]) if ppo.whiten_by == "task" else whiten(adv, mask)
+        if ppo.whiten_by == "batch":
+            adv = whiten(adv, mask)
+        else:
+            adv = whiten_by_group(adv, mask, batch["task_id"], scale="group" if ppo.whiten_by == "task" else "batch")
     return {"adv": adv * mask, "returns": returns, "token_rewards": rewards, "keep": keep}
 
 

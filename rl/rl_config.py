@@ -46,7 +46,10 @@ class PPOConfig:
     lam_alpha: float = 0.05                    # length-adaptive lambda 1 - 1/(alpha*len) (VAPO); 0 disables
     lam_critic: float = 1.0                    # decoupled GAE: critic targets with lambda 1 (VC-PPO)
     whiten_adv: bool = True
-    whiten_by: Literal["batch", "task"] = "task"  # task: per task type, so no task's advantages share a sign
+    # batch: one mean and std; task: each task type centred and scaled on its own (no task's
+    # advantages share a sign); task_center: each task centred, one std over the batch (a nearly
+    # solved task keeps its small advantages)
+    whiten_by: Literal["batch", "task", "task_center"] = "task"
     lm_coef: float = 0.1                       # positive-example LM loss weight mu (VAPO); 0 disables
     value_pretrain_steps: int = 0              # critic-only steps on the frozen policy before actor updates
     entropy_chunk: int = 0                     # chunk size for log-prob/entropy (0: whole sequence)

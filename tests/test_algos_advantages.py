@@ -203,3 +203,24 @@ def test_whiten_by_group_is_whiten_of_each_group():
         rows = groups == g
         assert torch.allclose(out[rows], whiten(x[rows], mask[rows]))
     assert torch.equal(out * (1 - mask), torch.zeros_like(out))
+
+
+def test_whiten_by_group_with_batch_scale_centres_each_group_and_keeps_their_ratio():
+    """scale "batch": each group's mean is removed, then one std for all, so a group with small
+    advantages (a nearly solved task) stays small instead of being blown up to unit variance."""
+    torch.manual_seed(0)
+    x, mask = torch.randn(6, 4), (torch.rand(6, 4) > 0.3).float()
+    mask[:, 0] = 1
+    x[:3] = 0.05 * x[:3] + 3.0                                   # group 0: biased and nearly constant
+    groups = torch.tensor([0, 0, 0, 1, 1, 1])
+    out = whiten_by_group(x, mask, groups, scale="batch")
+    m = mask.bool()
+    centred = [x[r] - x[r][m[r]].mean() for r in (slice(0, 3), slice(3, 6))]
+    for r, c in zip((slice(0, 3), slice(3, 6)), centred):
+        assert abs(float(out[r][m[r]].mean())) < 1e-6
+        assert torch.allclose(out[r][m[r]] / c[m[r]], out[0, 0] / centred[0][0, 0])   # one common scale
+    assert float((out[m] ** 2).mean()) == pytest.approx(1.0, rel=1e-5)
+    assert float(out[:3][m[:3]].std()) < 0.2 < float(whiten_by_group(x, mask, groups)[:3][m[:3]].std())
+    assert torch.equal(out * (1 - mask), torch.zeros_like(out))
+    with pytest.raises(ValueError, match="scale"):
+        whiten_by_group(x, mask, groups, scale="task")

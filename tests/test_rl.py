@@ -65,6 +65,10 @@ def test_per_task_whitening_undoes_a_value_bias_of_one_task():
     for rows in (slice(0, 3), slice(3, 6)):
         assert abs(float(by_task[rows].mean())) < 1e-5 and float(by_task[rows].std()) > 0.5
     assert by_task[4].mean() > 0 > by_task[3].mean()                          # the right sample still wins
+    centred = adv("task_center")
+    for rows in (slice(0, 3), slice(3, 6)):
+        assert abs(float(centred[rows].mean())) < 1e-5
+    assert centred[4].mean() > 0 > centred[3].mean()
 
 
 def test_engine_old_logp_needs_temperature_one():

@@ -101,19 +101,34 @@ def whiten(x: Tensor, mask: Tensor, *, shift_mean: bool = True, eps: float = 1e-
     return torch.where(mask, out, torch.zeros_like(out))
 
 
-def whiten_by_group(x: Tensor, mask: Tensor, groups: Tensor | Sequence[int], *, eps: float = 1e-8) -> Tensor:
-    """`whiten` applied to each group of rows on its own (x, mask: (B, T); groups: (B,) ints).
+def whiten_by_group(x: Tensor, mask: Tensor, groups: Tensor | Sequence[int], *, scale: str = "group",
+                    eps: float = 1e-8) -> Tensor:
+    """Each group of rows centred on its own mean (x, mask: (B, T); groups: (B,) ints), then scaled
+    to unit variance per group (scale "group": `whiten` of each group) or by one std over the whole
+    centred batch (scale "batch").
 
     With one shared critic for several task types, a value bias of one task (its values above or
     below its returns) makes that task's advantages share a sign; batch whitening keeps that sign,
     and the policy then pushes down (or up) every token of the task, EOS and closing brackets
-    included. Whitening per task type removes each task's mean before the step.
+    included. Centring per task type removes each task's mean before the step. Scaling per group
+    also blows a nearly solved task's small advantages up to unit variance, its noise included (the
+    objection Dr.GRPO raises against GRPO's per-group std); one batch std keeps the tasks' relative
+    magnitudes, so the tasks that are still being learned get the larger share of the step.
     """
+    if scale not in ("group", "batch"):
+        raise ValueError(f"scale must be 'group' or 'batch', got {scale!r}")
     ids = torch.as_tensor(groups, device=x.device)
     out = torch.zeros_like(x)
     for g in torch.unique(ids):
         rows = ids == g
-        out[rows] = whiten(x[rows], mask[rows], eps=eps)
+        if scale == "group":
+            out[rows] = whiten(x[rows], mask[rows], eps=eps)
+        else:
+            m = mask[rows].bool()
+            out[rows] = torch.where(m, x[rows] - masked_mean(x[rows], m), torch.zeros_like(x[rows]))
+    if scale == "batch":
+        bm = mask.bool()
+        out = torch.where(bm, out * torch.rsqrt(masked_mean(out ** 2, bm) + eps), torch.zeros_like(out))
     return out
 
 

@@ -77,6 +77,14 @@ def uses_kl(kl_cfg) -> bool:
     return kl_cfg.default != 0 or any(c != 0 for c in kl_cfg.coefs.values())
 
 
+def prompt_pool(cfg: RLConfig) -> list:
+    """The records the steps draw prompts from: `cfg.data` with each record of task t repeated
+    `cfg.task_weights[t]` times (the prompt mixture)."""
+    from rl.data import load_records
+    from rl.sft import weighted_records
+    return weighted_records(load_records(cfg.data, require="prompt"), cfg.task_weights)
+
+
 def step_metrics(batch: dict, results, tasks: list[str], *, kl: bool = True) -> dict[str, float]:
     """Reward per task and component, KL per task (when a reference policy runs), the critic's value
     bias per task (PPO), response lengths."""
@@ -128,7 +136,7 @@ class RLRun:
         from rl.workers import CriticWorker, PolicyWorker, RewardWorker
 
         self.cfg = cfg
-        self.records = load_records(cfg.data, require="prompt")
+        self.records = prompt_pool(cfg)
         self.eval_records = load_records(cfg.eval_data, require="prompt") if cfg.eval_data else []
         policy_dir = str(start_from or cfg.policy)
         use_ray, r = cfg.ray.enabled, cfg.ray

@@ -87,6 +87,7 @@ class RLConfig:
     out: str = "runs/tiny/rl"
     steps: int = 100                           # RL steps (rollout + update)
     prompts_per_step: int = 16
+    task_weights: dict[str, int] = field(default_factory=dict)   # prompts of task t repeated w times (mixture)
     seed: int = 0
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     reward: RewardConfig = field(default_factory=RewardConfig)
@@ -106,6 +107,9 @@ class RLConfig:
     dtype: Literal["float32", "bfloat16"] = "float32"
 
     def __post_init__(self):
+        bad = {t: w for t, w in self.task_weights.items() if not isinstance(w, int) or w < 1}
+        if bad:
+            raise ConfigError(f"task_weights: integers >= 1 per task, got {bad}")
         if self.ppo.old_logp == "engine" and self.rollout.temperature != 1.0:
             raise ConfigError("ppo.old_logp: 'engine' needs rollout.temperature 1 (the engine returns the raw "
                               f"policy's log-probs, the trainer optimises softmax(logits/T)); got {self.rollout.temperature}")

@@ -7,7 +7,7 @@ import torch
 
 import rl.runlog
 from rl.algos import kl as kl_estimate
-from rl.ppo import compute_advantages, fit, minibatch_rows, uses_kl
+from rl.ppo import compute_advantages, fit, minibatch_rows, prompt_pool, uses_kl
 from rl.rl_config import GRPOConfig, KLConfig, PPOConfig, RLConfig, RolloutConfig
 from rewards.config import PoolConfig, RewardConfig
 
@@ -69,6 +69,18 @@ def test_per_task_whitening_undoes_a_value_bias_of_one_task():
     for rows in (slice(0, 3), slice(3, 6)):
         assert abs(float(centred[rows].mean())) < 1e-5
     assert centred[4].mean() > 0 > centred[3].mean()
+
+
+def test_task_weights_set_the_prompt_mixture(sft_run, tmp_path):
+    cfg = _cfg(sft_run, tmp_path / "run")
+    plain = prompt_pool(cfg)
+    pool = prompt_pool(dataclasses.replace(cfg, task_weights={"math": 3}))
+    n_math = sum(r.task == "math" for r in plain)
+    assert n_math > 0 and len(pool) == len(plain) + 2 * n_math
+    assert sum(r.task == "math" for r in pool) == 3 * n_math
+    from rl.config import ConfigError
+    with pytest.raises(ConfigError, match="task_weights"):
+        RLConfig(task_weights={"math": 0})
 
 
 def test_engine_old_logp_needs_temperature_one():

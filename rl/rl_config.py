@@ -6,7 +6,7 @@ from typing import Literal
 
 from rewards.config import RewardConfig
 from rl.config import ConfigError
-from rl.sft import OptimConfig
+from rl.sft import OptimConfig, check_task_weights
 
 
 @dataclass(frozen=True)
@@ -107,9 +107,7 @@ class RLConfig:
     dtype: Literal["float32", "bfloat16"] = "float32"
 
     def __post_init__(self):
-        bad = {t: w for t, w in self.task_weights.items() if not isinstance(w, int) or w < 1}
-        if bad:
-            raise ConfigError(f"task_weights: integers >= 1 per task, got {bad}")
+        check_task_weights(self.task_weights)   # at load time, with the config file's name
         if self.ppo.old_logp == "engine" and self.rollout.temperature != 1.0:
             raise ConfigError("ppo.old_logp: 'engine' needs rollout.temperature 1 (the engine returns the raw "
                               f"policy's log-probs, the trainer optimises softmax(logits/T)); got {self.rollout.temperature}")

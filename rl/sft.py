@@ -53,12 +53,18 @@ class SFTConfig:
     (grounding) gets more of the batches without drawing more distinct examples."""
 
 
+def check_task_weights(weights: Mapping[str, int]) -> None:
+    """Raise ConfigError unless every weight is an integer >= 1 (SFT records, RL prompts)."""
+    from rl.config import ConfigError
+    bad = {t: w for t, w in weights.items() if not isinstance(w, int) or w < 1}
+    if bad:
+        raise ConfigError(f"task_weights must be integers >= 1, got {bad}")
+
+
 def weighted_records(records: list, weights: Mapping[str, int]) -> list:
     """`records` with each record of task t repeated weights.get(t, 1) times, in a fixed order (the
     data position stays a pure function of the step). Weights are integers >= 1."""
-    bad = {t: w for t, w in weights.items() if not isinstance(w, int) or w < 1}
-    if bad:
-        raise ValueError(f"task_weights must be integers >= 1, got {bad}")
+    check_task_weights(weights)
     return [r for r in records for _ in range(weights.get(r.task, 1))]
 
 

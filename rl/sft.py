@@ -27,6 +27,10 @@ class OptimConfig:
     schedule: Literal["cosine", "linear", "constant"] = "cosine"
     min_lr_ratio: float = 0.1             # final lr = lr * min_lr_ratio (cosine, linear)
     max_grad_norm: float = 1.0            # gradient clipping; 0 disables
+    lr_scale: dict[str, float] = field(default_factory=dict)
+    """Learning-rate multipliers by parameter-name prefix, the longest prefix wins; 0 freezes those
+    parameters. Qwen2-VL's parts: `model.visual` (vision tower and merger), `model.language_model`,
+    `lm_head`. E.g. {model.visual: 10} lets RL move the vision path faster than the decoder."""
 
 
 @dataclass(frozen=True)
@@ -107,8 +111,38 @@ def optimizer_step(model, opt, sched, max_grad_norm: float) -> float:
     return float(grad_norm)
 
 
+def lr_groups(names: list[str], lr_scale: Mapping[str, float]) -> dict[float, list[str]]:
+    """Parameter names grouped by their lr multiplier: the value of the longest prefix of `lr_scale`
+    that matches the name at a dot boundary, else 1. Raises ConfigError for a negative multiplier or
+    a prefix that matches no parameter (a typo would otherwise silently train everything at 1x)."""
+    from rl.config import ConfigError
+
+    def matches(name: str, prefix: str) -> bool:
+        return name == prefix or name.startswith(prefix + ".")
+
+    for prefix, scale in lr_scale.items():
+        if scale < 0:
+            raise ConfigError(f"lr_scale.{prefix}: must be >= 0, got {scale}")
+        if not any(matches(n, prefix) for n in names):
+            parts = sorted({".".join(n.split(".")[:2]) for n in names})
+            raise ConfigError(f"lr_scale.{prefix}: matches no parameter of the model (its parts: {', '.join(parts)})")
+    groups: dict[float, list[str]] = {}
+    for name in names:
+        hits = [p for p in lr_scale if matches(name, p)]
+        groups.setdefault(float(lr_scale[max(hits, key=len)]) if hits else 1.0, []).append(name)
+    return groups
+
+
 def make_optimizer(model, cfg: OptimConfig, total_steps: int):
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=tuple(cfg.betas))
+    """AdamW over the model's parameters (grouped by `cfg.lr_scale`; a 0 multiplier freezes its group:
+    no gradient, no optimizer state) with the warm-up/decay schedule of `cfg`."""
+    params = dict(model.named_parameters())
+    groups = lr_groups(list(params), cfg.lr_scale)
+    for name in groups.pop(0.0, []):
+        params[name].requires_grad_(False)
+    opt = torch.optim.AdamW([{"params": [params[n] for n in names], "lr": cfg.lr * scale}
+                             for scale, names in sorted(groups.items())],
+                            lr=cfg.lr, weight_decay=cfg.weight_decay, betas=tuple(cfg.betas))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(
         s, total=total_steps, warmup=cfg.warmup_steps, schedule=cfg.schedule, min_ratio=cfg.min_lr_ratio))
     return opt, sched

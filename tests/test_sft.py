@@ -6,7 +6,8 @@ import torch
 from safetensors.torch import load_file
 
 import rl.runlog
-from rl.sft import OptimConfig, SFTConfig, batch_indices, lr_factor, train_sft, weighted_records
+from rl.sft import (OptimConfig, SFTConfig, batch_indices, lr_factor, lr_groups, make_optimizer, train_sft,
+                    weighted_records)
 
 
 def test_lr_schedule_shape():
@@ -38,6 +39,29 @@ def test_task_weights_repeat_records_of_a_task():
     assert weighted_records(recs, {}) == recs
     with pytest.raises(ValueError, match="task_weights"):
         weighted_records(recs, {"math": 0})
+
+
+def test_lr_scale_groups_by_longest_prefix_and_rejects_typos():
+    names = ["model.visual.blocks.0.w", "model.visual.merger.w", "model.language_model.layers.0.w", "lm_head.weight"]
+    groups = lr_groups(names, {"model.visual": 10, "model.visual.merger": 2, "lm_head": 0})
+    assert groups == {10.0: ["model.visual.blocks.0.w"], 2.0: ["model.visual.merger.w"],
+                      1.0: ["model.language_model.layers.0.w"], 0.0: ["lm_head.weight"]}
+    with pytest.raises(ValueError, match="lr_scale.model.vis: matches no parameter"):  # dot boundaries only
+        lr_groups(names, {"model.vis": 3})
+    with pytest.raises(ValueError, match="must be >= 0"):
+        lr_groups(names, {"lm_head": -1})
+
+
+def test_zero_lr_scale_freezes_and_the_rest_trains_at_its_multiple():
+    model = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Linear(2, 1))
+    opt, _ = make_optimizer(model, OptimConfig(lr=1e-3, warmup_steps=0, schedule="constant",
+                                               lr_scale={"0": 0, "1.bias": 5}), total_steps=10)
+    assert not model[0].weight.requires_grad and model[1].weight.requires_grad
+    assert sorted((g["lr"], len(g["params"])) for g in opt.param_groups) == [(1e-3, 1), (5e-3, 1)]
+    frozen = model[0].weight.detach().clone()
+    model(torch.ones(3, 2)).sum().backward()
+    opt.step()
+    assert torch.equal(model[0].weight, frozen) and model[0].weight.grad is None
 
 
 def test_killed_run_resumes_exactly(tmp_path, tiny_model_dir, suite_dir, monkeypatch):

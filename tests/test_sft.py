@@ -62,6 +62,8 @@ def test_zero_lr_scale_freezes_and_the_rest_trains_at_its_multiple():
     model(torch.ones(3, 2)).sum().backward()
     opt.step()
     assert torch.equal(model[0].weight, frozen) and model[0].weight.grad is None
+    with pytest.raises(ValueError, match="every parameter is frozen"):
+        make_optimizer(model, OptimConfig(lr_scale={"0": 0, "1": 0}), total_steps=10)
 
 
 def test_killed_run_resumes_exactly(tmp_path, tiny_model_dir, suite_dir, monkeypatch):

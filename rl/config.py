@@ -90,7 +90,10 @@ def _build(cls: type[T], data: dict, where: str) -> T:
     if unknown:
         raise ConfigError(f"{where}: unknown key {unknown[0]!r} (known: {', '.join(sorted(fields))})")
     kwargs = {k: _coerce(v, hints[k], f"{where}.{k}" if where else k) for k, v in data.items()}
-    return cls(**kwargs)
+    try:
+        return cls(**kwargs)   # a section's own checks (__post_init__) name keys relative to it
+    except ConfigError as e:
+        raise ConfigError(f"{where}: {e}" if where else str(e)) from None
 
 
 def _merge(base: dict, path: list[str], value: Any) -> None:

@@ -32,6 +32,17 @@ class OptimConfig:
     parameters. Qwen2-VL's parts: `model.visual` (vision tower and merger), `model.language_model`,
     `lm_head` (a critic's are under `backbone.`). The tiny configs' SFT uses {model.visual: 3}."""
 
+    def __post_init__(self):
+        check_lr_scale(self.lr_scale)   # at load time; whether a prefix matches needs the model
+
+
+def check_lr_scale(lr_scale: Mapping[str, float]) -> None:
+    """Raise ConfigError for a negative lr multiplier (0 freezes; there is no sign flip)."""
+    from rl.config import ConfigError
+    for prefix, scale in lr_scale.items():
+        if scale < 0:
+            raise ConfigError(f"lr_scale.{prefix}: must be >= 0, got {scale}")
+
 
 @dataclass(frozen=True)
 class SFTConfig:
@@ -55,6 +66,9 @@ class SFTConfig:
     task_weights: dict[str, int] = field(default_factory=dict)
     """Records of a task appear this many times per epoch (default 1): a slow-to-learn task
     (grounding) gets more of the batches without drawing more distinct examples."""
+
+    def __post_init__(self):
+        check_task_weights(self.task_weights)   # at load time, with the config file's name
 
 
 def check_task_weights(weights: Mapping[str, int]) -> None:
@@ -120,9 +134,8 @@ def lr_groups(names: list[str], lr_scale: Mapping[str, float]) -> dict[float, li
     def matches(name: str, prefix: str) -> bool:
         return name == prefix or name.startswith(prefix + ".")
 
-    for prefix, scale in lr_scale.items():
-        if scale < 0:
-            raise ConfigError(f"lr_scale.{prefix}: must be >= 0, got {scale}")
+    check_lr_scale(lr_scale)
+    for prefix in lr_scale:
         if not any(matches(n, prefix) for n in names):
             parts = sorted({".".join(n.split(".")[:2]) for n in names})
             raise ConfigError(f"lr_scale.{prefix}: matches no parameter of the model (its parts: {', '.join(parts)})")

@@ -33,6 +33,8 @@ def test_dotted_overrides_and_types(tmp_path):
     ("optim:\n  schedule: wavy\n", None, "optim.schedule: 'wavy' is not one of"),
     ("steps: 3\n", "optim.lr=fast", "optim.lr: expected a number"),
     ("[1, 2]\n", None, "top level must be a mapping"),
+    ("optim:\n  lr_scale: {model.visual: -1}\n", None, "optim: lr_scale.model.visual: must be >= 0"),
+    ("task_weights: {grounding: 0}\n", None, "task_weights must be integers >= 1"),
 ])
 def test_bad_config_names_file_and_key(tmp_path, text, override, needle):
     f = tmp_path / "bad.yaml"

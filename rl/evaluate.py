@@ -64,12 +64,22 @@ def eval_subset(records: Sequence, limit: int) -> list:
     return [records[i * len(records) // limit] for i in range(limit)]
 
 
-def sampled_accuracy(records, samples: Sequence[Sequence[str]]) -> dict[str, float]:
-    """{task: mean correctness over every record's k sampled responses} for tasks with a rule
-    answer (avg@k at the sampling temperature: the quantity RL optimises, next to greedy accuracy)."""
+def add_sampled_scores(table: dict, records, samples: Sequence[Sequence[str]], reward_cfg, score=None) -> dict:
+    """Add avg@k over every record's k sampled responses to `table`'s rows: `sampled_accuracy` for
+    tasks with a rule answer and, given an RM `score` callable (see add_rm_scores),
+    `sampled_rm_score` for RM-routed tasks. The sampled RM score is what RL maximises; the greedy
+    one can swing on choices the policy makes near 50/50."""
     flat_records = [r for r, group in zip(records, samples) for _ in group]
-    gens = judge(flat_records, [s for group in samples for s in group])
-    return {task: row["accuracy"] for task, row in summarize(gens).items() if row["accuracy"] is not None}
+    flat = [s for group in samples for s in group]
+    sampled = summarize(judge(flat_records, flat))
+    if score is not None:
+        sampled = add_rm_scores(sampled, flat_records, flat, reward_cfg, score)
+    for task, row in sampled.items():
+        if row["accuracy"] is not None:
+            table[task]["sampled_accuracy"] = row["accuracy"]
+        if "rm_score" in row:
+            table[task]["sampled_rm_score"] = row["rm_score"]
+    return table
 
 
 def judge(records, responses: Sequence[str]) -> list[Generation]:
@@ -130,7 +140,10 @@ def format_table(table: dict[str, dict], title: str = "") -> str:
         if with_rm:
             line += f" {row['rm_score']:>9.3f}" if "rm_score" in row else f" {'-':>9}"
         if with_sampled:
-            line += f" {100 * row['sampled_accuracy']:>7.1f}%" if "sampled_accuracy" in row else f" {'-':>8}"
+            if "sampled_accuracy" in row:
+                line += f" {100 * row['sampled_accuracy']:>7.1f}%"
+            else:
+                line += f" {row['sampled_rm_score']:>8.3f}" if "sampled_rm_score" in row else f" {'-':>8}"
         lines.append(line)
     return "\n".join(lines)
 

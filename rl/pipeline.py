@@ -39,7 +39,8 @@ class RMStageConfig:
     n_heldout_pairs: int = 200
     steps: int = 300
     batch_size: int = 16
-    lr: float = 1e-4
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-4, warmup_steps=20))
+    # parameter prefixes start at `critic.backbone.` (e.g. lr_scale {critic.backbone.visual: 3})
 
 
 @dataclass(frozen=True)
@@ -54,6 +55,7 @@ class RoundConfig:
     max_tokens: int = 48
     max_per_prompt: int = 2               # accepted samples kept per prompt
     replay: float = 0.0                   # SFT records mixed into the RFT data per accepted sample
+    rl_replay: float = 0.0                # prompts from outside the band mixed into the round's RL per kept prompt
     sft: SFTConfig = field(default_factory=lambda: SFTConfig(
         steps=40, batch_size=16, save_every=0, optim=OptimConfig(lr=2e-5, warmup_steps=5, schedule="constant")))
     rl_steps: int = 60                    # RL steps after the RFT model
@@ -178,7 +180,7 @@ def _reward_model(cfg: PipelineConfig, run: Path, policy: str) -> str | None:
         from rewards.rm_train import RMConfig, train_rm
         rcfg = RMConfig(model=policy, data=pairs["train"], eval_data=pairs["heldout"], out=str(run / "rm"),
                         steps=cfg.rm.steps, batch_size=cfg.rm.batch_size, seed=cfg.seed,
-                        optim=OptimConfig(lr=cfg.rm.lr, warmup_steps=20))
+                        optim=cfg.rm.optim)
         final = train_rm(rcfg)
         return {"model": str(final.resolve()), "eval": json.loads((run / "rm" / "eval.json").read_text())}
 
@@ -223,9 +225,16 @@ def _round(cfg: PipelineConfig, run: Path, i: int, model: str, data: dict, rm_pa
                              band=(rc.band[0], rc.band[1]), reward_cfg=cfg.rl.reward,
                              backend=cfg.rl.rollout.backend, rm_path=rm_path, max_tokens=rc.max_tokens,
                              temperature=rc.temperature, seed=cfg.seed + i)
-        return {"kept": str((run / f"filter{i}" / "rl.jsonl").resolve()), "counts": summary.get("counts", {})}
+        kept = load_records(run / f"filter{i}" / "rl.jsonl")
+        rl_prompts = run / f"filter{i}" / "rl.jsonl"
+        if rc.rl_replay > 0:  # the round's RL also sees the tasks the band dropped, against forgetting them
+            rl_prompts = run / f"filter{i}" / "rl_replay.jsonl"
+            write_records(rl_prompts, mix_replay(kept, load_records(data["rl"]), rc.rl_replay, seed=cfg.seed + i))
+        return {"kept": str((run / f"filter{i}" / "rl.jsonl").resolve()), "rl_prompts": str(rl_prompts.resolve()),
+                "counts": summary.get("counts", {})}
 
-    kept = run_stage(f"filter{i}", run / f"filter{i}", stage_filter)["kept"]
+    filtered = run_stage(f"filter{i}", run / f"filter{i}", stage_filter)
+    kept = filtered["kept"]
 
     def stage_rft() -> dict:
         from rl.rft import run_rft
@@ -250,9 +259,16 @@ def _round(cfg: PipelineConfig, run: Path, i: int, model: str, data: dict, rm_pa
 
     rft = run_stage(f"rft{i}", run / f"rft{i}", stage_rft)
     tables[f"rft{i}"] = rm_score(rft["eval"], run / f"rft{i}" / "sft")
-    rl = run_stage(f"rl{i}", run / f"rl{i}", lambda: stage_rl(f"rl{i}", rft["model"], kept, rc.rl_steps))
+    rl_prompts = filtered.get("rl_prompts", kept)   # a filter stage finished before rl_replay existed has none
+    rl = run_stage(f"rl{i}", run / f"rl{i}", lambda: stage_rl(f"rl{i}", rft["model"], rl_prompts, rc.rl_steps))
     tables[f"rl{i}"] = rl["eval"]
     return rl["model"]
+
+
+def mix_replay(kept: list, pool: list, ratio: float, *, seed: int) -> list:
+    """`kept` plus round(ratio * len(kept)) records of `pool` that are not in `kept` (by id), seeded."""
+    ids = {r.id for r in kept}
+    return kept + seeded_sample([r for r in pool if r.id not in ids], round(ratio * len(kept)), seed=seed)
 
 
 def seeded_sample(records: list, n: int, *, seed: int) -> list:

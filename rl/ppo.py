@@ -387,20 +387,24 @@ def _eval_metrics(table: dict) -> dict[str, float]:
 def evaluate_run(run: RLRun, limit: int = 0) -> dict:
     """Held-out accuracy per task (greedy); where a reward model is loaded, its mean score on the
     greedy solutions of RM-routed prompts (`rm_score`); with `eval_samples` = k, the mean accuracy
-    of k samples per prompt at the rollout temperature (`sampled_accuracy`)."""
+    of k samples per prompt at the rollout temperature (`sampled_accuracy`) and the RM's mean score
+    of those samples (`sampled_rm_score`)."""
     from rl.data import load_images
-    from rl.evaluate import add_rm_scores, eval_subset, judge, sampled_accuracy, summarize
+    from rl.evaluate import add_rm_scores, add_sampled_scores, eval_subset, judge, summarize
     from rollout.types import Prompt, SamplingConfig
 
     records = eval_subset(run.eval_records, limit)
     responses = run.actor("generate_greedy", records)
     table = summarize(judge(records, responses))
-    table = add_rm_scores(table, records, responses, run.cfg.reward, lambda items: run.reward("rm_scores", items))
+
+    def rm_score(items):
+        return run.reward("rm_scores", items)
+
+    table = add_rm_scores(table, records, responses, run.cfg.reward, rm_score)
     k, ro = run.cfg.eval_samples, run.cfg.rollout
     if k:  # avg@k with the rollout engine at the training temperature; one fixed seed for every eval
         prompts = [Prompt(r.prompt_messages, load_images(r)) for r in records]
         groups = run.generate(prompts, SamplingConfig(n=k, temperature=ro.temperature, top_p=ro.top_p,
                                                       max_tokens=ro.max_tokens, seed=run.cfg.seed + 7))
-        for task, acc in sampled_accuracy(records, [[c.text for c in g] for g in groups]).items():
-            table[task]["sampled_accuracy"] = acc
+        table = add_sampled_scores(table, records, [[c.text for c in g] for g in groups], run.cfg.reward, rm_score)
     return table

@@ -2,7 +2,7 @@
 from PIL import Image
 
 from rl.data import Record
-from rl.evaluate import eval_subset, format_table, sampled_accuracy
+from rl.evaluate import add_sampled_scores, eval_subset, format_table
 
 
 def test_eval_subset_spreads_over_a_file_grouped_by_task():
@@ -28,9 +28,33 @@ def test_sampled_accuracy_is_the_mean_over_every_sample_and_needs_the_format(tmp
     samples = [["<think>x</think>3", "<think>x</think>4", "3"],            # right, wrong, unformatted
                ["<think>y</think>2", "<think>y</think>2", "<think>y</think>2"],
                ["<think>z</think>a red square"] * 3]
-    acc = sampled_accuracy([a, b, cap], samples)
-    assert acc == {"counting": 4 / 6, "all": 4 / 6}                        # caption has no rule answer
-    table = {"counting": {"n": 2, "format": 1.0, "accuracy": 0.5, "sampled_accuracy": acc["counting"]},
-             "caption": {"n": 1, "format": 1.0, "accuracy": None}}
+    table = {"counting": {"n": 2, "format": 1.0, "accuracy": 0.5}, "caption": {"n": 1, "format": 1.0, "accuracy": None},
+             "all": {"n": 3, "format": 1.0, "accuracy": 0.5}}
+    table = add_sampled_scores(table, [a, b, cap], samples, reward_cfg=None)   # no RM: accuracy only
+    assert table["counting"]["sampled_accuracy"] == 4 / 6 and table["all"]["sampled_accuracy"] == 4 / 6
+    assert set(table["caption"]) == {"n", "format", "accuracy"}            # caption has no rule answer
+    del table["all"]
     lines = format_table(table).splitlines()
     assert "sampled" in lines[0] and "66.7%" in lines[1] and lines[2].rstrip().endswith("-")
+
+
+def test_sampled_scores_add_the_rm_mean_over_every_sample_with_the_format_gate(tmp_path):
+    from rewards.config import RewardConfig
+
+    a, cap = _record(tmp_path, "a", "counting", "3"), _record(tmp_path, "c", "caption", None)
+    samples = [["<think>x</think>3", "<think>x</think>4"],
+               ["<think>z</think>A red circle.", "<think>z</think>A red square.", "A red circle."]]  # last: no format
+    seen = []
+
+    def score(items):                       # (image paths, prompt, solution) -> score
+        seen.extend(sol for _, _, sol in items)
+        return [0.9 if "circle" in sol else 0.3 for _, _, sol in items]
+
+    table = {"counting": {"n": 1, "format": 1.0, "accuracy": 1.0}, "caption": {"n": 1, "format": 1.0, "accuracy": None},
+             "all": {"n": 2, "format": 1.0, "accuracy": 1.0}}
+    table = add_sampled_scores(table, [a, cap], samples, RewardConfig(), score)
+    assert table["counting"]["sampled_accuracy"] == 0.5 and "sampled_rm_score" not in table["counting"]
+    assert abs(table["caption"]["sampled_rm_score"] - (0.9 + 0.3 + 0.0) / 3) < 1e-9   # unformatted scores 0
+    assert seen[:2] == ["A red circle.", "A red square."]   # the RM sees the solution, not the thought
+    lines = format_table(table).splitlines()
+    assert lines[2].rstrip().endswith("0.400")

@@ -5,7 +5,7 @@ import pytest
 
 import rl.ppo
 from rl.config import load_config
-from rl.pipeline import PipelineConfig, accuracy_table, run_pipeline
+from rl.pipeline import PipelineConfig, accuracy_table, mix_replay, run_pipeline
 
 
 @pytest.mark.slow
@@ -16,7 +16,7 @@ def test_interrupted_pipeline_resumes_without_rerunning_finished_stages(tmp_path
                  "rl.rollout.max_tokens=16", "rl.reward.pool.workers=0",
                  "rl.reward.tasks={caption: {verifiers: [{verifier: instruction, settings: {min_words: 2}}]}}",
                  "rounds=1", "round.k=4", "round.max_prompts=16", "round.temperature=0.5", "round.band=[0.0, 1.0]", "round.max_tokens=16",
-                 "round.sft.steps=1", "round.rl_steps=1", "round.replay=1.0"]
+                 "round.sft.steps=1", "round.rl_steps=1", "round.replay=1.0", "round.rl_replay=0.5"]
     cfg = load_config(PipelineConfig, None, overrides)
     real_fit = rl.ppo.fit
     calls = []
@@ -47,4 +47,45 @@ def test_interrupted_pipeline_resumes_without_rerunning_finished_stages(tmp_path
     assert len(mixed) == 2 * accepted and sum(i.startswith("sft-") for i in mixed) == accepted
     kept = (run / "filter1" / "rl.jsonl").read_text().splitlines()
     assert all("pass_rate" in json.loads(line)["meta"] for line in kept)
+    # rl_replay 0.5: the round's RL prompts are the kept ones plus half as many from outside them
+    rl1_prompts = json.loads((run / "rl1" / "config.json").read_text())["data"]
+    mixed = [json.loads(line)["id"] for line in open(rl1_prompts)]
+    kept_ids = [json.loads(line)["id"] for line in kept]
+    assert mixed[:len(kept)] == kept_ids and len(mixed) == len(kept) + round(0.5 * len(kept))
+    assert not set(mixed[len(kept):]) & set(kept_ids)
     assert "rl1" in accuracy_table(summary["stages"]).splitlines()[1]
+
+
+def test_rm_stage_trains_with_the_rm_optim_section(tmp_path, monkeypatch):
+    """`rm.optim` (lr, schedule, lr_scale) is what the pipeline's reward-model stage trains with."""
+    import rewards.rm_train
+    from rl.pipeline import _reward_model
+
+    seen = []
+
+    def fake_train_rm(rcfg):
+        seen.append(rcfg)
+        out = tmp_path / "run" / "rm"
+        (out / "final").mkdir(parents=True)
+        (out / "eval.json").write_text("{}")
+        return out / "final"
+
+    monkeypatch.setattr(rewards.rm_train, "train_rm", fake_train_rm)
+    cfg = load_config(PipelineConfig, None, [f"run_dir={tmp_path / 'run'}", "rm.n_pairs=4", "rm.n_heldout_pairs=2",
+                                              "rm.optim.lr=3e-5", "rm.optim.lr_scale={critic.backbone.visual: 3}"])
+    path = _reward_model(cfg, tmp_path / "run", policy="some/sft/final")
+    assert path == str((tmp_path / "run" / "rm" / "final").resolve())
+    (rcfg,) = seen
+    assert rcfg.model == "some/sft/final"
+    assert rcfg.optim.lr == 3e-5 and rcfg.optim.lr_scale == {"critic.backbone.visual": 3}
+
+
+def test_mix_replay_adds_records_from_outside_the_kept_set():
+    from types import SimpleNamespace as R
+    pool = [R(id=f"p{i}") for i in range(10)]
+    kept = pool[:4]
+    mixed = mix_replay(kept, pool, 0.5, seed=0)
+    assert mixed[:4] == kept and len(mixed) == 6 and all(r.id not in {"p0", "p1", "p2", "p3"} for r in mixed[4:])
+    assert [r.id for r in mix_replay(kept, pool, 0.5, seed=0)] == [r.id for r in mixed]   # seeded
+    assert len(mix_replay(kept, pool, 5.0, seed=0)) == 10                                  # capped by the pool
+    assert mix_replay(kept, pool, 0.0, seed=0) == kept

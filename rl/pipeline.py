@@ -225,11 +225,11 @@ def _round(cfg: PipelineConfig, run: Path, i: int, model: str, data: dict, rm_pa
                              band=(rc.band[0], rc.band[1]), reward_cfg=cfg.rl.reward,
                              backend=cfg.rl.rollout.backend, rm_path=rm_path, max_tokens=rc.max_tokens,
                              temperature=rc.temperature, seed=cfg.seed + i)
-        kept = load_records(run / f"filter{i}" / "rl.jsonl")
         rl_prompts = run / f"filter{i}" / "rl.jsonl"
         if rc.rl_replay > 0:  # the round's RL also sees the tasks the band dropped, against forgetting them
+            mixed = mix_replay(load_records(rl_prompts), load_records(data["rl"]), rc.rl_replay, seed=cfg.seed + i)
             rl_prompts = run / f"filter{i}" / "rl_replay.jsonl"
-            write_records(rl_prompts, mix_replay(kept, load_records(data["rl"]), rc.rl_replay, seed=cfg.seed + i))
+            write_records(rl_prompts, mixed)
         return {"kept": str((run / f"filter{i}" / "rl.jsonl").resolve()), "rl_prompts": str(rl_prompts.resolve()),
                 "counts": summary.get("counts", {})}
 

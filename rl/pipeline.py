@@ -60,6 +60,12 @@ class RoundConfig:
         steps=40, batch_size=16, save_every=0, optim=OptimConfig(lr=2e-5, warmup_steps=5, schedule="constant")))
     rl_steps: int = 60                    # RL steps after the RFT model
 
+    def __post_init__(self):              # at load time, with the config file's name
+        from rl.config import ConfigError
+        for key in ("replay", "rl_replay"):
+            if getattr(self, key) < 0:
+                raise ConfigError(f"{key}: must be >= 0 (records mixed in per kept one), got {getattr(self, key)}")
+
 
 @dataclass(frozen=True)
 class PipelineConfig:

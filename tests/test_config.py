@@ -42,3 +42,12 @@ def test_bad_config_names_file_and_key(tmp_path, text, override, needle):
     with pytest.raises(ConfigError) as e:
         load_config(SFTConfig, f, [override] if override else [])
     assert str(f) in str(e.value) and needle in str(e.value)
+
+
+def test_negative_replay_names_the_file_and_the_round_key(tmp_path):
+    from rl.pipeline import PipelineConfig
+    f = tmp_path / "pipe.yaml"
+    f.write_text("round:\n  rl_replay: -1\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(PipelineConfig, f)
+    assert str(f) in str(e.value) and "round: rl_replay: must be >= 0" in str(e.value)

@@ -14,11 +14,13 @@ Records follow the layout in README.md ("Data format"); `meta.objects` holds the
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import random
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 from PIL import Image, ImageDraw
 
@@ -149,22 +151,42 @@ def scene_key(rec: dict) -> str:
     return json.dumps([rec["task"], objs, rec["messages"][0]["content"][1]["text"]])
 
 
-def synth_split(rng: random.Random, n_per_task: int, spec: SceneSpec, tasks, exclude: set[str],
-                max_tries: int = 50) -> list[dict]:
-    """n_per_task distinct records per task whose scene_key is not in `exclude` (adds its keys to it)."""
+SPLIT_SHARES = (("heldout", 0.2), ("sft", 0.6), ("rl", 0.2))
+"""The share of all scenes each split owns. A small kind of scene (a one-shape grounding scene has
+only 72 variants) is split in these shares too, so no split runs out of it."""
+
+
+def split_owner(key: str, seed: int | str, shares: tuple[tuple[str, float], ...] = SPLIT_SHARES) -> str:
+    """The split that owns a scene key: a keyed hash mapped onto `shares` ((name, share), ...).
+
+    Ownership is independent of the kind of scene, so every split owns the same share of each kind and
+    each split's records keep the generator's mix of kinds (object counts, questions)."""
+    digest = hashlib.blake2b(f"{seed}|{key}".encode(), digest_size=8).digest()
+    u = int.from_bytes(digest, "big") / 2 ** 64
+    bound = 0.0
+    for name, share in shares:
+        bound += share
+        if u < bound:
+            return name
+    return shares[-1][0]
+
+
+def synth_split(rng: random.Random, n_per_task: int, spec: SceneSpec, tasks, owns: Callable[[str], bool],
+                max_tries: int = 100) -> list[dict]:
+    """n_per_task records per task drawn from the generator, keeping those whose scene_key `owns` accepts.
+
+    A scene may repeat within a split: the kinds with few variants then keep their share of the split,
+    where drawing distinct scenes would exhaust them and skew the split towards the large kinds."""
     out = []
     for task in tasks:
-        made = 0
-        tries = 0
+        made = tries = 0
         while made < n_per_task:
             rec = make_example(task, rng, spec)
-            key = scene_key(rec)
-            if key in exclude:
+            if not owns(scene_key(rec)):
                 tries += 1
                 if tries > max_tries * n_per_task:
-                    raise RuntimeError(f"cannot draw {n_per_task} distinct {task} examples; lower --n")
+                    raise RuntimeError(f"cannot draw {n_per_task} {task} examples for this split")
                 continue
-            exclude.add(key)
             out.append(rec)
             made += 1
     return out
@@ -175,18 +197,17 @@ def write_suite(out: str | os.PathLike, *, seed: int = 0, n: int = 2000, n_heldo
     """Write sft.jsonl, rl.jsonl and heldout.jsonl (+ img/) under `out`; returns their paths.
 
     n: SFT records per task; n_rl: RL prompt records per task (default n // 2); n_heldout: per task.
-    The three splits are disjoint by scene_key. Deterministic for a seed.
+    The three splits are disjoint by scene_key (split_owner) and each follows the generator's mix of
+    scenes, so held-out accuracy measures unseen scenes of the training distribution. Deterministic
+    for a seed; a split's items do not depend on the other splits' sizes.
     """
     out = Path(out)
     (out / "img").mkdir(parents=True, exist_ok=True)
     n_rl = n // 2 if n_rl is None else n_rl
-    seen: set[str] = set()
-    # Held-out is drawn first so its items never depend on the size of the training splits.
-    splits = {
-        "heldout": synth_split(random.Random(f"{seed}-heldout"), n_heldout, spec, tasks, seen),
-        "sft": synth_split(random.Random(f"{seed}-sft"), n, spec, tasks, seen),
-        "rl": synth_split(random.Random(f"{seed}-rl"), n_rl, spec, tasks, seen),
-    }
+    sizes = {"heldout": n_heldout, "sft": n, "rl": n_rl}
+    splits = {name: synth_split(random.Random(f"{seed}-{name}"), sizes[name], spec, tasks,
+                                lambda key, name=name: split_owner(key, seed) == name)
+              for name in ("heldout", "sft", "rl")}
     paths = {}
     for name, recs in splits.items():
         # prompt records (rl, heldout): the assistant target is not shown to RL or eval

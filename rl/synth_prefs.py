@@ -20,9 +20,10 @@ import json
 import os
 import random
 from pathlib import Path
+from typing import Callable
 
 from rl.synth import (COLORS, NUMBER_WORDS, SHAPES, SceneSpec, _user, describe,
-                      object_box, random_objects, write_scene_records)
+                      object_box, random_objects, split_owner, write_scene_records)
 
 CORRUPTIONS = ("color", "shape", "add", "drop")
 QUESTION = "Describe the image."
@@ -66,9 +67,14 @@ def _scene(objects: list[dict]) -> str:
     return json.dumps([(o["cell"], o["shape"], o["color"]) for o in objects])
 
 
-def _draw_pairs(rng: random.Random, n: int, spec: SceneSpec, seen: set[str], *, max_objects: int,
+PREF_SHARES = (("heldout", 0.2), ("train", 0.8))
+"""The share of all scenes each preference split owns (rl.synth.split_owner)."""
+
+
+def _draw_pairs(rng: random.Random, n: int, spec: SceneSpec, owns: Callable[[str], bool], *, max_objects: int,
                 kinds: tuple[str, ...]) -> list[dict]:
-    """n pairs over scenes not in `seen` (adds them); several pairs may share a scene."""
+    """n pairs over the scenes `owns` accepts; a scene may repeat, so the one-shape scenes (72 of
+    them) keep their share of the split instead of running out."""
     out, tries = [], 0
     while len(out) < n:
         # The kind is drawn first, uniformly, then a scene it applies to: add and drop are then equally
@@ -76,13 +82,11 @@ def _draw_pairs(rng: random.Random, n: int, spec: SceneSpec, seen: set[str], *, 
         kind = rng.choice(kinds)
         sizes = [k for k in range(1, max_objects + 1) if applicable(kind, k, max_objects)]
         objects = random_objects(rng, rng.choice(sizes), spec)
-        key = _scene(objects)
-        if key in seen:
+        if not owns(_scene(objects)):
             tries += 1
-            if tries > 50 * n:
-                raise RuntimeError(f"cannot draw {n} pairs over unseen scenes; lower n")
+            if tries > 100 * n:
+                raise RuntimeError(f"cannot draw {n} pairs for this split")
             continue
-        seen.add(key)
         wrong = corrupt(objects, kind, rng, spec)
         out.append({"task": "caption", "messages": _user(QUESTION), "chosen": _answer(objects),
                     "rejected": _answer(wrong),
@@ -95,16 +99,16 @@ def write_preference_pairs(out: str | os.PathLike, *, seed: int = 0, n: int = 20
                            spec: SceneSpec = SceneSpec()) -> dict[str, Path]:
     """Write prefs_train.jsonl and prefs_heldout.jsonl (+ img/) under the folder `out`; returns their paths.
 
-    n / n_heldout: pairs per split. The splits share no scene. Deterministic for a seed.
+    n / n_heldout: pairs per split. The splits share no scene (PREF_SHARES) and each keeps the
+    generator's mix of scene sizes. Deterministic for a seed.
     """
     out = Path(out)
     (out / "img").mkdir(parents=True, exist_ok=True)
-    seen: set[str] = set()
-    # Held-out first, so its pairs do not depend on the size of the training split.
-    splits = {"heldout": _draw_pairs(random.Random(f"{seed}-prefs-heldout"), n_heldout, spec, seen,
-                                     max_objects=max_objects, kinds=kinds),
-              "train": _draw_pairs(random.Random(f"{seed}-prefs-train"), n, spec, seen,
-                                   max_objects=max_objects, kinds=kinds)}
+    sizes = {"heldout": n_heldout, "train": n}
+    splits = {name: _draw_pairs(random.Random(f"{seed}-prefs-{name}"), sizes[name], spec,
+                                lambda key, name=name: split_owner(key, f"{seed}-prefs", PREF_SHARES) == name,
+                                max_objects=max_objects, kinds=kinds)
+              for name in ("heldout", "train")}
     paths = {name: write_scene_records(out / f"prefs_{name}.jsonl",
                                        [(f"pref-{name}-{i:05d}", rec) for i, rec in enumerate(recs)], spec)
              for name, recs in splits.items()}

@@ -35,6 +35,14 @@ def test_pairs_are_valid_deterministic_and_disjoint(pairs, tmp_path):
     assert set(kinds) == set(CORRUPTIONS)
 
 
+def test_both_preference_splits_keep_the_share_of_one_shape_scenes(tmp_path):
+    # 72 one-shape scenes exist; drawn distinct and held-out first, the training split had almost none
+    paths = write_preference_pairs(tmp_path, seed=0, n=400, n_heldout=200)
+    share = {split: sum(len(r.meta["objects"]) == 1 for r in load_pairs(p)) / len(load_pairs(p))
+             for split, p in paths.items()}
+    assert share["train"] > 0.2 and abs(share["train"] - share["heldout"]) < 0.1, share
+
+
 @pytest.mark.parametrize("kind", CORRUPTIONS)
 def test_each_corruption_changes_exactly_one_thing(kind):
     import random

@@ -28,6 +28,16 @@ def test_splits_are_disjoint(tmp_path):
     assert not keys["sft"] & keys["heldout"] and not keys["rl"] & keys["heldout"] and not keys["sft"] & keys["rl"]
 
 
+def test_every_split_keeps_the_generators_mix_of_small_and_large_scenes(tmp_path):
+    # Half of the grounding scenes have one shape, and there are only 72 of those. Drawing distinct
+    # scenes, the held-out split (drawn first) took all of them and the SFT split none.
+    paths = write_suite(tmp_path, seed=0, n=400, n_heldout=200, n_rl=100, tasks=("grounding",))
+    for split, p in paths.items():
+        recs = [json.loads(line) for line in p.read_text().splitlines()]
+        one = sum(len(r["meta"]["objects"]) == 1 for r in recs) / len(recs)
+        assert 0.4 < one < 0.6, (split, one)
+
+
 def test_answers_match_the_drawn_scene():
     rng = random.Random(0)
     spec = SceneSpec()

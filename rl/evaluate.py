@@ -32,28 +32,55 @@ class Generation:
     correct: bool | None
 
 
+def prompt_key(rec) -> str:
+    """What greedy decoding depends on: the prompt messages and the bytes of the images."""
+    import hashlib
+    import json
+
+    h = hashlib.blake2b(json.dumps(rec.prompt_messages, sort_keys=True).encode(), digest_size=16)
+    for path in rec.images:
+        h.update(Path(path).read_bytes())
+    return h.hexdigest()
+
+
+def unique_prompts(records) -> tuple[list[int], list[int]]:
+    """(first, slot): indices of the first record of each distinct prompt (prompt_key), and for
+    every record the position of its prompt in `first`. Held-out files may repeat a scene."""
+    first, slot, seen = [], [], {}
+    for i, rec in enumerate(records):
+        key = prompt_key(rec)
+        if key not in seen:
+            seen[key] = len(first)
+            first.append(i)
+        slot.append(seen[key])
+    return first, slot
+
+
 def generate_greedy(model, processor, records, *, batch_size: int = 64, max_new_tokens: int = 48) -> list[str]:
-    """Greedy responses (special tokens stripped) for prompt records, in order."""
+    """Greedy responses (special tokens stripped) for prompt records, in order. A prompt that
+    repeats (same messages, same image bytes) is decoded once."""
     import torch
 
     from model.inputs import encode_prompts
     from rl.data import load_images
 
+    first, slot = unique_prompts(records)
+    distinct = [records[i] for i in first]
     tok = processor.tokenizer
     eos = [tok.convert_tokens_to_ids("<|im_end|>"), tok.pad_token_id]
     was_training = model.training
     model.eval()
     out = []
     with torch.no_grad():
-        for i in range(0, len(records), batch_size):
-            chunk = records[i:i + batch_size]
+        for i in range(0, len(distinct), batch_size):
+            chunk = distinct[i:i + batch_size]
             inputs = encode_prompts(processor, [r.prompt_messages for r in chunk], [load_images(r) for r in chunk])
             inputs = inputs.to(model.device)
             seq = model.generate(**inputs, do_sample=False, max_new_tokens=max_new_tokens,
                                  eos_token_id=eos, pad_token_id=tok.pad_token_id)
             out += tok.batch_decode(seq[:, inputs["input_ids"].shape[1]:].cpu(), skip_special_tokens=True)
     model.train(was_training)
-    return out
+    return [out[j] for j in slot]
 
 
 def eval_subset(records: Sequence, limit: int) -> list:

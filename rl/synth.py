@@ -18,6 +18,7 @@ import hashlib
 import json
 import os
 import random
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -172,21 +173,32 @@ def split_owner(key: str, seed: int | str, shares: tuple[tuple[str, float], ...]
 
 
 def synth_split(rng: random.Random, n_per_task: int, spec: SceneSpec, tasks, owns: Callable[[str], bool],
-                max_tries: int = 100) -> list[dict]:
+                max_tries: int = 100, distinct: bool = False) -> list[dict]:
     """n_per_task records per task drawn from the generator, keeping those whose scene_key `owns` accepts.
 
-    A scene may repeat within a split: the kinds with few variants then keep their share of the split,
-    where drawing distinct scenes would exhaust them and skew the split towards the large kinds."""
+    distinct=False: a scene may repeat, so the kinds with few variants keep their share of the split,
+    where drawing distinct scenes would exhaust them and skew the split towards the large kinds (what
+    an evaluation split needs: the generator's mix). distinct=True: every scene once (what an RL prompt
+    set needs: a repeated prompt spends rollouts on a scene already learnt, and the policy overfits the
+    few variants of a small kind); a task whose owned variants run out keeps the ones found, with a
+    note on stderr."""
     out = []
     for task in tasks:
         made = tries = 0
+        seen: set[str] = set()
         while made < n_per_task:
             rec = make_example(task, rng, spec)
-            if not owns(scene_key(rec)):
+            key = scene_key(rec)
+            if not owns(key) or (distinct and key in seen):
                 tries += 1
                 if tries > max_tries * n_per_task:
+                    if distinct and made:
+                        print(f"synth: {made} distinct {task} scenes for this split, fewer than the "
+                              f"{n_per_task} asked", file=sys.stderr)
+                        break
                     raise RuntimeError(f"cannot draw {n_per_task} {task} examples for this split")
                 continue
+            seen.add(key)
             out.append(rec)
             made += 1
     return out
@@ -197,16 +209,17 @@ def write_suite(out: str | os.PathLike, *, seed: int = 0, n: int = 2000, n_heldo
     """Write sft.jsonl, rl.jsonl and heldout.jsonl (+ img/) under `out`; returns their paths.
 
     n: SFT records per task; n_rl: RL prompt records per task (default n // 2); n_heldout: per task.
-    The three splits are disjoint by scene_key (split_owner) and each follows the generator's mix of
-    scenes, so held-out accuracy measures unseen scenes of the training distribution. Deterministic
-    for a seed; a split's items do not depend on the other splits' sizes.
+    The three splits are disjoint by scene_key (split_owner). The held-out and SFT splits follow the
+    generator's mix of scenes, repeats included, so held-out accuracy measures unseen scenes of the
+    training distribution; the RL split lists each scene once (synth_split). Deterministic for a seed;
+    a split's items do not depend on the other splits' sizes.
     """
     out = Path(out)
     (out / "img").mkdir(parents=True, exist_ok=True)
     n_rl = n // 2 if n_rl is None else n_rl
     sizes = {"heldout": n_heldout, "sft": n, "rl": n_rl}
     splits = {name: synth_split(random.Random(f"{seed}-{name}"), sizes[name], spec, tasks,
-                                lambda key, name=name: split_owner(key, seed) == name)
+                                lambda key, name=name: split_owner(key, seed) == name, distinct=name == "rl")
               for name in ("heldout", "sft", "rl")}
     paths = {}
     for name, recs in splits.items():

@@ -2,7 +2,7 @@
 from PIL import Image
 
 from rl.data import Record
-from rl.evaluate import add_sampled_scores, eval_subset, format_table
+from rl.evaluate import add_sampled_scores, eval_subset, format_table, generate_greedy, unique_prompts
 
 
 def test_eval_subset_spreads_over_a_file_grouped_by_task():
@@ -58,3 +58,21 @@ def test_sampled_scores_add_the_rm_mean_over_every_sample_with_the_format_gate(t
     assert seen[:2] == ["A red circle.", "A red square."]   # the RM sees the solution, not the thought
     lines = format_table(table).splitlines()
     assert lines[2].rstrip().endswith("0.400")
+
+
+def test_greedy_eval_decodes_a_repeated_prompt_once(tmp_path, tiny, monkeypatch):
+    model, processor = tiny
+    a, b = _record(tmp_path, "a", "counting", "3"), _record(tmp_path, "b", "counting", "2")
+    Image.new("RGB", (84, 84), (200, 0, 0)).save(b.images[0])     # b: another image, same text
+    again = _record(tmp_path, "a2", "counting", "3")                 # a's prompt under another id and file
+    assert unique_prompts([a, b, again, b]) == ([0, 1], [0, 1, 0, 1])
+    rows, generate = [], model.generate
+
+    def counting_generate(**kw):
+        rows.append(kw["input_ids"].shape[0])
+        return generate(**kw)
+
+    monkeypatch.setattr(model, "generate", counting_generate)
+    out = generate_greedy(model, processor, [a, b, again, b], max_new_tokens=6)
+    assert rows == [2] and out[2] == out[0] and out[3] == out[1]
+    assert generate_greedy(model, processor, [b], max_new_tokens=6) == [out[1]]

@@ -2,10 +2,11 @@ import json
 import re
 import random
 
+import pytest
 from PIL import Image
 
 from rl.data import load_records
-from rl.synth import COLORS, SceneSpec, TASKS, make_example, scene_key, write_suite
+from rl.synth import COLORS, SceneSpec, TASKS, make_example, scene_key, split_owner, synth_split, write_suite
 
 
 def test_suite_is_deterministic_and_valid(tmp_path):
@@ -28,14 +29,31 @@ def test_splits_are_disjoint(tmp_path):
     assert not keys["sft"] & keys["heldout"] and not keys["rl"] & keys["heldout"] and not keys["sft"] & keys["rl"]
 
 
-def test_every_split_keeps_the_generators_mix_of_small_and_large_scenes(tmp_path):
+def test_eval_and_sft_splits_keep_the_generators_mix_and_the_rl_split_lists_each_scene_once(tmp_path):
     # Half of the grounding scenes have one shape, and there are only 72 of those. Drawing distinct
-    # scenes, the held-out split (drawn first) took all of them and the SFT split none.
+    # scenes, the held-out split (drawn first) took all of them and the SFT split none. The RL split
+    # does list each scene once: repeated, its few one-shape scenes were half its grounding prompts.
     paths = write_suite(tmp_path, seed=0, n=400, n_heldout=200, n_rl=100, tasks=("grounding",))
-    for split, p in paths.items():
-        recs = [json.loads(line) for line in p.read_text().splitlines()]
-        one = sum(len(r["meta"]["objects"]) == 1 for r in recs) / len(recs)
+    recs = {split: [json.loads(line) for line in p.read_text().splitlines()] for split, p in paths.items()}
+    for split in ("heldout", "sft"):
+        one = sum(len(r["meta"]["objects"]) == 1 for r in recs[split]) / len(recs[split])
         assert 0.4 < one < 0.6, (split, one)
+        assert len({scene_key(r) for r in recs[split]}) < len(recs[split])   # repeats kept
+    keys = [scene_key(r) for r in recs["rl"]]
+    assert len(keys) == 100 and len(set(keys)) == 100
+
+
+def test_a_distinct_split_keeps_what_it_finds_when_a_task_runs_out_of_scenes(capsys):
+    spec = SceneSpec()
+    # 72 one-shape and 3,456 two-shape grounding scenes exist; a split owning a tenth holds ~350
+    owns = lambda key: split_owner(key, 0, (("a", 0.1), ("b", 0.9))) == "a"
+    recs = synth_split(random.Random(0), 1000, spec, ("grounding", "counting"), owns, distinct=True)
+    grounding = [scene_key(r) for r in recs if r["task"] == "grounding"]
+    assert 250 < len(grounding) < 450 and len(set(grounding)) == len(grounding)
+    assert sum(r["task"] == "counting" for r in recs) == 1000
+    assert "distinct grounding scenes for this split, fewer than the 1000 asked" in capsys.readouterr().err
+    with pytest.raises(RuntimeError, match="cannot draw 1000 grounding"):
+        synth_split(random.Random(0), 1000, spec, ("grounding",), lambda key: False)
 
 
 def test_answers_match_the_drawn_scene():

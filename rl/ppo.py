@@ -394,7 +394,8 @@ def evaluate_run(run: RLRun, limit: int = 0) -> dict:
     from rollout.types import Prompt, SamplingConfig
 
     records = eval_subset(run.eval_records, limit)
-    responses = run.actor("generate_greedy", records)
+    # greedy answers get the token budget the rollouts had
+    responses = run.actor("generate_greedy", records, max_new_tokens=run.cfg.rollout.max_tokens)
     table = summarize(judge(records, responses))
 
     def rm_score(items):

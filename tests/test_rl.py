@@ -268,3 +268,22 @@ def test_ray_smoke_with_vllm_rollouts(tmp_path, sft_run):
         assert r["response/entropy"] > 0 and "rollout/logp_gap_max" not in r
     assert (final / "model.safetensors").is_file()
     assert (tmp_path / "run" / "checkpoints" / "step-000002" / "critic" / "value_head.safetensors").is_file()
+
+
+def test_greedy_eval_gets_the_rollouts_token_budget(sft_run, tmp_path):
+    from types import SimpleNamespace
+
+    from rl.data import load_records
+    from rl.ppo import evaluate_run
+
+    records = load_records(sft_run["data"]["heldout"])[:4]
+    calls = []
+
+    def actor(method, recs, **kw):
+        calls.append((method, kw))
+        return [f"<think>x</think>{r.answer}" for r in recs]
+
+    cfg = _cfg(sft_run, tmp_path / "run", rollout=RolloutConfig(backend="hf", n=2, max_tokens=56))
+    table = evaluate_run(SimpleNamespace(cfg=cfg, eval_records=records, actor=actor, reward=None))
+    assert calls == [("generate_greedy", {"max_new_tokens": 56})]
+    assert table["all"]["accuracy"] == 1.0

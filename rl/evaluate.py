@@ -6,6 +6,8 @@ rule answer (caption) report the format rate only (and a reward-model score when
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 from collections import defaultdict
 from dataclasses import dataclass
@@ -34,12 +36,9 @@ class Generation:
 
 def prompt_key(rec) -> str:
     """What greedy decoding depends on: the prompt messages and the bytes of the images."""
-    import hashlib
-    import json
-
     h = hashlib.blake2b(json.dumps(rec.prompt_messages, sort_keys=True).encode(), digest_size=16)
-    for path in rec.images:
-        h.update(Path(path).read_bytes())
+    for path in rec.images:   # each image's own digest: the boundaries between images count
+        h.update(hashlib.blake2b(Path(path).read_bytes(), digest_size=16).digest())
     return h.hexdigest()
 
 

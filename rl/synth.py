@@ -198,7 +198,8 @@ def synth_split(rng: random.Random, n_per_task: int, spec: SceneSpec, tasks, own
                         break
                     raise RuntimeError(f"cannot draw {n_per_task} {task} examples for this split")
                 continue
-            seen.add(key)
+            if distinct:
+                seen.add(key)
             out.append(rec)
             made += 1
     return out

@@ -3,6 +3,8 @@
 Accuracy uses the task's rule verifier on the solution part of a well-formatted response
 (exact integer for counting, IoU >= 0.5 for grounding, equivalence for math). Tasks without a
 rule answer (caption) report the format rate only (and a reward-model score when one is given).
+A held-out file may repeat a prompt (a small kind of scene drawn many times): `distinct_accuracy`
+weighs each distinct prompt once, next to `accuracy` over every record.
 """
 from __future__ import annotations
 
@@ -32,14 +34,22 @@ class Generation:
     answer: str | None
     formatted: bool
     correct: bool | None
+    prompt: str = ""    # prompt_key: generations of one prompt share it
 
 
 def prompt_key(rec) -> str:
     """What greedy decoding depends on: the prompt messages and the bytes of the images."""
     h = hashlib.blake2b(json.dumps(rec.prompt_messages, sort_keys=True).encode(), digest_size=16)
     for path in rec.images:   # each image's own digest: the boundaries between images count
-        h.update(hashlib.blake2b(Path(path).read_bytes(), digest_size=16).digest())
+        st = os.stat(path)
+        h.update(_file_digest(str(path), st.st_mtime_ns, st.st_size))
     return h.hexdigest()
+
+
+@lru_cache(maxsize=4096)
+def _file_digest(path: str, mtime_ns: int, size: int) -> bytes:
+    """Cached by path and stat (a rewritten file misses): avg@k judges each record k times."""
+    return hashlib.blake2b(Path(path).read_bytes(), digest_size=16).digest()
 
 
 def unique_prompts(records) -> tuple[list[int], list[int]]:
@@ -128,7 +138,7 @@ def judge(records, responses: Sequence[str]) -> list[Generation]:
                 sizes = tuple(_image_size(p) for p in rec.images)
                 score = checks[rec.task](Sample(rec.task, parts[1], rec.answer, sizes, rec.meta))
                 correct = score.value is not None and score.value >= 0.5
-        gens.append(Generation(rec.id, rec.task, resp, rec.answer, parts is not None, correct))
+        gens.append(Generation(rec.id, rec.task, resp, rec.answer, parts is not None, correct, prompt_key(rec)))
     return gens
 
 
@@ -141,7 +151,9 @@ def _image_size(path) -> tuple[int, int]:
 
 
 def summarize(gens: list[Generation]) -> dict[str, dict]:
-    """{task: {n, format, accuracy (or None)}} plus an 'all' row."""
+    """{task: {n, format, accuracy (or None)}} plus an 'all' row; with prompt keys, also
+    `n_distinct` (distinct prompts) and, for judged tasks, `distinct_accuracy`: the mean over distinct
+    prompts of each prompt's accuracy, so a prompt repeated nine times weighs as much as one seen once."""
     by = defaultdict(list)
     for g in gens:
         by[g.task].append(g)
@@ -149,8 +161,17 @@ def summarize(gens: list[Generation]) -> dict[str, dict]:
     table = {}
     for task, gs in sorted(by.items(), key=lambda kv: (kv[0] == "all", kv[0])):
         judged = [g.correct for g in gs if g.correct is not None]
-        table[task] = {"n": len(gs), "format": sum(g.formatted for g in gs) / len(gs),
-                       "accuracy": (sum(judged) / len(judged)) if judged else None}
+        row = table[task] = {"n": len(gs), "format": sum(g.formatted for g in gs) / len(gs),
+                             "accuracy": (sum(judged) / len(judged)) if judged else None}
+        if all(g.prompt for g in gs):
+            per_prompt = defaultdict(list)
+            for g in gs:
+                per_prompt[g.prompt].append(g.correct)
+            row["n_distinct"] = len(per_prompt)
+            judged_per_prompt = ([c for c in cs if c is not None] for cs in per_prompt.values())
+            means = [sum(c) / len(c) for c in judged_per_prompt if c]
+            if means:
+                row["distinct_accuracy"] = sum(means) / len(means)
     return table
 
 
@@ -158,8 +179,10 @@ def format_table(table: dict[str, dict], title: str = "") -> str:
     lines = [title] if title else []
     with_rm = any("rm_score" in row for row in table.values())
     with_sampled = any("sampled_accuracy" in row for row in table.values())
+    with_distinct = any(row.get("n_distinct", row["n"]) < row["n"] for row in table.values())
     lines.append(f"{'task':<12} {'n':>5} {'accuracy':>9} {'format':>7}" + (f" {'rm_score':>9}" if with_rm else "")
-                 + (f" {'sampled':>8}" if with_sampled else ""))
+                 + (f" {'sampled':>8}" if with_sampled else "")
+                 + (f" {'distinct prompts':>16}" if with_distinct else ""))
     for task, row in table.items():
         acc = "-" if row["accuracy"] is None else f"{100 * row['accuracy']:.1f}%"
         line = f"{task:<12} {row['n']:>5} {acc:>9} {100 * row['format']:>6.1f}%"
@@ -170,6 +193,9 @@ def format_table(table: dict[str, dict], title: str = "") -> str:
                 line += f" {100 * row['sampled_accuracy']:>7.1f}%"
             else:
                 line += f" {row['sampled_rm_score']:>8.3f}" if "sampled_rm_score" in row else f" {'-':>8}"
+        if with_distinct:
+            acc = f"{100 * row['distinct_accuracy']:.1f}% of " if "distinct_accuracy" in row else ""
+            line += f" {acc + str(row.get('n_distinct', '-')):>16}"
         lines.append(line)
     return "\n".join(lines)
 

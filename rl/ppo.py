@@ -19,7 +19,6 @@ from pathlib import Path
 import torch
 
 from rewards.inputs import is_correct, reward_inputs
-from rl.atomic import write_json
 from rl.config import to_dict
 from rl.rl_config import RLConfig
 from rollout.sequences import engine_logp
@@ -222,7 +221,7 @@ def fit(cfg: RLConfig, *, resume: bool = True, progress: bool = True) -> Path:
 
     from rl.algos import kl_coefs
     from rl.data import load_images
-    from rl.evaluate import format_table
+    from rl.evaluate import format_table, write_eval
     from rl.runlog import (MetricsLog, latest_checkpoint, load_trainer_state, over_budget, periodic,
                            save_checkpoint, set_rng_state)
     from rl.sft import batch_indices
@@ -333,7 +332,7 @@ def fit(cfg: RLConfig, *, resume: bool = True, progress: bool = True) -> Path:
         bar.set_postfix(reward=f"{metrics['reward/all/total']:.3f}")
         out_of_time = over_budget(t_start, cfg.max_minutes)
         if run.eval_records and periodic(step, cfg.eval_every) and step < cfg.steps:
-            table = evaluate_run(run, cfg.eval_limit)
+            table, _ = evaluate_run(run, cfg.eval_limit)
             log.log(step, _eval_metrics(table))
             bar.write(format_table(table, f"step {step}"))
         if periodic(step, cfg.save_every) or step == cfg.steps or out_of_time:
@@ -348,9 +347,9 @@ def fit(cfg: RLConfig, *, resume: bool = True, progress: bool = True) -> Path:
     if run.critic is not None:
         atomic_dir(out / "final_critic", lambda d: run.critic("save", str(d)))
     if run.eval_records:
-        table = evaluate_run(run, 0)
+        table, gens = evaluate_run(run, 0)
         log.log(step, _eval_metrics(table))
-        write_json(out / "eval.json", table)
+        write_eval(out / "eval.json", table, gens)   # + eval.generations.jsonl (greedy), as SFT writes
         print(format_table(table, f"held-out after RL ({step} steps, {cfg.algo})"))
     run.close()
     log.close()
@@ -381,12 +380,12 @@ class _Saver:
 
 def _eval_metrics(table: dict) -> dict[str, float]:
     return {f"eval/{t}/{k}": v for t, row in table.items() for k, v in row.items()
-            if k not in ("n",) and isinstance(v, (int, float))}
+            if k not in ("n", "n_distinct") and isinstance(v, (int, float))}
 
 
-def evaluate_run(run: RLRun, limit: int = 0) -> dict:
-    """Held-out accuracy per task (greedy); where a reward model is loaded, its mean score on the
-    greedy solutions of RM-routed prompts (`rm_score`); with `eval_samples` = k, the mean accuracy
+def evaluate_run(run: RLRun, limit: int = 0) -> tuple[dict, list]:
+    """(table, greedy generations): held-out accuracy per task (greedy); where a reward model is
+    loaded, its mean score on the greedy solutions of RM-routed prompts (`rm_score`); with `eval_samples` = k, the mean accuracy
     of k samples per prompt at the rollout temperature (`sampled_accuracy`) and the RM's mean score
     of those samples (`sampled_rm_score`)."""
     from rl.data import load_images
@@ -396,7 +395,8 @@ def evaluate_run(run: RLRun, limit: int = 0) -> dict:
     records = eval_subset(run.eval_records, limit)
     # greedy answers get the token budget the rollouts had
     responses = run.actor("generate_greedy", records, max_new_tokens=run.cfg.rollout.max_tokens)
-    table = summarize(judge(records, responses))
+    gens = judge(records, responses)
+    table = summarize(gens)
 
     def rm_score(items):
         return run.reward("rm_scores", items)
@@ -408,4 +408,4 @@ def evaluate_run(run: RLRun, limit: int = 0) -> dict:
         groups = run.generate(prompts, SamplingConfig(n=k, temperature=ro.temperature, top_p=ro.top_p,
                                                       max_tokens=ro.max_tokens, seed=run.cfg.seed + 7))
         table = add_sampled_scores(table, records, [[c.text for c in g] for g in groups], run.cfg.reward, rm_score)
-    return table
+    return table, gens

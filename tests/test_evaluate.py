@@ -2,7 +2,8 @@
 from PIL import Image
 
 from rl.data import Record
-from rl.evaluate import add_sampled_scores, eval_subset, format_table, generate_greedy, unique_prompts
+from rl.evaluate import (add_sampled_scores, eval_subset, format_table, generate_greedy, judge, summarize,
+                         unique_prompts)
 
 
 def test_eval_subset_spreads_over_a_file_grouped_by_task():
@@ -76,3 +77,21 @@ def test_greedy_eval_decodes_a_repeated_prompt_once(tmp_path, tiny, monkeypatch)
     out = generate_greedy(model, processor, [a, b, again, b], max_new_tokens=6)
     assert rows == [2] and out[2] == out[0] and out[3] == out[1]
     assert generate_greedy(model, processor, [b], max_new_tokens=6) == [out[1]]
+
+
+def test_distinct_accuracy_weighs_a_repeated_prompt_once(tmp_path):
+    a, b = _record(tmp_path, "a", "counting", "3"), _record(tmp_path, "b", "counting", "2")
+    Image.new("RGB", (84, 84), (200, 0, 0)).save(b.images[0])
+    copies = [_record(tmp_path, f"a{i}", "counting", "3") for i in range(3)]     # a's prompt three more times
+    cap = _record(tmp_path, "c", "caption", None)
+    gens = judge([a, *copies, b, cap], ["<think>x</think>3"] * 4 + ["<think>x</think>5", "<think>x</think>hi"])
+    assert len({g.prompt for g in gens[:4]}) == 1 and gens[4].prompt != gens[0].prompt
+    table = summarize(gens)
+    assert table["counting"]["accuracy"] == 4 / 5
+    assert table["counting"]["n_distinct"] == 2 and table["counting"]["distinct_accuracy"] == 0.5
+    assert table["caption"]["n_distinct"] == 1 and "distinct_accuracy" not in table["caption"]
+    lines = format_table(table).splitlines()
+    assert "distinct prompts" in lines[0] and lines[2].rstrip().endswith("50.0% of 2")
+    no_repeats = summarize(judge([a, b], ["<think>x</think>3", "<think>x</think>5"]))
+    assert no_repeats["counting"]["distinct_accuracy"] == 0.5
+    assert "distinct" not in format_table(no_repeats)      # the column shows only where prompts repeat

@@ -89,3 +89,13 @@ def test_mix_replay_adds_records_from_outside_the_kept_set():
     assert [r.id for r in mix_replay(kept, pool, 0.5, seed=0)] == [r.id for r in mixed]   # seeded
     assert len(mix_replay(kept, pool, 5.0, seed=0)) == 10                                  # capped by the pool
     assert mix_replay(kept, pool, 0.0, seed=0) == kept
+
+
+def test_accuracy_table_adds_the_distinct_prompt_accuracy_where_prompts_repeat():
+    sft = {"grounding": {"n": 300, "format": 1.0, "accuracy": 0.627, "n_distinct": 151, "distinct_accuracy": 0.49},
+           "math": {"n": 300, "format": 1.0, "accuracy": 0.913, "n_distinct": 300, "distinct_accuracy": 0.913},
+           "caption": {"n": 300, "format": 1.0, "accuracy": None, "rm_score": 0.706},
+           "all": {"n": 900, "format": 1.0, "accuracy": 0.77}}
+    lines = accuracy_table({"sft": sft}).splitlines()
+    rows = {line.split()[0]: line.split(None, 1)[1].strip() for line in lines[2:]}
+    assert rows == {"grounding": "62.7 / 49.0%", "math": "91.3%", "caption": "rm 0.706", "all": "77.0%"}

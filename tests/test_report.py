@@ -85,7 +85,9 @@ def test_report_of_a_full_round(tmp_path):
          "tasks": {"counting": {"prompts": 2, "samples": 8, "formatted": 8, "accepted": 4, "prompts_with_accepted": 2}}}))
     _jsonl(run / "rft1" / "sft" / "metrics.jsonl", [{"step": 5, "time": 0, "train/loss": 1.0}])
     _done(run / "rft1")
-    summary = {"stages": {"sft": _table(0.5, 0.3), "rl1": _table(0.7, 0.4), "rft1": _table(0.8, 0.45)},
+    rl1 = _table(0.7, 0.4)
+    rl1["counting"].update(n_distinct=8, distinct_accuracy=0.625)   # the held-out file repeats two prompts
+    summary = {"stages": {"sft": _table(0.5, 0.3), "rl1": rl1, "rft1": _table(0.8, 0.45)},
                "final_model": "rft1/sft/final"}
     (run / "summary.json").write_text(json.dumps(summary))
     (run / "report").mkdir()
@@ -99,6 +101,8 @@ def test_report_of_a_full_round(tmp_path):
     assert not (run / "report" / "stale.png").exists()
     assert page.index("Stage sft") < page.index("Stage rl1") < page.index("Stage rft1")   # run order
     assert "kept 3 of 10" in page and "no_reward_model" in page and "0.800" in page     # rft1 accuracy from summary
+    assert "counting accuracy, distinct prompts" in page and "0.625" in page
+    assert "math accuracy, distinct prompts" not in page
 
 
 def test_report_of_an_sft_only_run(tmp_path):

@@ -112,7 +112,11 @@ def _cfg(sft_run, out, **kw):
 def test_one_step_updates_and_syncs(tmp_path, sft_run):
     from safetensors.torch import load_file
 
-    final = fit(_cfg(sft_run, tmp_path / "run", steps=1), progress=False)
+    from rl.data import load_records, write_records
+
+    heldout = tmp_path / "heldout.jsonl"
+    write_records(heldout, load_records(sft_run["data"]["heldout"])[:3])
+    final = fit(_cfg(sft_run, tmp_path / "run", steps=1, eval_data=str(heldout)), progress=False)
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     m = rows[0]
     for key in ("reward/counting/total", "reward/math/total", "kl/math", "critic/loss", "critic/explained_variance",
@@ -124,6 +128,9 @@ def test_one_step_updates_and_syncs(tmp_path, sft_run):
     assert (tmp_path / "run" / "final_critic" / "value_head.safetensors").is_file()
     samples = (tmp_path / "run" / "rollouts.jsonl").read_text().splitlines()
     assert len(samples) == 4 * 2 and {"id", "task", "response", "reward"} <= set(json.loads(samples[0]))
+    table = json.loads((tmp_path / "run" / "eval.json").read_text())     # held-out eval after the run
+    greedy = (tmp_path / "run" / "eval.generations.jsonl").read_text().splitlines()
+    assert table["all"]["n"] == 3 and len(greedy) == 3 and {"id", "response", "correct"} <= set(json.loads(greedy[0]))
 
 
 def _rollout_batch(sft_run, *, prompts: int, n: int):
@@ -284,6 +291,6 @@ def test_greedy_eval_gets_the_rollouts_token_budget(sft_run, tmp_path):
         return [f"<think>x</think>{r.answer}" for r in recs]
 
     cfg = _cfg(sft_run, tmp_path / "run", rollout=RolloutConfig(backend="hf", n=2, max_tokens=56))
-    table = evaluate_run(SimpleNamespace(cfg=cfg, eval_records=records, actor=actor, reward=None))
+    table, gens = evaluate_run(SimpleNamespace(cfg=cfg, eval_records=records, actor=actor, reward=None))
     assert calls == [("generate_greedy", {"max_new_tokens": 56})]
-    assert table["all"]["accuracy"] == 1.0
+    assert table["all"]["accuracy"] == 1.0 and [g.id for g in gens] == [r.id for r in records]

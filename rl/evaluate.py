@@ -175,11 +175,16 @@ def summarize(gens: list[Generation]) -> dict[str, dict]:
     return table
 
 
+def repeats_prompts(row: dict) -> bool:
+    """Whether a table row counts fewer distinct prompts than records (its file repeats some)."""
+    return row.get("n_distinct", row.get("n", 0)) < row.get("n", 0)
+
+
 def format_table(table: dict[str, dict], title: str = "") -> str:
     lines = [title] if title else []
     with_rm = any("rm_score" in row for row in table.values())
     with_sampled = any("sampled_accuracy" in row for row in table.values())
-    with_distinct = any(row.get("n_distinct", row["n"]) < row["n"] for row in table.values())
+    with_distinct = any(repeats_prompts(row) for row in table.values())
     lines.append(f"{'task':<12} {'n':>5} {'accuracy':>9} {'format':>7}" + (f" {'rm_score':>9}" if with_rm else "")
                  + (f" {'sampled':>8}" if with_sampled else "")
                  + (f" {'distinct prompts':>16}" if with_distinct else ""))

@@ -291,6 +291,8 @@ def accuracy_table(tables: dict[str, dict]) -> str:
     """Held-out accuracy per task (rows) after each stage (columns), followed by the accuracy over
     distinct prompts where the file repeats some ("62.7 / 49.0%"); the reward model's score (or the
     format rate) for tasks without a rule answer."""
+    from rl.evaluate import repeats_prompts
+
     stages = list(tables)
     tasks = [t for t in next(iter(tables.values())) if t != "all"] + ["all"]
     head = f"{'task':<12}" + "".join(f"{s:>14}" for s in stages)
@@ -299,7 +301,7 @@ def accuracy_table(tables: dict[str, dict]) -> str:
         cells = []
         for s in stages:
             row = tables[s].get(t, {})
-            if row.get("accuracy") is not None and row.get("n_distinct", row["n"]) < row["n"]:
+            if row.get("accuracy") is not None and repeats_prompts(row):
                 cells.append(f"{100 * row['accuracy']:.1f} / {100 * row['distinct_accuracy']:.1f}%")
             elif row.get("accuracy") is not None:
                 cells.append(f"{100 * row['accuracy']:.1f}%")

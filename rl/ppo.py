@@ -385,9 +385,9 @@ def _eval_metrics(table: dict) -> dict[str, float]:
 
 def evaluate_run(run: RLRun, limit: int = 0) -> tuple[dict, list]:
     """(table, greedy generations): held-out accuracy per task (greedy); where a reward model is
-    loaded, its mean score on the greedy solutions of RM-routed prompts (`rm_score`); with `eval_samples` = k, the mean accuracy
-    of k samples per prompt at the rollout temperature (`sampled_accuracy`) and the RM's mean score
-    of those samples (`sampled_rm_score`)."""
+    loaded, its mean score on the greedy solutions of RM-routed prompts (`rm_score`); with
+    `eval_samples` = k, the mean accuracy of k samples per prompt at the rollout temperature
+    (`sampled_accuracy`) and the RM's mean score of those samples (`sampled_rm_score`)."""
     from rl.data import load_images
     from rl.evaluate import add_rm_scores, add_sampled_scores, eval_subset, judge, summarize
     from rollout.types import Prompt, SamplingConfig

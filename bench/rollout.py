@@ -14,6 +14,11 @@ import time
 from pathlib import Path
 
 from bench.common import fmt, fmt_ratio, peak_rss_mib, ratio, throughput, write_result
+from bench.scratch import run_child
+from records import load_images, load_records
+from rollout import make_engine
+from rollout.types import EngineConfig, Prompt, SamplingConfig
+from training.atomic import write_json
 
 BACKENDS = ("vllm", "hf")
 
@@ -21,13 +26,10 @@ BACKENDS = ("vllm", "hf")
 def measure(model: str, data: str, *, backend: str, prompts: int, n: int, max_tokens: int, repeats: int,
             dtype: str = "float32", temperature: float = 1.0) -> dict:
     """Start one engine, warm it up, time `repeats` generate calls over the same prompts."""
-    from rl.data import load_images, load_records
-    from rollout.types import EngineConfig, Prompt, SamplingConfig, make_engine
-
     records = load_records(data, require="prompt")[:prompts]
     batch = [Prompt(r.prompt_messages, load_images(r)) for r in records]
     t0 = time.perf_counter()
-    engine = make_engine(EngineConfig(backend=backend, model=model, dtype=dtype, seed=0))
+    engine = make_engine(model, EngineConfig(backend=backend, dtype=dtype), seed=0)
     start_s = time.perf_counter() - t0
     try:
         engine.generate(batch[:2], SamplingConfig(n=2, max_tokens=8, temperature=temperature, seed=1))
@@ -78,12 +80,10 @@ def main(argv: list[str] | None = None) -> int:
     common = dict(prompts=args.prompts, n=args.n, max_tokens=args.max_tokens, repeats=args.repeats, dtype=args.dtype)
 
     if args.backend != "both":
-        from rl.atomic import write_json
         m = measure(args.model[0], args.data, backend=args.backend, **common)
         write_json(args.json, m) if args.json else print(m)
         return 0
 
-    from bench.scratch import run_child
     metrics, ratios, lines = {}, {}, []
     for model in args.model:
         name = model_name(model)

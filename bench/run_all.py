@@ -19,6 +19,7 @@ from pathlib import Path
 
 from bench.common import RESULTS_DIR, command_line, machine_info, summary_lines
 from bench.scratch import REPO, default_scratch, sft_model, suite, tiny_model
+from training.atomic import write_json
 
 BENCHES = ("rollout", "train_step", "weight_sync", "e2e_vs_trl")
 
@@ -93,7 +94,6 @@ def main(argv: list[str] | None = None) -> int:
     machine = machine_info()
     lines = [f"vlrl benchmarks: {machine['cpu']}, {machine['cores']} cores, OMP_NUM_THREADS="
              f"{machine['env']['OMP_NUM_THREADS']}; total {total / 60:.1f} min", *summary_lines(results)]
-    from rl.atomic import write_json
     write_json(results_dir / "summary.json", {"machine": machine, "command": command_line(), "total_s": total,
                                               "benches": {r["name"]: {"ok": r["ok"], "wall_s": r["wall_s"]} for r in results},
                                               "summary": lines})

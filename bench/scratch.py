@@ -10,14 +10,16 @@ import sys
 import tempfile
 from pathlib import Path
 
+from model.tiny import TinySpec, build_tiny_vlm
+from recipe.sft import SFTConfig, train_sft
+from synth.suite import corpus_texts, write_suite
+from training.optim import OptimConfig
+
 REPO = Path(__file__).resolve().parents[1]
 
 
 def tiny_model(scratch: Path, *, spec=None, name: str = "tiny") -> Path:
     """A random-init Qwen2-VL folder under scratch/models/<name> (the tiny one by default)."""
-    from model.tiny import TinySpec, build_tiny_vlm
-    from rl.synth import corpus_texts
-
     out = Path(scratch) / "models" / name
     if not (out / "config.json").is_file():
         build_tiny_vlm(out, corpus_texts(), spec or TinySpec())
@@ -26,8 +28,6 @@ def tiny_model(scratch: Path, *, spec=None, name: str = "tiny") -> Path:
 
 def suite(scratch: Path, *, tasks=("counting",), n: int = 400, n_heldout: int = 200, n_rl: int = 256) -> dict[str, Path]:
     """The synthetic suite (seed 0) under scratch/data: sft.jsonl, rl.jsonl, heldout.jsonl."""
-    from rl.synth import write_suite
-
     out = Path(scratch) / "data"
     names = ("sft", "rl", "heldout")
     if all((out / f"{s}.jsonl").is_file() for s in names):
@@ -40,8 +40,6 @@ def sft_model(scratch: Path, model: Path, data: dict[str, Path], *, steps: int, 
     """The tiny VLM after SFT on the suite's SFT split: `steps` steps of the cosine schedule, and the
     checkpoint at step `take` (default: the end). Stopping before the end of the schedule leaves a
     policy that still explores when sampled, which RL needs (scratch/sft-<take>-of-<steps>)."""
-    from rl.sft import OptimConfig, SFTConfig, train_sft
-
     take = take or steps
     out = Path(scratch) / f"sft-{take}-of-{steps}"
     ckpt = out / "checkpoints" / f"step-{take:06d}" if take < steps else out / "final"

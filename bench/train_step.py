@@ -15,15 +15,20 @@ import argparse
 import torch
 
 from bench.common import best_time, fmt, peak_rss_mib, throughput, write_result
+from records import load_images, load_records
+from rl.config import PPOConfig
+from rl.driver import minibatch_rows
+from rl.workers import CriticWorker, PolicyWorker
+from rl.batch import RolloutBatch
+from rollout.sequences import build_sequences, vision_token_ids
+from rollout.types import Completion, Prompt
+from training.atomic import write_json
+from training.optim import OptimConfig
 
 
-def fixed_batch(processor, data: str, *, prompts: int, n: int, response_tokens: int, seed: int = 0) -> dict:
+def fixed_batch(processor, data: str, *, prompts: int, n: int, response_tokens: int, seed: int = 0) -> RolloutBatch:
     """A rollout-shaped batch: `prompts` records x `n` random responses of `response_tokens` tokens,
-    with the RL fields the updates read (old_logp, ref_logp, adv, returns, old_values, ...)."""
-    from rl.data import load_images, load_records
-    from rollout.sequences import build_sequences, vision_token_ids
-    from rollout.types import Completion, Prompt
-
+    with the RL fields the updates read (adv, returns, values, ...; old_logp is the caller's)."""
     records = load_records(data, require="prompt")[:prompts]
     batch_prompts = [Prompt(r.prompt_messages, load_images(r)) for r in records]
     g = torch.Generator().manual_seed(seed)
@@ -32,38 +37,34 @@ def fixed_batch(processor, data: str, *, prompts: int, n: int, response_tokens: 
     completions = [[Completion(token_ids=allowed[torch.randint(len(allowed), (response_tokens,), generator=g)].tolist(),
                                logp=[0.0] * response_tokens, text="", finish_reason="length") for _ in range(n)]
                    for _ in batch_prompts]
-    batch = build_sequences(processor, batch_prompts, completions)
-    mask = batch["response_mask"][:, 1:].float()                                    # (B, T)
+    seq = build_sequences(processor, batch_prompts, completions)
+    mask = seq.label_mask                                                           # (B, T)
     B, T = mask.shape
-    batch.update(mask=mask, adv=torch.randn(B, T, generator=g) * mask, returns=torch.rand(B, T, generator=g) * mask,
-                 old_values=torch.zeros(B, T), kl_coef=torch.zeros(B), correct=torch.rand(B, generator=g) > 0.5)
-    return batch
+    return RolloutBatch(seq=seq, tasks=["counting"] * B, task_id=torch.zeros(B, dtype=torch.long),
+                        scores=torch.zeros(B), correct=torch.rand(B, generator=g) > 0.5, kl_coef=torch.zeros(B),
+                        adv=torch.randn(B, T, generator=g) * mask, returns=torch.rand(B, T, generator=g) * mask,
+                        values=torch.zeros(B, T))
 
 
 def measure(model: str, data: str, *, prompts: int, n: int, response_tokens: int, repeats: int,
             minibatches: int = 2, micro_batch_size: int = 32, dtype: str = "float32") -> dict:
     """Tokens/s of actor log-probs, actor update and critic update on one fixed batch."""
-    from rl.ppo import minibatch_rows
-    from rl.rl_config import PPOConfig
-    from rl.sft import OptimConfig
-    from rl.workers import CriticWorker, PolicyWorker
-
     optim = OptimConfig(lr=1e-6, warmup_steps=0, schedule="constant")
     ppo = PPOConfig(minibatches=minibatches, micro_batch_size=micro_batch_size, lm_coef=0.1)
     actor = PolicyWorker(model, optim=optim, total_steps=10_000, dtype=dtype)
     batch = fixed_batch(actor.processor, data, prompts=prompts, n=n, response_tokens=response_tokens)
-    B = batch["input_ids"].shape[0]
+    B = batch.rows
     rows = minibatch_rows(list(range(B)), minibatches=minibatches, epochs=1, seed=0)
-    old = actor.logp(batch, micro_batch_size=micro_batch_size)
-    batch.update(old_logp=old["logp"], ref_logp=old["logp"], logp=old["logp"])
-    all_tokens = int(batch["attention_mask"].sum())
-    resp_tokens = int(batch["mask"].sum())
+    batch.old_logp, _ = actor.logp(batch.seq, micro_batch_size=micro_batch_size)
+    batch.ref_logp = batch.old_logp
+    all_tokens = int(batch.seq.attention_mask.sum())
+    resp_tokens = int(batch.mask.sum())
 
     def actor_update():
         actor.update(batch, ppo=ppo, kl_mode="reward", kl_kind="k3", minibatch_rows=rows)
 
     actor_update()  # warm-up: allocator, first optimizer state
-    t_logp = best_time(lambda: actor.logp(batch, micro_batch_size=micro_batch_size), repeats)
+    t_logp = best_time(lambda: actor.logp(batch.seq, micro_batch_size=micro_batch_size), repeats)
     t_actor = best_time(actor_update, repeats)
     n_params = sum(p.numel() for p in actor.model.parameters())
     actor = None  # frees the actor before the critic loads
@@ -106,7 +107,6 @@ def main(argv: list[str] | None = None) -> int:
     m = measure(args.model, args.data, **cfg)
     result = {"config": {**cfg, "model": args.model}, "metrics": m, "ratios": {}, "headline": headline(m)}
     if args.json:
-        from rl.atomic import write_json
         write_json(args.json, result)
     else:
         print(f"-> {write_result('train_step', result, args.results_dir)}")

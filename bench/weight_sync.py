@@ -14,6 +14,12 @@ import time
 from pathlib import Path
 
 from bench.common import best_time, fmt, fmt_ratio, ratio, throughput, write_result
+from bench.scratch import default_scratch, run_child, tiny_model
+from model.load import load_vlm
+from model.tiny import TinySpec
+from rollout import make_engine
+from rollout.types import EngineConfig
+from training.atomic import write_json
 
 # name -> TinySpec overrides; head_dim stays 64 (a size vLLM's CPU attention supports)
 SIZES: dict[str, dict] = {
@@ -26,9 +32,6 @@ SIZES: dict[str, dict] = {
 
 def build(scratch: Path, name: str) -> Path:
     """The model folder of a named size (built once under scratch/models/)."""
-    from bench.scratch import tiny_model
-    from model.tiny import TinySpec
-
     return tiny_model(scratch, spec=TinySpec(**SIZES[name]), name=name)
 
 
@@ -36,10 +39,7 @@ def measure(model: str, *, repeats: int) -> dict:
     """Start a vLLM engine on `model`, then time full-state syncs from an HF copy of it. For scale,
     also time the HF backend's sync (`load_state_dict` into a second HF copy: a memory copy) and
     keep the engine's start time (what a sync by restarting the engine would cost at least)."""
-    from model.load import load_vlm
-    from rollout.types import EngineConfig, make_engine
-
-    engine = make_engine(EngineConfig(backend="vllm", model=model, seed=0))
+    engine = make_engine(model, EngineConfig(backend="vllm"), seed=0)
     try:
         hf, _ = load_vlm(model)
         state = {k: v.detach().clone() for k, v in hf.state_dict().items()}
@@ -79,11 +79,9 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
 
     if args.model:
-        from rl.atomic import write_json
         write_json(args.json, measure(args.model, repeats=args.repeats))
         return 0
 
-    from bench.scratch import default_scratch, run_child
     scratch = Path(args.scratch) if args.scratch else default_scratch()
     per_size, errors = {}, {}
     for name in [s for s in args.sizes.split(",") if s]:

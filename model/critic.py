@@ -1,5 +1,4 @@
-"""The shared critic: one VLM backbone with a scalar value head, used for every task type, and
-value pretraining (fit the critic to the frozen SFT policy's returns before any actor update).
+"""The shared critic: one VLM backbone with a scalar value head, used for every task type.
 
 On disk a critic is an HF folder: the backbone's `save_pretrained` output plus `value_head.safetensors`.
 A policy folder (no value head) is a valid starting point: the backbone loads from it (its LM head
@@ -8,15 +7,12 @@ is left out) and the value head starts near zero.
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Iterable
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
-
-from rl.algos import Agg, value_loss
+from transformers import AutoModel
 
 VALUE_HEAD_FILE = "value_head.safetensors"
 
@@ -44,8 +40,6 @@ class ValueModel(nn.Module):
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, *, dtype: torch.dtype | None = None) -> ValueModel:
         """Load a critic folder, or start a critic from a policy folder (then the head is fresh)."""
-        from transformers import AutoModel
-
         path = Path(path)
         backbone = AutoModel.from_pretrained(path, dtype=dtype)
         critic = cls(backbone)
@@ -73,53 +67,3 @@ class ValueModel(nn.Module):
                             position_ids=position_ids, use_cache=False)
         hidden = out.last_hidden_state  # (B, L, H)
         return self.value_head(hidden.to(self.value_head.weight.dtype)).squeeze(-1).float()
-
-
-@dataclass
-class ValueBatch:
-    """One ready batch for value pretraining. Any object with these attributes will do."""
-
-    input_ids: Tensor  # (B, L) prompt + response tokens
-    attention_mask: Tensor  # (B, L)
-    returns: Tensor  # (B, L) critic targets aligned with ValueModel's output (see its docstring)
-    mask: Tensor  # (B, L) 1 where a target exists (the states before response tokens)
-    pixel_values: Tensor | None = None  # as the processor returns them
-    image_grid_thw: Tensor | None = None  # (n_images, 3)
-    mm_token_type_ids: Tensor | None = None  # (B, L)
-
-
-def pretrain_value(critic: ValueModel, optimizer: torch.optim.Optimizer,
-                   batches: Iterable[ValueBatch] | Callable[[], ValueBatch], *, steps: int,
-                   agg: Agg = "token_mean", max_grad_norm: float | None = 1.0) -> list[dict[str, float]]:
-    """Value pretraining (VC-PPO 2503.01491; VAPO 2504.05118 "Value-Pretraining"): `steps` optimizer
-    steps of the unclipped value loss 1/2 (V - R)^2 on returns of the frozen SFT policy's rollouts
-    (computed by the caller with lam_critic = 1.0, i.e. `decoupled_gae(...)[1]`), before any actor update.
-
-    `batches` is an iterable (stops early when exhausted) or a callable returning the next batch
-    (the driver's rollout source). Returns one dict of floats per step: loss, explained_variance,
-    grad_norm.
-    """
-    next_batch = batches if callable(batches) else iter(batches).__next__
-    device = next(critic.parameters()).device
-    critic.train()
-    history = []
-    for _ in range(steps):
-        try:
-            batch = next_batch()
-        except StopIteration:
-            break
-        to = lambda x: None if x is None else x.to(device)  # noqa: E731
-        values = critic(to(batch.input_ids), to(batch.attention_mask), pixel_values=to(getattr(batch, "pixel_values", None)),
-                        image_grid_thw=to(getattr(batch, "image_grid_thw", None)),
-                        mm_token_type_ids=to(getattr(batch, "mm_token_type_ids", None)))
-        loss, metrics = value_loss(values, values.detach(), to(batch.returns), to(batch.mask), clip=None, agg=agg)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if max_grad_norm is not None:
-            grad_norm = torch.nn.utils.clip_grad_norm_(critic.parameters(), max_grad_norm)
-        else:
-            grad_norm = torch.sqrt(sum((p.grad.detach() ** 2).sum() for p in critic.parameters() if p.grad is not None))
-        optimizer.step()
-        history.append({"loss": loss.item(), "explained_variance": metrics["explained_variance"].item(),
-                        "grad_norm": float(grad_norm)})
-    return history

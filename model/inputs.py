@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from typing import Sequence
 
+import torch
+
 IGNORE = -100
 
 
@@ -43,8 +45,6 @@ def encode_sft(processor, conversations: Sequence[list[dict]], images: Sequence[
     conversations: B message lists (last turn usually the assistant's); images: B lists of PIL images.
     Returns a dict of tensors (input_ids, attention_mask, pixel_values, image_grid_thw, ..., labels).
     """
-    import torch
-
     texts, spans = zip(*(_assistant_char_spans(processor, c) for c in conversations))
     flat_images = [im for ims in images for im in ims] or None
     side = processor.tokenizer.padding_side

@@ -7,14 +7,15 @@ from __future__ import annotations
 
 import os
 import shutil
-import tempfile
 from pathlib import Path
-from typing import Any, Callable
+
+import torch
+from transformers import AutoModelForImageTextToText, AutoProcessor
+
+from training.atomic import atomic_dir
 
 
 def load_processor(path: str | os.PathLike, *, padding_side: str = "left"):
-    from transformers import AutoProcessor
-
     proc = AutoProcessor.from_pretrained(str(path))
     proc.tokenizer.padding_side = padding_side
     return proc
@@ -22,9 +23,6 @@ def load_processor(path: str | os.PathLike, *, padding_side: str = "left"):
 
 def load_vlm(path: str | os.PathLike, *, dtype: str = "float32", device: str = "cpu", train: bool = False):
     """(model, processor) from an HF folder. dtype: 'float32' | 'bfloat16' | 'float16'."""
-    import torch
-    from transformers import AutoModelForImageTextToText
-
     path = Path(path)
     if not (path / "config.json").is_file():
         raise FileNotFoundError(f"{path}: not a model folder (no config.json)")
@@ -32,30 +30,6 @@ def load_vlm(path: str | os.PathLike, *, dtype: str = "float32", device: str = "
     model.to(device)
     model.train(train)
     return model, load_processor(path)
-
-
-def atomic_dir(final: str | os.PathLike, write: Callable[[Path], Any]) -> Path:
-    """Run `write(tmp_dir)` then rename tmp_dir to `final` (replacing it). A crash leaves `final` intact."""
-    final = Path(final)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
-    try:
-        write(tmp)
-        for f in tmp.rglob("*"):
-            if f.is_file():
-                with open(f, "rb") as fh:
-                    os.fsync(fh.fileno())
-        if final.exists():
-            old = final.with_name(f".{final.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(final, old)
-            os.replace(tmp, final)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, final)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return final
 
 
 def save_vlm(model, processor, out: str | os.PathLike) -> Path:

@@ -11,19 +11,22 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Literal, Sequence
 
 import torch
+from PIL import Image
 from torch import Tensor, nn
 
 from model.critic import ValueModel
-from rl.algos.preference import Pooling, pool_values
+from model.inputs import IGNORE, encode_sft
+from verifiers.think_format import split_think
 
 REWARD_CONFIG_FILE = "reward_model.json"
+Pooling = Literal["last", "mean"]
 
 
 class RewardModel(nn.Module):
-    """r(prompt, response): ValueModel values (B, L) pooled (`rl.algos.preference.pool_values`) to (B,)."""
+    """r(prompt, response): ValueModel values (B, L) pooled (`pool_values`) to (B,)."""
 
     def __init__(self, critic: ValueModel, *, pooling: Pooling = "last"):
         super().__init__()
@@ -54,6 +57,31 @@ class RewardModel(nn.Module):
         return pool_values(values, attention_mask, pooling=self.pooling, response_mask=response_mask)
 
 
+def last_index(attention_mask: Tensor) -> Tensor:
+    """Index of the last attended position of each row: (B, L) -> (B,). Works for left or right padding."""
+    pos = torch.arange(attention_mask.shape[-1], device=attention_mask.device)
+    return torch.where(attention_mask.bool(), pos, -1).amax(-1)
+
+
+def pool_values(values: Tensor, attention_mask: Tensor, *, pooling: Pooling,
+                response_mask: Tensor | None = None) -> Tensor:
+    """One score per sequence from per-position values (B, L) -> (B,).
+
+    last: the value at the last non-padding position (the end of the response; the usual RM read-out).
+    mean: the mean value over `response_mask` (B, L) positions (the response tokens), so a mistake
+          anywhere in the response moves the score directly.
+    """
+    if pooling == "last":
+        return values.gather(-1, last_index(attention_mask)[:, None]).squeeze(-1)
+    if pooling == "mean":
+        if response_mask is None:
+            raise ValueError("pooling='mean' needs the response_mask")
+        keep = (response_mask * attention_mask).bool()   # masked entries may hold garbage: select, never multiply
+        total = torch.where(keep, values, torch.zeros((), dtype=values.dtype, device=values.device)).sum(-1)
+        return total / keep.to(values.dtype).sum(-1).clamp(min=1)
+    raise ValueError(f"unknown pooling {pooling!r}")
+
+
 def prompt_messages(prompt: str | Sequence[dict], n_images: int) -> list[dict]:
     """A prompt as chat messages: a string becomes one user turn, its images first (as the suite's are)."""
     if isinstance(prompt, str):
@@ -68,16 +96,12 @@ def rm_conversation(prompt: str | Sequence[dict], solution: str, n_images: int) 
 
 def solution_only(response: str) -> str:
     """The solution of a `<think>..</think>solution` response (the whole text when it has no think block)."""
-    from verifiers.think_format import split_think
-
     split = split_think(response)
     return response.strip() if split is None else split[1]
 
 
 def encode_rm(processor, conversations: Sequence[list[dict]], images: Sequence[list]) -> dict[str, Any]:
     """Model inputs of B RM conversations (right-padded), with `response_mask` (B, L) on the assistant tokens."""
-    from model.inputs import IGNORE, encode_sft
-
     batch = encode_sft(processor, conversations, images)
     batch["response_mask"] = (batch.pop("labels") != IGNORE).long()
     return batch
@@ -85,8 +109,6 @@ def encode_rm(processor, conversations: Sequence[list[dict]], images: Sequence[l
 
 def as_images(images: Sequence[Any], base: Path | None = None) -> list:
     """PIL RGB images from PIL images or paths (relative paths against `base`)."""
-    from PIL import Image
-
     out = []
     for im in images:
         if isinstance(im, Image.Image):

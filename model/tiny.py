@@ -12,6 +12,11 @@ import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import torch
+from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+from transformers import (GenerationConfig, PreTrainedTokenizerFast, Qwen2VLConfig, Qwen2VLForConditionalGeneration,
+                          Qwen2VLImageProcessor, Qwen2VLProcessor, Qwen2VLVideoProcessor)
+
 # The Qwen2-VL chat/vision special tokens, in Qwen's order.
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
                   "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>"]
@@ -67,9 +72,6 @@ def mrope_section(head_dim: int) -> list[int]:
 
 def train_tokenizer(texts: list[str], vocab_size: int):
     """Byte-level BPE trained on `texts`, wrapped as a Qwen2 tokenizer with the chat template."""
-    from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
     bpe = Tokenizer(models.BPE())
     bpe.normalizer = normalizers.NFC()
     bpe.pre_tokenizer = pre_tokenizers.Sequence([
@@ -96,10 +98,6 @@ def build_tiny_vlm(out: str | os.PathLike, texts: list[str], spec: TinySpec = Ti
     `texts` is the tokenizer's training corpus. The folder appears atomically: it is built in a
     temporary sibling and renamed into place.
     """
-    import torch
-    from transformers import (GenerationConfig, Qwen2VLConfig, Qwen2VLForConditionalGeneration,
-                              Qwen2VLImageProcessor, Qwen2VLProcessor, Qwen2VLVideoProcessor)
-
     torch.manual_seed(spec.seed)
     tok = train_tokenizer(texts, spec.vocab_size)
     ids = {t: tok.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}

@@ -4,15 +4,17 @@ from __future__ import annotations
 
 from typing import Sequence
 
+from PIL import Image
+
+from records import message_text
+from rewards.hybrid import RewardInput, combine
+
 # Parts of a RewardResult that are not a verifier's verdict.
 NON_VERIFIER_PARTS = frozenset({"format", "rm", "timeout", "error", "abstained"})
 
 
 def reward_inputs(records, completions) -> list:
     """One RewardInput per completion, prompt-major: completions[i][j] answers records[i]."""
-    from rewards.hybrid import RewardInput
-    from rl.data import message_text
-
     out = []
     for rec, group in zip(records, completions):
         sizes = tuple(image_size(p) for p in rec.images)
@@ -25,7 +27,6 @@ def reward_inputs(records, completions) -> list:
 
 def image_size(path) -> tuple[int, int]:
     """(width, height), from the file header."""
-    from PIL import Image
     with Image.open(path) as im:
         return im.size
 
@@ -40,8 +41,6 @@ def is_correct(result) -> bool:
 def verifier_score(parts: dict[str, float], verifiers: Sequence[tuple[str, float]]) -> float | None:
     """The format-gated weighted mean of the verifier parts alone (the reward model left out);
     `verifiers` = (part name, weight) of the task's route. None when every verifier abstained."""
-    from rewards.hybrid import combine
-
     if not parts.get("format", 0.0):
         return 0.0
     return combine([(parts.get(name), w) for name, w in verifiers])

@@ -1,7 +1,7 @@
 """A generative pairwise judge: a VLM shown the image, the question and two answers, asked which is
 better ("A" or "B"). The verdict is read from the log-probs of the two letter tokens at the first
 answer position (no sampling), and every pair is asked in both orders and averaged
-(`rl.algos.preference.both_order_preference`), so a judge's preference for a position cancels out.
+(`rewards.preference.both_order_preference`), so a judge's preference for a position cancels out.
 
 Two ways to use it:
   judge.compare([(images, prompt, x, y), ...])  -> P(x better than y) per pair, in [0, 1]
@@ -18,6 +18,11 @@ from typing import Any, Callable, Sequence
 
 import torch
 
+from model.load import load_vlm
+from model.reward import as_images
+from records import message_text
+from rewards.preference import both_order_preference
+
 JUDGE_TEMPLATE = ("Question: {question}\n"
                   "Answer A: {a}\n"
                   "Answer B: {b}\n"
@@ -29,8 +34,6 @@ PairItem = tuple[Sequence[Any], Any, str, str]
 
 def question_text(prompt: str | Sequence[dict]) -> str:
     """The question of a prompt: the text itself, or the text of the last user turn of a message list."""
-    from rl.data import message_text
-
     if isinstance(prompt, str):
         return prompt
     users = [m for m in prompt if m["role"] == "user"]
@@ -64,8 +67,6 @@ class PairwiseJudge:
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, *, dtype: str = "float32", device: str = "cpu",
                         **kw) -> PairwiseJudge:
-        from model.load import load_vlm
-
         model, processor = load_vlm(path, dtype=dtype, device=device)
         return cls(model, processor, **kw)
 
@@ -77,8 +78,6 @@ class PairwiseJudge:
     @torch.no_grad()
     def letter_logp(self, items: Sequence[PairItem]) -> torch.Tensor:
         """log p("A"), log p("B") at the verdict position with x shown as A and y as B: (N, 2) float32."""
-        from model.reward import as_images
-
         device = next(self.model.parameters()).device
         out = []
         for start in range(0, len(items), self.batch_size):
@@ -98,8 +97,6 @@ class PairwiseJudge:
 
     def compare(self, items: Sequence[PairItem]) -> list[float]:
         """P(x better than y) per (images, prompt, x, y), averaged over both presentation orders."""
-        from rl.algos.preference import both_order_preference
-
         swapped = [(ims, p, y, x) for ims, p, x, y in items]
         lp = self.letter_logp(list(items) + swapped)  # (2N, 2)
         xy, yx = lp[:len(items)], lp[len(items):]

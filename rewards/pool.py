@@ -77,9 +77,8 @@ STARTUP_TIMEOUT_S = 300.0   # imports on a loaded 2-core machine can take tens o
 def _warm_imports() -> None:
     """Import what verifiers load lazily (sympy, math-verify) before the first call, so a cold
     import never counts against a call's timeout."""
-    import verifiers  # noqa: F401  (registers the shipped verifiers once per worker)
     try:
-        import math_verify  # noqa: F401
+        import math_verify  # noqa: F401  (heavy: warmed once per worker)
         import sympy  # noqa: F401
     except ImportError:  # the math verifier reports its own missing dependency per call
         pass

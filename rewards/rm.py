@@ -16,6 +16,9 @@ from typing import Any, Literal, Sequence
 
 import torch
 
+from model.load import load_processor
+from model.reward import RewardModel, as_images, encode_rm, rm_conversation
+
 ScoreMapping = Literal["sigmoid", "raw"]
 # One item of the hybrid reward's RM call: (images, prompt text or messages, solution)
 Item = tuple[Sequence[Any], Any, str]
@@ -40,9 +43,6 @@ class RewardModelScorer:
     def __init__(self, path: str | os.PathLike, *, batch_size: int = 16, mapping: ScoreMapping = "sigmoid",
                  offset: float = 0.0, temperature: float = 1.0, device: str = "cpu",
                  dtype: str = "float32", image_root: str | os.PathLike | None = None):
-        from model.load import load_processor
-        from model.reward import RewardModel
-
         if temperature <= 0:
             raise ValueError(f"temperature must be > 0, got {temperature}")
         self.path = Path(path)
@@ -55,8 +55,6 @@ class RewardModelScorer:
     @torch.no_grad()
     def raw(self, items: Sequence[Item]) -> list[float]:
         """Raw BT scores, one per item."""
-        from model.reward import as_images, encode_rm, rm_conversation
-
         scores: list[float] = []
         for start in range(0, len(items), self.batch_size):
             chunk = items[start:start + self.batch_size]

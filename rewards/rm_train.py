@@ -1,7 +1,7 @@
 """Training the scalar reward model on preference records with the Bradley-Terry loss, and measuring its
 held-out pairwise accuracy.
 
-Our own loop rather than TRL's RewardTrainer, which is text-only; it follows `rl.sft`'s shape (same
+Our own loop rather than TRL's RewardTrainer, which is text-only; it follows `recipe.sft`'s shape (same
 optimizer, schedule, data order as a pure function of the step, atomic checkpoints, exact resume).
 """
 from __future__ import annotations
@@ -15,8 +15,17 @@ from pathlib import Path
 from typing import Literal, Sequence
 
 import torch
+from tqdm import tqdm
 
-from rl.sft import OptimConfig, batch_indices, make_optimizer, optimizer_step
+from model.load import load_processor
+from model.reward import RewardModel, encode_rm, solution_only
+from records import DataError, load_images, load_records, message_text
+from records.mixture import batch_indices
+from rewards.preference import bradley_terry_loss
+from training.atomic import atomic_dir
+from training.optim import OptimConfig, make_optimizer, optimizer_step
+from training.runlog import MetricsLog, latest_checkpoint, over_budget, periodic, save_checkpoint, start_or_resume
+from verifiers.think_format import split_think
 
 
 @dataclass(frozen=True)
@@ -29,7 +38,7 @@ class RMConfig:
     batch_size: int = 16                  # pairs per micro-batch (2x sequences per forward)
     grad_accum: int = 1                   # micro-batches per optimizer step
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-4, warmup_steps=20))  # see rm.yaml
-    pooling: Literal["last", "mean"] = "last"   # how values become one score (rl.algos.preference.pool_values)
+    pooling: Literal["last", "mean"] = "last"   # how values become one score (model.reward.pool_values)
     center_coef: float = 0.01             # weight of mean (r_c + r_r)^2: keeps rewards near 0 for sigmoid
     save_every: int = 100                 # checkpoint period in steps (0: only at the end)
     keep_checkpoints: int = 2
@@ -43,9 +52,6 @@ class RMConfig:
 
 def load_pairs(path: str | Path):
     """Preference records, each checked: chosen/rejected end with an assistant turn and differ."""
-    from rl.data import DataError, load_records, message_text
-    from verifiers.think_format import split_think
-
     records = load_records(path, require="preference")
     for rec in records:
         file, line = rec.source.rsplit(":", 1)
@@ -66,9 +72,6 @@ def load_pairs(path: str | Path):
 
 
 def _answer(turns: list[dict]) -> str:
-    from model.reward import solution_only
-    from rl.data import message_text
-
     return solution_only(message_text(turns[-1]))
 
 
@@ -80,9 +83,6 @@ def _conversation(rec, turns: list[dict]) -> list[dict]:
 
 def encode_pairs(processor, records) -> dict:
     """One batch of 2B sequences: the B chosen conversations, then the B rejected ones."""
-    from model.reward import encode_rm
-    from rl.data import load_images
-
     images = [load_images(r) for r in records]
     convs = [_conversation(r, r.chosen) for r in records] + [_conversation(r, r.rejected) for r in records]
     return encode_rm(processor, convs, images + images)
@@ -100,8 +100,6 @@ def pair_rewards(rm, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
 @torch.no_grad()
 def evaluate_pairs(rm, processor, records: Sequence, *, batch_size: int = 32) -> dict:
     """Pairwise accuracy (r_c > r_r), mean margin and mean BT loss, overall and per `meta.corruption`."""
-    from rl.algos.preference import bradley_terry_loss
-
     was_training = rm.training
     rm.eval()
     margins, kinds = [], []
@@ -129,14 +127,6 @@ def evaluate_pairs(rm, processor, records: Sequence, *, batch_size: int = 32) ->
 
 def train_rm(cfg: RMConfig, *, resume: bool = True, progress: bool = True) -> Path:
     """Train the RM; returns the final RM folder (`out/final`). Held-out results go to `out/eval.json`."""
-    from tqdm import tqdm
-
-    from model.load import atomic_dir, load_processor
-    from model.reward import RewardModel
-    from rl.algos.preference import bradley_terry_loss
-    from rl.runlog import (MetricsLog, latest_checkpoint, over_budget, periodic, save_checkpoint,
-                           start_or_resume)
-
     out = Path(cfg.out)
     records = load_pairs(cfg.data)
     eval_records = load_pairs(cfg.eval_data) if cfg.eval_data else []

@@ -1,151 +1,111 @@
-"""Typed configuration: nested frozen dataclasses loaded from YAML, then dotted `key=value` overrides.
-
-A config class is a `@dataclass(frozen=True)` whose fields carry defaults and a docstring-like
-comment; nested sections are dataclass-typed fields. `load_config(Cls, path, overrides)` returns a
-frozen instance; unknown keys and ill-typed values stop with `file: key: what is wrong`.
-"""
+"""Configuration of an RL run (`vlrl rl`): PPO with a shared critic (default) or GRPO."""
 from __future__ import annotations
 
-import dataclasses
-import types
-import typing
-from pathlib import Path
-from typing import Any, TypeVar
+from dataclasses import dataclass, field
+from typing import Literal
 
-import yaml
-
-T = TypeVar("T")
-
-
-class ConfigError(ValueError):
-    """A config file or override that does not fit its schema; the message names where and what."""
+from records.mixture import check_task_weights
+from rewards.config import RewardConfig
+from rollout.types import EngineConfig, Sampling
+from training.config import ConfigError
+from training.optim import OptimConfig
 
 
-def _coerce(value: Any, tp: Any, where: str) -> Any:
-    origin = typing.get_origin(tp)
-    args = typing.get_args(tp)
-    if tp is Any:
-        return value
-    if origin in (typing.Union, types.UnionType):
-        if value is None and type(None) in args:
-            return None
-        errors = []
-        for a in args:
-            if a is type(None):
-                continue
-            try:
-                return _coerce(value, a, where)
-            except ConfigError as e:
-                errors.append(str(e))
-        raise ConfigError(errors[0] if errors else f"{where}: cannot be {value!r}")
-    if origin is typing.Literal:
-        if value not in args:
-            raise ConfigError(f"{where}: {value!r} is not one of {list(args)}")
-        return value
-    if dataclasses.is_dataclass(tp):
-        if not isinstance(value, dict):
-            raise ConfigError(f"{where}: expected a mapping, got {type(value).__name__}")
-        return _build(tp, value, where)
-    if origin in (list, tuple):
-        if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{where}: expected a list, got {value!r}")
-        item = args[0] if args else Any
-        return tuple(_coerce(v, item, f"{where}[{i}]") for i, v in enumerate(value))
-    if origin is dict:
-        if not isinstance(value, dict):
-            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
-        kt, vt = args if args else (Any, Any)
-        return types.MappingProxyType({_coerce(k, kt, where): _coerce(v, vt, f"{where}.{k}")
-                                       for k, v in value.items()})
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-        raise ConfigError(f"{where}: expected true/false, got {value!r}")
-    if tp is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        if isinstance(value, float) and value.is_integer():
-            return int(value)
-        raise ConfigError(f"{where}: expected an integer, got {value!r}")
-    if tp is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):  # YAML reads 3e-4 (no dot) as a string
-            try:
-                return float(value)
-            except ValueError:
-                pass
-        raise ConfigError(f"{where}: expected a number, got {value!r}")
-    if tp is str:
-        if isinstance(value, str):
-            return value
-        raise ConfigError(f"{where}: expected a string, got {value!r}")
-    return value
+@dataclass(frozen=True)
+class RolloutConfig(EngineConfig, Sampling):
+    """The rollout engine (`EngineConfig`'s fields: backend, max_model_len, tensor_parallel_size, ...)
+    and how each step samples (`Sampling`'s: n, temperature, top_p, top_k, max_tokens). The engine
+    loads the run's policy; its dtype defaults to the run's `dtype`."""
+
+    max_tokens: int = 48                      # response length limit (RL's default; the Sampling field)
+    retries: int = 2                          # a rollout worker that dies is restarted and the step retried
 
 
-def _build(cls: type[T], data: dict, where: str) -> T:
-    hints = typing.get_type_hints(cls)
-    fields = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - fields)
-    if unknown:
-        raise ConfigError(f"{where}: unknown key {unknown[0]!r} (known: {', '.join(sorted(fields))})")
-    kwargs = {k: _coerce(v, hints[k], f"{where}.{k}" if where else k) for k, v in data.items()}
-    try:
-        return cls(**kwargs)   # a section's own checks (__post_init__) name keys relative to it
-    except ConfigError as e:
-        raise ConfigError(f"{where}: {e}" if where else str(e)) from None
+@dataclass(frozen=True)
+class KLConfig:
+    coefs: dict[str, float] = field(default_factory=dict)   # per task; missing tasks use `default`
+    default: float = 0.0
+    mode: Literal["reward", "loss"] = "reward"  # reward: -beta*k1 per token before GAE; loss: +beta*k3
+    kind: Literal["k1", "k2", "k3"] = "k3"      # estimator used in "loss" mode
 
 
-def _merge(base: dict, path: list[str], value: Any) -> None:
-    node = base
-    for part in path[:-1]:
-        node = node.setdefault(part, {})
-        if not isinstance(node, dict):
-            raise ConfigError(f"override {'.'.join(path)}: {part} is not a section")
-    node[path[-1]] = value
+@dataclass(frozen=True)
+class PPOConfig:
+    clip_low: float = 0.2                      # eps_low
+    clip_high: float = 0.28                    # eps_high (clip-higher, DAPO)
+    dual_clip: float | None = None             # c > 1 bounds the loss of negative advantages
+    value_clip: float | None = 0.5             # critic clipping around the old values; null disables
+    epochs: int = 1                            # passes over each rollout batch
+    minibatches: int = 2                       # optimizer steps per epoch
+    micro_batch_size: int = 32                 # sequences per forward/backward
+    agg: Literal["token_mean", "seq_mean_token_mean", "seq_mean_token_sum"] = "token_mean"
+    gamma: float = 1.0
+    lam_actor: float = 0.95                    # fixed actor lambda (used when lam_alpha == 0)
+    lam_alpha: float = 0.05                    # length-adaptive lambda 1 - 1/(alpha*len) (VAPO); 0 disables
+    lam_critic: float = 1.0                    # decoupled GAE: critic targets with lambda 1 (VC-PPO)
+    whiten_adv: bool = True
+    # batch: one mean and std; task: each task type centred and scaled on its own (no task's
+    # advantages share a sign); task_center: each task centred, one std over the batch (a nearly
+    # solved task keeps its small advantages)
+    whiten_by: Literal["batch", "task", "task_center"] = "task"
+    lm_coef: float = 0.1                       # positive-example LM loss weight mu (VAPO); 0 disables
+    value_pretrain_steps: int = 0              # critic-only steps on the frozen policy before actor updates
+    entropy_chunk: int = 0                     # chunk size for log-prob/entropy (0: whole sequence)
+    # The behaviour policy's log-probs (the ratio's denominator): "trainer" recomputes them with the
+    # actor (robust to engine/trainer numeric gaps, as in bf16 on GPU); "engine" takes the rollout
+    # engine's, saving one forward pass per step where both run the same float32 weights (the
+    # `rollout/logp_gap_max` metric of a "trainer" run measures the gap). Needs temperature 1.
+    old_logp: Literal["trainer", "engine"] = "trainer"
 
 
-def parse_override(text: str) -> tuple[list[str], Any]:
-    """`a.b=3` -> (['a', 'b'], 3); the value is read as YAML (numbers, bools, lists)."""
-    if "=" not in text:
-        raise ConfigError(f"override {text!r}: expected key=value")
-    key, raw = text.split("=", 1)
-    try:
-        value = yaml.safe_load(raw) if raw else ""
-    except yaml.YAMLError:
-        value = raw
-    return key.strip().split("."), value
+@dataclass(frozen=True)
+class GRPOConfig:
+    norm_std: bool = True                      # GRPO; false gives Dr.GRPO's unnormalised advantages
+    dynamic_sampling: bool = False             # drop groups whose scores are all equal (DAPO)
 
 
-def load_config(cls: type[T], path: str | Path | None = None, overrides: list[str] = ()) -> T:
-    """Read YAML at `path` (optional), apply dotted overrides, build and return a frozen `cls`."""
-    data: dict = {}
-    where = ""
-    if path is not None:
-        where = str(path)
-        try:
-            data = yaml.safe_load(Path(path).read_text()) or {}
-        except FileNotFoundError:
-            raise ConfigError(f"{path}: config file not found") from None
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{path}: not valid YAML: {e}") from None
-        if not isinstance(data, dict):
-            raise ConfigError(f"{path}: top level must be a mapping")
-    for o in overrides:
-        keys, value = parse_override(o)
-        _merge(data, keys, value)
-    try:
-        return _build(cls, data, "")
-    except ConfigError as e:
-        raise ConfigError(f"{where}: {e}" if where else str(e)) from None
+@dataclass(frozen=True)
+class RayConfig:
+    enabled: bool = False                      # false: workers in this process; true: Ray actors
+    address: str | None = None                 # None/"local": start a local cluster; else join this one
+    num_cpus: int = 2                          # local cluster size
+    actor_gpus: float = 0.0                    # per worker, on a GPU cluster
+    rollout_gpus: float = 0.0
+    timeout_s: float = 600.0                   # bound on every ray.get
 
 
-def to_dict(cfg: Any) -> Any:
-    """Plain dict/list form of a config (for saving next to a run)."""
-    if dataclasses.is_dataclass(cfg):
-        return {f.name: to_dict(getattr(cfg, f.name)) for f in dataclasses.fields(cfg)}
-    if isinstance(cfg, (tuple, list)):
-        return [to_dict(v) for v in cfg]
-    if isinstance(cfg, (dict, types.MappingProxyType)):
-        return {k: to_dict(v) for k, v in cfg.items()}
-    return cfg
+@dataclass(frozen=True)
+class RLConfig:
+    algo: Literal["ppo", "grpo"] = "ppo"
+    policy: str = "runs/tiny/sft/final"        # the SFT model (HF folder); also the reference policy
+    critic: str | None = None                  # critic folder; default: start from the policy
+    reward_model: str | None = None            # RM folder for tasks routed to it (caption, general)
+    data: str = "runs/tiny/data/rl.jsonl"      # prompt records (mixed tasks)
+    eval_data: str | None = "runs/tiny/data/heldout.jsonl"
+    out: str = "runs/tiny/rl"
+    steps: int = 100                           # RL steps (rollout + update)
+    prompts_per_step: int = 16
+    task_weights: dict[str, int] = field(default_factory=dict)   # prompts of task t repeated w times (mixture)
+    seed: int = 0
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    kl: KLConfig = field(default_factory=KLConfig)
+    ppo: PPOConfig = field(default_factory=PPOConfig)
+    grpo: GRPOConfig = field(default_factory=GRPOConfig)
+    actor_optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-5, warmup_steps=0, schedule="constant"))
+    critic_optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-4, warmup_steps=0, schedule="constant"))
+    ray: RayConfig = field(default_factory=RayConfig)
+    save_every: int = 20
+    keep_checkpoints: int = 2
+    log_samples: int = 4                       # prompts per step whose samples go to rollouts.jsonl
+    eval_every: int = 0                        # held-out eval period (0: only at the end)
+    eval_limit: int = 0                        # records in a periodic eval, spread over the file (0: all)
+    eval_samples: int = 0                      # k > 0 adds avg@k at the rollout temperature to every eval
+    max_minutes: float = 0.0                   # stop (and save) after this wall time; 0: no limit
+    dtype: Literal["float32", "bfloat16"] = "float32"
+
+    def __post_init__(self):
+        check_task_weights(self.task_weights)   # at load time, with the config file's name
+        if self.ppo.old_logp == "engine" and self.rollout.temperature != 1.0:
+            raise ConfigError("ppo.old_logp: 'engine' needs rollout.temperature 1 (the engine returns the raw "
+                              f"policy's log-probs, the trainer optimises softmax(logits/T)); got {self.rollout.temperature}")

@@ -2,7 +2,7 @@
 micro-batches, calls the pure math in `rl.algos`, and steps. Thin shells: the driver decides
 what runs when; the math lives in `rl.algos`.
 
-The same classes run in the driver process or as Ray actors (see `rl.actors`).
+The same classes run in the driver process or as Ray actors (see `rl.placement`).
 """
 from __future__ import annotations
 
@@ -13,8 +13,19 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
-from rl.batch import micro_batches, model_inputs
-from rl.sft import optimizer_step
+from model.critic import ValueModel
+from model.load import load_vlm
+from model.logprobs import entropy_from_logits, logp_and_entropy, token_logp
+from rewards.config import RewardConfig
+from rewards.hybrid import RewardInput, RewardResult, score_batch
+from rewards.pool import VerifierPool
+from rewards.rm import RewardModelScorer
+from rl.algos import kl_loss, policy_loss, positive_lm_loss, value_loss
+from rl.batch import RolloutBatch, micro_batches
+from rl.config import PPOConfig
+from rollout.greedy import generate_greedy
+from rollout.sequences import SequenceBatch
+from training.optim import OptimConfig, make_optimizer, optimizer_step
 
 
 def _threads() -> None:
@@ -26,10 +37,6 @@ def _device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def _on(mb: dict, device: torch.device) -> dict:
-    return {k: v.to(device) if isinstance(v, Tensor) else v for k, v in mb.items()}
-
-
 def _norm(mask: Tensor, *, agg: str) -> dict:
     """Whole-minibatch token and sequence counts for `rl.algos.aggregate` (micro-batch sums divided
     by them give the minibatch mean whatever the micro-batching)."""
@@ -39,12 +46,9 @@ def _norm(mask: Tensor, *, agg: str) -> dict:
 class PolicyWorker:
     """The actor (with an optimizer) or the frozen reference policy (optim=None)."""
 
-    def __init__(self, path: str, *, optim=None, total_steps: int = 1, dtype: str = "float32",
+    def __init__(self, path: str, *, optim: OptimConfig | None = None, total_steps: int = 1, dtype: str = "float32",
                  seed: int = 0, chunk_size: int = 0, temperature: float = 1.0):
         _threads()
-        from model.load import load_vlm
-        from rl.sft import make_optimizer
-
         torch.manual_seed(seed)
         self.device = _device()
         self.model, self.processor = load_vlm(path, dtype=dtype, train=optim is not None, device=str(self.device))
@@ -58,14 +62,12 @@ class PolicyWorker:
         else:
             self.model.requires_grad_(False)
 
-    def _logp(self, mb: dict, *, entropy: bool = False) -> tuple[Tensor, Tensor | None]:
+    def _logp(self, seq: SequenceBatch, *, entropy: bool = False) -> tuple[Tensor, Tensor | None]:
         """Token log-probs of the labels and (entropy=True) the entropy, a detached diagnostic."""
-        from model.logprobs import entropy_from_logits, logp_and_entropy, token_logp
-
-        logits = self.model(**model_inputs(mb), use_cache=False).logits[:, :-1]
+        logits = self.model(**seq.model_inputs(), use_cache=False).logits[:, :-1]
         if self.temperature != 1.0:
             logits = logits / self.temperature
-        labels = mb["input_ids"][:, 1:]
+        labels = seq.input_ids[:, 1:]
         if entropy and not torch.is_grad_enabled():
             return logp_and_entropy(logits, labels, chunk_size=self.chunk_size)
         logp = token_logp(logits, labels, chunk_size=self.chunk_size)
@@ -75,63 +77,62 @@ class PolicyWorker:
             return logp, entropy_from_logits(logits.detach(), chunk_size=self.chunk_size)
 
     @torch.no_grad()
-    def logp(self, batch: dict, *, micro_batch_size: int = 32) -> dict[str, Tensor]:
-        """{'logp': (B, T), 'entropy': (B, T)} on label positions, padded with 0."""
+    def logp(self, seq: SequenceBatch, *, micro_batch_size: int = 32) -> tuple[Tensor, Tensor]:
+        """(logp, entropy), each (B, T) on label positions, padded with 0."""
         was = self.model.training
         self.model.eval()
-        B, T = batch["input_ids"].shape[0], batch["input_ids"].shape[1] - 1
+        B, T = seq.rows, seq.input_ids.shape[1] - 1
         logp = torch.zeros(B, T)
         ent = torch.zeros(B, T)
         row = 0
-        for mb in micro_batches(batch, micro_batch_size):
-            lp, en = self._logp(_on(mb, self.device), entropy=True)
+        for mb in micro_batches(seq, micro_batch_size):
+            lp, en = self._logp(mb.to(self.device), entropy=True)
             n, t = lp.shape
             logp[row:row + n, :t] = lp.float().cpu()
             ent[row:row + n, :t] = en.float().cpu()
             row += n
         self.model.train(was)
-        return {"logp": logp, "entropy": ent}
+        return logp, ent
 
-    def update(self, batch: dict, *, ppo, kl_mode: str, kl_kind: str, minibatch_rows: Sequence[Sequence[int]],
-               use_lm: bool = True, entropy: bool = False) -> dict[str, float]:
+    def update(self, batch: RolloutBatch, *, ppo: PPOConfig, kl_mode: str, kl_kind: str,
+               minibatch_rows: Sequence[Sequence[int]], use_lm: bool = True, entropy: bool = False) -> dict[str, float]:
         """PPO actor update over the given minibatches (one optimizer step each); entropy=True also
         reports the policy's token-mean entropy over the update's forwards (`response/entropy`).
 
-        batch carries old_logp, adv, mask (B, T), kl_coef (B,), ref_logp (B, T), correct (B,).
+        Reads old_logp, adv, ref_logp (None: no KL term), kl_coef, correct of `batch`.
         Loss = policy_loss + [kl_mode == 'loss'] kl_loss + lm_coef * positive_lm_loss, each a
         token mean over the minibatch (micro-batch sums divided by the minibatch token count).
         """
-        from rl.algos import kl_loss, policy_loss, positive_lm_loss
-
         self.model.train()
         sums: dict[str, float] = {}
         steps = skipped = 0
         for rows in minibatch_rows:
-            norm = _norm(batch["mask"][list(rows)], agg=ppo.agg)
+            norm = _norm(batch.mask[list(rows)], agg=ppo.agg)
             # The LM loss is a mean over the correct samples only (VAPO's formula), not all samples.
-            lm_norm = _norm(batch["mask"][list(rows)] * batch["correct"][list(rows), None], agg=ppo.agg)
+            lm_norm = _norm(batch.mask[list(rows)] * batch.correct[list(rows), None], agg=ppo.agg)
             n_tok = norm["num_tokens"]
             total = 0.0
-            for mb in micro_batches(batch, ppo.micro_batch_size, order=rows):
-                mb = _on(mb, self.device)
-                logp, ent = self._logp(mb, entropy=entropy)
+            for mb in batch.micro_batches(ppo.micro_batch_size, order=rows):
+                mb = mb.to(self.device)
+                mask = mb.mask
+                logp, ent = self._logp(mb.seq, entropy=entropy)
                 if ent is not None:
-                    sums["entropy"] = sums.get("entropy", 0.0) + float((ent * mb["mask"]).sum()) / n_tok
-                loss, m = policy_loss(logp, mb["old_logp"], mb["adv"], mb["mask"], clip_low=ppo.clip_low,
+                    sums["entropy"] = sums.get("entropy", 0.0) + float((ent * mask).sum()) / n_tok
+                loss, m = policy_loss(logp, mb.old_logp, mb.adv, mask, clip_low=ppo.clip_low,
                                       clip_high=ppo.clip_high, dual_clip=ppo.dual_clip, **norm)
-                if kl_mode == "loss":
-                    kloss, km = kl_loss(logp, mb["ref_logp"], mb["mask"], mb["kl_coef"], kind=kl_kind, **norm)
+                if kl_mode == "loss" and mb.ref_logp is not None:
+                    kloss, km = kl_loss(logp, mb.ref_logp, mask, mb.kl_coef, kind=kl_kind, **norm)
                     loss = loss + kloss
                     m = {**m, **{f"kl_loss_{k}": v for k, v in km.items()}}
                 if use_lm and ppo.lm_coef > 0:
-                    lm, lmm = positive_lm_loss(logp, mb["mask"], mb["correct"], **lm_norm)
+                    lm, lmm = positive_lm_loss(logp, mask, mb.correct, **lm_norm)
                     loss = loss + ppo.lm_coef * lm
                     m = {**m, **lmm}
                     # lm is this micro-batch's share of the minibatch mean: shares add up
                     sums["lm_loss"] = sums.get("lm_loss", 0.0) + float(lm.detach())
                 loss.backward()
                 total += float(loss.detach())
-                w = mb["mask"].sum().item() / max(1, n_tok)
+                w = mask.sum().item() / max(1, n_tok)
                 for k, v in m.items():
                     sums[k] = sums.get(k, 0.0) + float(v) * w
             if not math.isfinite(total):
@@ -165,18 +166,14 @@ class PolicyWorker:
         self.sched.load_state_dict(state["scheduler"])
 
     def generate_greedy(self, records, *, max_new_tokens: int = 48) -> list[str]:
-        from rl.evaluate import generate_greedy
         return generate_greedy(self.model, self.processor, records, max_new_tokens=max_new_tokens)
 
 
 class CriticWorker:
     """The shared critic: ONE value model for every task type."""
 
-    def __init__(self, path: str, *, optim, total_steps: int = 1, dtype: str = "float32", seed: int = 0):
+    def __init__(self, path: str, *, optim: OptimConfig, total_steps: int = 1, dtype: str = "float32", seed: int = 0):
         _threads()
-        from model.critic import ValueModel
-        from rl.sft import make_optimizer
-
         torch.manual_seed(seed + 1)
         self.device = _device()
         self.model = ValueModel.from_pretrained(path, dtype=getattr(torch, dtype)).to(self.device)
@@ -185,33 +182,31 @@ class CriticWorker:
         self.max_grad_norm = optim.max_grad_norm
 
     @torch.no_grad()
-    def values(self, batch: dict, *, micro_batch_size: int = 32) -> Tensor:
+    def values(self, seq: SequenceBatch, *, micro_batch_size: int = 32) -> Tensor:
         """(B, T) values on label positions: values[:, t] = V(state before label token t + 1)."""
-        B, T = batch["input_ids"].shape[0], batch["input_ids"].shape[1] - 1
+        B, T = seq.rows, seq.input_ids.shape[1] - 1
         out = torch.zeros(B, T)
         row = 0
-        for mb in micro_batches(batch, micro_batch_size):
-            v = self.model(**model_inputs(_on(mb, self.device)))[:, :-1].cpu()
+        for mb in micro_batches(seq, micro_batch_size):
+            v = self.model(**mb.model_inputs(self.device))[:, :-1].cpu()
             out[row:row + v.shape[0], :v.shape[1]] = v
             row += v.shape[0]
         return out
 
-    def update(self, batch: dict, *, ppo, minibatch_rows: Sequence[Sequence[int]]) -> dict[str, float]:
-        """Clipped value regression on batch['returns'] around batch['old_values'] (both (B, T))."""
-        from rl.algos import value_loss
-
+    def update(self, batch: RolloutBatch, *, ppo: PPOConfig, minibatch_rows: Sequence[Sequence[int]]) -> dict[str, float]:
+        """Clipped value regression on batch.returns around batch.values (both (B, T))."""
         sums: dict[str, float] = {}
         for rows in minibatch_rows:
-            norm = _norm(batch["mask"][list(rows)], agg=ppo.agg)
+            norm = _norm(batch.mask[list(rows)], agg=ppo.agg)
             n_tok = norm["num_tokens"]
             total = 0.0
-            for mb in micro_batches(batch, ppo.micro_batch_size, order=rows):
-                mb = _on(mb, self.device)
-                v = self.model(**model_inputs(mb))[:, :-1]
-                loss, m = value_loss(v, mb["old_values"], mb["returns"], mb["mask"], clip=ppo.value_clip, **norm)
+            for mb in batch.micro_batches(ppo.micro_batch_size, order=rows):
+                mb = mb.to(self.device)
+                v = self.model(**mb.seq.model_inputs())[:, :-1]
+                loss, m = value_loss(v, mb.values, mb.returns, mb.mask, clip=ppo.value_clip, **norm)
                 loss.backward()
                 total += float(loss.detach())
-                w = mb["mask"].sum().item() / max(1, n_tok)
+                w = mb.mask.sum().item() / max(1, n_tok)
                 for k, val in m.items():
                     sums[k] = sums.get(k, 0.0) + float(val) * w
             if not math.isfinite(total):
@@ -238,19 +233,15 @@ class CriticWorker:
 class RewardWorker:
     """The hybrid reward: verifier process pool + (optional) reward model, scoring rollouts."""
 
-    def __init__(self, cfg, *, reward_model: str | None = None):
+    def __init__(self, cfg: RewardConfig, *, reward_model: str | None = None):
         _threads()
-        from rewards.pool import VerifierPool
-
         self.cfg = cfg
         self.pool = VerifierPool.from_config(cfg.pool).wait_ready()
         self.rm = None
         if reward_model:
-            from rewards.rm import RewardModelScorer
             self.rm = RewardModelScorer(reward_model)
 
-    def score(self, samples) -> list:
-        from rewards.hybrid import score_batch
+    def score(self, samples: Sequence[RewardInput]) -> list[RewardResult]:
         return score_batch(samples, self.cfg, rm=self.rm, pool=self.pool)
 
     def rm_scores(self, items) -> list[float]:

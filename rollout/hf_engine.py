@@ -9,6 +9,7 @@ from typing import Mapping, Sequence
 
 import torch
 
+from model.load import load_vlm
 from rollout.sequences import render_prompt, vision_token_ids
 from rollout.types import Completion, EngineConfig, Prompt, SamplingConfig
 
@@ -16,11 +17,10 @@ from rollout.types import Completion, EngineConfig, Prompt, SamplingConfig
 class HFEngine:
     """`Engine` on an `AutoModelForImageTextToText` in this process."""
 
-    def __init__(self, cfg: EngineConfig):
-        from model.load import load_vlm
-
+    def __init__(self, model: str, cfg: EngineConfig, *, seed: int = 0):
+        # `seed` is accepted for the Engine signature: a call's SamplingConfig.seed seeds sampling here
         device = cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
-        self.model, self.processor = load_vlm(cfg.model, dtype=cfg.dtype, device=device)
+        self.model, self.processor = load_vlm(model, dtype=cfg.dtype or "float32", device=device)
         self.model.eval()
         self.device = torch.device(device)
         gen = self.model.generation_config

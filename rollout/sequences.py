@@ -1,11 +1,12 @@
 """Prompt rendering shared by the engines and the trainer, and the trainer-side batch of
-prompt + response token ids built from completions.
+prompt + response token ids built from completions (`SequenceBatch`, its images in `VisionInputs`).
 
 Both engines render a `Prompt` with `render_prompt` (the processor's chat template), so the prompt
 tokens the trainer sees here are the ones the engine sampled from.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Sequence
 
 import torch
@@ -45,25 +46,89 @@ def encode_prompt(processor, prompt: Prompt) -> dict[str, torch.Tensor]:
                           return_tensors="pt"))
 
 
+@dataclass(frozen=True)
+class VisionInputs:
+    """The image inputs of a batch's rows, with which images belong to which row: a row's patches
+    travel with it through row selection, so image features and image tokens always match."""
+
+    pixel_values: torch.Tensor     # (P, D) patches of every image, rows in order, images in order
+    image_grid_thw: torch.Tensor   # (I, 3) (t, h, w) in patches of each image
+    images_per_row: torch.Tensor   # (B,) images of each row (0 for a text-only row)
+
+    def select(self, rows: Sequence[int]) -> VisionInputs | None:
+        """The images of `rows`, in that order; None when none of them has an image."""
+        img_end = self.images_per_row.cumsum(0)                 # (B,)
+        img_start = img_end - self.images_per_row
+        patches = self.image_grid_thw.prod(-1)                  # (I,) patches per image
+        patch_end = patches.cumsum(0)
+        patch_start = patch_end - patches
+        images = [i for r in rows for i in range(int(img_start[r]), int(img_end[r]))]
+        if not images:
+            return None
+        return VisionInputs(
+            pixel_values=torch.cat([self.pixel_values[int(patch_start[i]):int(patch_end[i])] for i in images]),
+            image_grid_thw=self.image_grid_thw[images],
+            images_per_row=self.images_per_row[list(rows)])
+
+    def to(self, device: torch.device | str) -> VisionInputs:
+        return VisionInputs(self.pixel_values.to(device), self.image_grid_thw.to(device), self.images_per_row)
+
+
+@dataclass(frozen=True)
+class SequenceBatch:
+    """Prompt + response rows as model inputs, right-padded. Causal-LM alignment: logits[:, :-1]
+    predict input_ids[:, 1:], so the RL tensors live on the T = L - 1 label positions and
+    `label_mask` = response_mask[:, 1:] marks the sampled tokens."""
+
+    input_ids: torch.Tensor          # (B, L) prompt ids + response ids, then pad
+    attention_mask: torch.Tensor     # (B, L) 1 on prompt and response tokens
+    response_mask: torch.Tensor      # (B, L) 1 on response tokens
+    mm_token_type_ids: torch.Tensor  # (B, L) 1 on image tokens (transformers' Qwen2-VL M-RoPE reads it)
+    prompt_index: torch.Tensor       # (B,) index of each row's prompt (rows are prompt-major)
+    vision: VisionInputs | None = None
+
+    @property
+    def rows(self) -> int:
+        return self.input_ids.shape[0]
+
+    @property
+    def label_mask(self) -> torch.Tensor:
+        """(B, T) float: 1 where the label (input_ids[:, t + 1]) is a response token."""
+        return self.response_mask[:, 1:].float()
+
+    def select(self, rows: Sequence[int]) -> SequenceBatch:
+        """The sub-batch of `rows` (their images included), trimmed to its longest row."""
+        idx = torch.as_tensor(list(rows), dtype=torch.long)
+        width = int(self.attention_mask[idx].sum(-1).max())
+        return SequenceBatch(
+            input_ids=self.input_ids[idx, :width], attention_mask=self.attention_mask[idx, :width],
+            response_mask=self.response_mask[idx, :width], mm_token_type_ids=self.mm_token_type_ids[idx, :width],
+            prompt_index=self.prompt_index[idx], vision=None if self.vision is None else self.vision.select(rows))
+
+    def to(self, device: torch.device | str) -> SequenceBatch:
+        return SequenceBatch(self.input_ids.to(device), self.attention_mask.to(device), self.response_mask.to(device),
+                             self.mm_token_type_ids.to(device), self.prompt_index,
+                             None if self.vision is None else self.vision.to(device))
+
+    def model_inputs(self, device: torch.device | str | None = None) -> dict[str, torch.Tensor]:
+        """Keyword arguments of the model's forward, on `device`."""
+        out = {"input_ids": self.input_ids, "attention_mask": self.attention_mask}
+        if self.vision is not None:
+            out.update(pixel_values=self.vision.pixel_values, image_grid_thw=self.vision.image_grid_thw)
+        out["mm_token_type_ids"] = self.mm_token_type_ids
+        return out if device is None else {k: v.to(device) for k, v in out.items()}
+
+
 def build_sequences(processor, prompts: Sequence[Prompt], completions: Sequence[Sequence[Completion]],
-                    *, pad_token_id: int | None = None) -> dict[str, torch.Tensor]:
-    """One row per completion (prompt-major: prompt 0's samples first), right-padded:
-
-      input_ids      (B, L)  prompt ids + response ids, then pad
-      attention_mask (B, L)  1 on prompt and response tokens
-      response_mask  (B, L)  1 on response tokens
-      prompt_index   (B,)    index into `prompts` of each row
-      pixel_values, image_grid_thw   each row's prompt images (repeated per sample), row order
-      mm_token_type_ids (B, L)        1 on image tokens (transformers' Qwen2-VL M-RoPE needs it)
-
-    The causal-LM alignment is the caller's: logits[:, :-1] predict input_ids[:, 1:], and the
-    sampled-token log-probs are token_logp(logits[:, :-1], input_ids[:, 1:]) where response_mask[:, 1:].
-    """
+                    *, pad_token_id: int | None = None) -> SequenceBatch:
+    """One row per completion, prompt-major (prompt 0's samples first), each prompt's images repeated
+    for every one of its samples. The sampled-token log-probs are
+    token_logp(logits[:, :-1], input_ids[:, 1:]) where `label_mask` is set."""
     if len(prompts) != len(completions):
         raise ValueError(f"{len(prompts)} prompts but {len(completions)} completion groups")
     pad = processor.tokenizer.pad_token_id if pad_token_id is None else pad_token_id
     banned = set(vision_token_ids(processor))
-    rows, pixel_values, grids, prompt_index = [], [], [], []
+    rows, pixel_values, grids, prompt_index, images_per_row = [], [], [], [], []
     for i, (prompt, group) in enumerate(zip(prompts, completions)):
         enc = encode_prompt(processor, prompt)
         ids = enc["input_ids"][0]
@@ -78,6 +143,7 @@ def build_sequences(processor, prompts: Sequence[Prompt], completions: Sequence[
             if "pixel_values" in enc:
                 pixel_values.append(enc["pixel_values"])
                 grids.append(enc["image_grid_thw"])
+            images_per_row.append(len(enc["image_grid_thw"]) if "image_grid_thw" in enc else 0)
     B = len(rows)
     L = max((len(p) + len(r) for p, r, _ in rows), default=0)
     input_ids = torch.full((B, L), pad, dtype=torch.long)
@@ -90,12 +156,13 @@ def build_sequences(processor, prompts: Sequence[Prompt], completions: Sequence[
         attention_mask[b, :P + R] = 1
         response_mask[b, P:P + R] = 1
         mm_token_type_ids[b, :P] = mtt
-    out = {"input_ids": input_ids, "attention_mask": attention_mask, "response_mask": response_mask,
-           "mm_token_type_ids": mm_token_type_ids, "prompt_index": torch.tensor(prompt_index, dtype=torch.long)}
+    vision = None
     if pixel_values:
-        out["pixel_values"] = torch.cat(pixel_values)
-        out["image_grid_thw"] = torch.cat(grids)
-    return out
+        vision = VisionInputs(pixel_values=torch.cat(pixel_values), image_grid_thw=torch.cat(grids),
+                              images_per_row=torch.tensor(images_per_row, dtype=torch.long))
+    return SequenceBatch(input_ids=input_ids, attention_mask=attention_mask, response_mask=response_mask,
+                         mm_token_type_ids=mm_token_type_ids, prompt_index=torch.tensor(prompt_index, dtype=torch.long),
+                         vision=vision)
 
 
 def engine_logp(completions: Sequence[Sequence[Completion]], mask: torch.Tensor) -> torch.Tensor:

@@ -1,16 +1,15 @@
-"""The rollout interface: prompts, sampling settings, completions and the `Engine` protocol that
-both backends (vLLM, HF transformers) implement, plus `make_engine` to pick one from config."""
+"""The rollout interface: prompts, sampling settings, completions, engine settings and the `Engine`
+protocol that both backends (vLLM, HF transformers) implement."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Literal, Mapping, Protocol, Sequence
+from dataclasses import dataclass, field, fields
+from typing import Literal, Mapping, Protocol, Sequence
 
-if TYPE_CHECKING:
-    import torch
+import torch
 
 
 @dataclass(frozen=True)
-class SamplingConfig:
+class Sampling:
     """How to sample responses; the same meaning in both backends."""
 
     n: int = 4
@@ -23,14 +22,27 @@ class SamplingConfig:
     """Keep the k most likely tokens; -1 (or 0) keeps all."""
     max_tokens: int = 64
     """Most response tokens per sample (EOS included); a sample cut here has finish_reason 'length'."""
+
+
+@dataclass(frozen=True)
+class SamplingConfig(Sampling):
+    """`Sampling` for one call, with its seed."""
+
     seed: int | None = None
     """Seed for this call; None draws fresh randomness. Prompt i, sample j uses seed + i * n + j in vLLM,
     so repeating a call with the same seed repeats its samples; a driver should vary it per step."""
 
+    @classmethod
+    def of(cls, sampling: Sampling, *, seed: int | None, **changes) -> SamplingConfig:
+        """The `Sampling` fields of `sampling` (any subclass, e.g. an RL rollout config), `changes`
+        applied, and `seed`."""
+        base = {f.name: getattr(sampling, f.name) for f in fields(Sampling)}
+        return cls(**{**base, **changes}, seed=seed)
+
 
 @dataclass(frozen=True)
 class Prompt:
-    """One multimodal prompt, in the layout of `rl.data.Record.prompt_messages`."""
+    """One multimodal prompt, in the layout of `records.Record.prompt_messages`."""
 
     messages: list[dict]
     """Chat messages, the prompt turns only; images as {"type": "image"} parts."""
@@ -63,7 +75,7 @@ class Engine(Protocol):
         """`sampling.n` completions per prompt: result[prompt][sample]."""
         ...
 
-    def sync_weights(self, state: Mapping[str, "torch.Tensor"]) -> None:
+    def sync_weights(self, state: Mapping[str, torch.Tensor]) -> None:
         """Load new policy weights. `state` uses HF transformers parameter names (as in
         `model.state_dict()`); pass the whole state dict or whole layers (see the backend)."""
         ...
@@ -75,14 +87,14 @@ class Engine(Protocol):
 
 @dataclass(frozen=True)
 class EngineConfig:
-    """Which generation engine to build and how."""
+    """Which generation engine to build and how (the model folder and the seed are given apart:
+    `make_engine(model, cfg, seed=...)`)."""
 
     backend: Literal["vllm", "hf"] = "vllm"
     """'vllm' (default where it runs) or 'hf' (transformers `generate`, the fallback)."""
-    model: str = ""
-    """HF model folder (weights, config, tokenizer, processor)."""
-    dtype: str = "float32"
-    """Weights and activations: 'float32' | 'bfloat16' | 'float16'. On AVX2 CPUs float32 is the fast one."""
+    dtype: Literal["float32", "bfloat16", "float16"] | None = None
+    """Weights and activations; None: the caller's (the RL run's `dtype`), float32 alone. On AVX2 CPUs
+    float32 is the fast one."""
     device: Literal["auto", "cpu", "cuda"] = "auto"
     """'auto': cuda when torch sees a GPU, else cpu. Selects vLLM's CPU settings (below) on cpu."""
     max_model_len: int = 1024
@@ -97,25 +109,10 @@ class EngineConfig:
     """vLLM tensor-parallel degree (GPU)."""
     enforce_eager: bool = True
     """No CUDA graphs / torch.compile: fast start; turn off on GPU for throughput."""
-    kv_cache_gib: int = 1
-    """KV cache size on CPU (VLLM_CPU_KVCACHE_SPACE), GiB."""
+    kv_cache_gib: float = 1.0
+    """KV cache size on CPU, GiB (VLLM_CPU_KVCACHE_SPACE takes whole GiB: rounded, at least 1)."""
     in_process: bool | None = None
     """Run the vLLM engine core in this process (VLLM_ENABLE_V1_MULTIPROCESSING=0). None: yes on cpu
     (starts in seconds instead of ~30 s; weights sync without serialisation), no on cuda."""
     cache_root: str = ""
     """VLLM_CACHE_ROOT; '' uses a per-user folder under the system temp dir."""
-    seed: int = 0
-    """Engine seed (vLLM's global sampler seed when a call gives none)."""
-
-
-def make_engine(cfg: EngineConfig) -> Engine:
-    """Build the configured backend. Imports it lazily (vLLM is heavy and absent on some machines)."""
-    if not cfg.model:
-        raise ValueError("EngineConfig.model: empty (an HF model folder is required)")
-    if cfg.backend == "vllm":
-        from rollout.vllm_engine import VLLMEngine
-        return VLLMEngine(cfg)
-    if cfg.backend == "hf":
-        from rollout.hf_engine import HFEngine
-        return HFEngine(cfg)
-    raise ValueError(f"EngineConfig.backend: {cfg.backend!r} is not 'vllm' or 'hf'")

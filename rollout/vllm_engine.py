@@ -20,7 +20,10 @@ import time
 from typing import Mapping, Sequence
 
 import torch
+from safetensors.torch import load as load_bytes
+from safetensors.torch import save as save_bytes
 
+from model.load import load_processor
 from rollout.sequences import render_prompt, vision_token_ids
 from rollout.types import Completion, EngineConfig, Prompt, SamplingConfig
 
@@ -40,7 +43,6 @@ class WeightSyncExtension:
         else the parts not sent are lost.
         """
         if isinstance(weights, (bytes, bytearray)):
-            from safetensors.torch import load as load_bytes
             weights = load_bytes(bytes(weights))
         self.reload_weights(weights_iterator=list(weights.items()))
         return len(weights)
@@ -59,7 +61,7 @@ def _prepare_env(cfg: EngineConfig, device: str) -> None:
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     root = cfg.cache_root or os.path.join(tempfile.gettempdir(), f"vlrl-vllm-cache-{os.getuid()}")
     if device == "cpu":
-        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(cfg.kv_cache_gib))
+        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(max(1, round(cfg.kv_cache_gib))))
         # shared machines: no pinning of OpenMP threads to cores other jobs use
         os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")
         os.environ.setdefault("VLLM_CACHE_ROOT", root)
@@ -70,12 +72,10 @@ def _prepare_env(cfg: EngineConfig, device: str) -> None:
 class VLLMEngine:
     """`Engine` on a `vllm.LLM`."""
 
-    def __init__(self, cfg: EngineConfig):
-        from model.load import load_processor
-
+    def __init__(self, model: str, cfg: EngineConfig, *, seed: int = 0):
         device = _device(cfg)
         _prepare_env(cfg, device)
-        from vllm import LLM
+        from vllm import LLM  # heavy and optional: imported when an engine starts
 
         extra = {}
         if device == "cpu":
@@ -85,7 +85,7 @@ class VLLMEngine:
 
         t0 = time.perf_counter()
         self.llm = LLM(
-            model=cfg.model, dtype=cfg.dtype, seed=cfg.seed, max_model_len=cfg.max_model_len,
+            model=model, dtype=cfg.dtype or "float32", seed=seed, max_model_len=cfg.max_model_len,
             max_num_seqs=cfg.max_num_seqs, enforce_eager=cfg.enforce_eager,
             tensor_parallel_size=cfg.tensor_parallel_size, gpu_memory_utilization=cfg.gpu_memory_utilization,
             limit_mm_per_prompt={"image": cfg.max_images_per_prompt, "video": 0},
@@ -93,14 +93,14 @@ class VLLMEngine:
             worker_extension_cls=f"{__name__}.WeightSyncExtension", **extra,
         )
         self.start_seconds = time.perf_counter() - t0
-        from vllm.v1.engine.core_client import InprocClient
+        from vllm.v1.engine.core_client import InprocClient  # vLLM: optional, see above
         self.in_process = isinstance(self.llm.llm_engine.engine_core, InprocClient)
-        self.processor = load_processor(cfg.model)
+        self.processor = load_processor(model)
         self.banned_ids = vision_token_ids(self.processor)
         self.last_sync_seconds = 0.0
 
     def generate(self, prompts: Sequence[Prompt], sampling: SamplingConfig) -> list[list[Completion]]:
-        from vllm import SamplingParams
+        from vllm import SamplingParams  # vLLM: optional, loaded by the engine already
 
         requests, params = [], []
         for i, p in enumerate(prompts):
@@ -127,7 +127,6 @@ class VLLMEngine:
         if self.in_process:
             payload = {k: v.detach() for k, v in state.items()}
         else:
-            from safetensors.torch import save as save_bytes
             # copies: safetensors refuses tensors that share storage (tied embeddings)
             payload = save_bytes({k: v.detach().to("cpu", copy=True).contiguous() for k, v in state.items()})
         self.llm.collective_rpc("vlrl_load_weights", args=(payload,))

@@ -4,24 +4,25 @@ from __future__ import annotations
 
 import os
 
+from model.load import load_vlm
+from model.tiny import TinySpec, build_tiny_vlm
+from recipe.sft import SFTConfig, train_sft
+from synth.suite import SceneSpec, corpus_texts, write_suite
+from training.optim import OptimConfig
+
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-import pytest  # noqa: E402
+import pytest
 
 
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory):
-    from model.tiny import TinySpec, build_tiny_vlm
-    from rl.synth import corpus_texts
-
     return build_tiny_vlm(tmp_path_factory.mktemp("tiny") / "hf", corpus_texts(), TinySpec())
 
 
 @pytest.fixture(scope="session")
 def suite_dir(tmp_path_factory):
-    from rl.synth import write_suite
-
     out = tmp_path_factory.mktemp("suite")
     write_suite(out, seed=0, n=40, n_heldout=10, n_rl=10)
     return out
@@ -30,8 +31,6 @@ def suite_dir(tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny(tiny_model_dir):
     """(model, processor) loaded once; tests must not train it in place."""
-    from model.load import load_vlm
-
     return load_vlm(tiny_model_dir)
 
 
@@ -39,9 +38,6 @@ def tiny(tiny_model_dir):
 def sft_run(tmp_path_factory, tiny_model_dir):
     """A short SFT of the tiny VLM on counting + math (about a minute on 2 cores), shared by the SFT
     learning check and the RL tests that need a policy that already emits the format."""
-    from rl.sft import OptimConfig, SFTConfig, train_sft
-    from rl.synth import SceneSpec, write_suite
-
     root = tmp_path_factory.mktemp("sft_run")
     # plain counting questions only: colour binding takes far more than 160 steps to learn
     data = write_suite(root / "data", seed=1, n=600, n_heldout=40, n_rl=40, tasks=("counting", "math"),

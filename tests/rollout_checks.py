@@ -7,7 +7,7 @@ import contextlib
 import torch
 
 from model.logprobs import token_logp
-from rl.data import load_images, load_records
+from records import load_images, load_records
 from rollout import Prompt, SamplingConfig
 from rollout.sequences import build_sequences, vision_token_ids
 
@@ -34,12 +34,11 @@ def eos_ids(processor, model) -> set[int]:
 
 def trainer_logp(model, processor, prompts, completions) -> torch.Tensor:
     """The trainer-side log-prob of every sampled token, flattened in [prompt][sample][token] order."""
-    batch = build_sequences(processor, prompts, completions)
-    inputs = {k: v for k, v in batch.items() if k not in ("response_mask", "prompt_index")}
+    seq = build_sequences(processor, prompts, completions)
     with torch.no_grad():
-        logits = model(**inputs).logits
-    logp = token_logp(logits[:, :-1], batch["input_ids"][:, 1:])  # (B, L-1)
-    return logp[batch["response_mask"][:, 1:].bool()]
+        logits = model(**seq.model_inputs()).logits
+    logp = token_logp(logits[:, :-1], seq.input_ids[:, 1:])  # (B, L-1)
+    return logp[seq.label_mask.bool()]
 
 
 def flat_logp(completions) -> torch.Tensor:

@@ -8,7 +8,6 @@ from rl.algos import (decoupled_gae, dynamic_sampling_mask, gae, group_advantage
                       token_rewards_from_scores, whiten, whiten_by_group)
 
 
-
 @pytest.fixture(autouse=True)
 def float64():
     """Reference checks run in float64 (to 1e-6 and tighter); the default is restored afterwards."""

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from model.logprobs import token_logp
-from rl.algos import (aggregate, explained_variance, kl_loss, policy_loss, positive_lm_loss, value_loss)
+from rl.algos import aggregate, explained_variance, kl_loss, policy_loss, positive_lm_loss, value_loss
 
 AGGS = ["token_mean", "seq_mean_token_mean", "seq_mean_token_sum"]
 

@@ -5,10 +5,13 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
+from transformers import Qwen2_5_VLForConditionalGeneration
 
 from bench.common import fmt, fmt_ratio, ratio, samples_to_target, summary_lines, throughput, write_result
 from bench.e2e_vs_trl import _completion_text, compare, counting_reward, vlrl_curve
 from bench.gpu_profile import SPECIAL_TOKENS, TEXT, dense_params, mfu, model_config, peak_flops_for, train_flops
+from rewards.config import PoolConfig, RewardConfig
 
 
 def test_ratio_and_throughput_never_divide_by_zero():
@@ -90,8 +93,6 @@ def test_trl_completions_become_text():
 
 def test_trl_reward_is_the_projects_hybrid_reward():
     """The function TRL calls scores like vlrl's reward worker: format gate first, then counting."""
-    from rewards.config import PoolConfig, RewardConfig
-
     reward = counting_reward(RewardConfig(pool=PoolConfig(workers=0)))
     completions = [[{"role": "assistant", "content": "<think>I count 3 shapes.</think>3"}],
                    [{"role": "assistant", "content": "<think>I count 2 shapes.</think>2"}],
@@ -132,9 +133,6 @@ def test_write_result_is_stamped_and_atomic(tmp_path):
 def test_random_init_qwen2_5_vl_7b_has_the_published_size():
     """The GPU profile's 7B config, instantiated on the meta device (no memory): 8.29B parameters,
     as Qwen2.5-VL-7B-Instruct's model card states."""
-    import torch
-    from transformers import Qwen2_5_VLForConditionalGeneration
-
     cfg = model_config("7b", {t: i for i, t in enumerate(SPECIAL_TOKENS)})
     with torch.device("meta"):
         model = Qwen2_5_VLForConditionalGeneration(cfg)

@@ -2,18 +2,17 @@ from pathlib import Path
 
 import pytest
 
-from rl.config import ConfigError, load_config, to_dict
-from rl.sft import SFTConfig
+from recipe.pipeline import PipelineConfig
+from recipe.sft import SFTConfig
+from tests.helpers.schemas import schema_for_config
+from training.config import ConfigError, load_config, to_dict
 
 ROOT = Path(__file__).resolve().parents[1]
-def schema_for(path: Path):
-    from rl.schemas import schema_for_config
-    return schema_for_config(path)
 
 
 @pytest.mark.parametrize("path", sorted(ROOT.glob("configs/**/*.yaml")), ids=lambda p: str(p.relative_to(ROOT)))
 def test_every_shipped_yaml_loads(path):
-    cfg = load_config(schema_for(path), path)
+    cfg = load_config(schema_for_config(path), path)
     assert to_dict(cfg)  # round-trips to plain data
 
 
@@ -45,7 +44,6 @@ def test_bad_config_names_file_and_key(tmp_path, text, override, needle):
 
 
 def test_negative_replay_names_the_file_and_the_round_key(tmp_path):
-    from rl.pipeline import PipelineConfig
     f = tmp_path / "pipe.yaml"
     f.write_text("round:\n  rl_replay: -1\n")
     with pytest.raises(ConfigError) as e:

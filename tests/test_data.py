@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from rl.data import DataError, load_records, write_records
+from records import DataError, load_records, write_records
 
 GOOD = {"id": "a", "task": "counting", "images": ["img.png"],
         "messages": [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "How many?"}]}],
@@ -81,11 +81,11 @@ def test_images_resolve_relative_to_file_and_round_trip(folder, tmp_path):
 
 def test_cli_check_exits_2_with_location(folder):
     f = write(folder, GOOD, other(task="juggling"))
-    r = subprocess.run([sys.executable, "-m", "rl.cli", "data", "check", str(f)], capture_output=True, text=True)
+    r = subprocess.run([sys.executable, "-m", "recipe.cli", "data", "check", str(f)], capture_output=True, text=True)
     assert r.returncode == 2
     assert f"{f}:2: task: unknown task 'juggling'" in r.stderr
     ok = write(folder, GOOD)
-    r = subprocess.run([sys.executable, "-m", "rl.cli", "data", "check", str(ok)], capture_output=True, text=True)
+    r = subprocess.run([sys.executable, "-m", "recipe.cli", "data", "check", str(ok)], capture_output=True, text=True)
     assert r.returncode == 0 and "1 records ok" in r.stdout
 
 

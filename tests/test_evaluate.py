@@ -1,9 +1,10 @@
 """Held-out evaluation helpers: the periodic-eval subset and sampled (avg@k) accuracy."""
 from PIL import Image
 
-from rl.data import Record
-from rl.evaluate import (add_sampled_scores, eval_subset, format_table, generate_greedy, judge, summarize,
-                         unique_prompts)
+from records import Record, unique_prompts
+from rewards.config import RewardConfig
+from rewards.evaluate import add_sampled_scores, eval_subset, format_table, judge, summarize
+from rollout.greedy import generate_greedy
 
 
 def test_eval_subset_spreads_over_a_file_grouped_by_task():
@@ -40,8 +41,6 @@ def test_sampled_accuracy_is_the_mean_over_every_sample_and_needs_the_format(tmp
 
 
 def test_sampled_scores_add_the_rm_mean_over_every_sample_with_the_format_gate(tmp_path):
-    from rewards.config import RewardConfig
-
     a, cap = _record(tmp_path, "a", "counting", "3"), _record(tmp_path, "c", "caption", None)
     samples = [["<think>x</think>3", "<think>x</think>4"],
                ["<think>z</think>A red circle.", "<think>z</think>A red square.", "A red circle."]]  # last: no format

@@ -6,20 +6,18 @@ from pathlib import Path
 
 import pytest
 
+import recipe.cli
+from recipe.filter import judge_group, output_paths
 from rewards.config import DEFAULT_ROUTES, TaskRoute, VerifierRoute
 from rewards.hybrid import RewardResult
-from rl import difficulty
-from rl.filter import judge_group, output_paths
+from rl.algos import difficulty
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def vlrl(*argv) -> int:
-    """`vlrl ...` in this process, with the round commands registered (until rl.cli lists them)."""
-    import rl.cli
-    if "rl.round_commands" not in rl.cli.COMMAND_MODULES:
-        rl.cli.COMMAND_MODULES.append("rl.round_commands")
-    return rl.cli.main([str(a) for a in argv])
+    """`vlrl ...` in this process."""
+    return recipe.cli.main([str(a) for a in argv])
 
 
 @pytest.mark.parametrize("text, band", [("0.1,0.9", (0.1, 0.9)), ("0,1", (0.0, 1.0)), (" 0.5 , 0.5 ", (0.5, 0.5))])
@@ -39,13 +37,17 @@ BAND_TABLE = [(0.0, False), (0.0999, False), (0.1, True), (0.1 - 1e-12, True), (
               (0.875, True), (0.9, True), (0.9 + 1e-12, True), (0.9001, False), (1.0, False)]
 
 
-def test_select_in_band_table():
+def select_in_band(rates, *, low, high):
+    return [difficulty.in_band(r, low=low, high=high) for r in rates]
+
+
+def test_in_band_table():
     rates, expected = zip(*BAND_TABLE)
-    assert difficulty.select_in_band(rates, low=0.1, high=0.9) == list(expected)
+    assert select_in_band(rates, low=0.1, high=0.9) == list(expected)
     # pass rates as the filter computes them from k = 10 binary scores land exactly on the edges
     assert difficulty.in_band(difficulty.pass_rate([1] + [0] * 9), low=0.1, high=0.9)
     assert difficulty.in_band(difficulty.pass_rate([1] * 9 + [0]), low=0.1, high=0.9)
-    assert difficulty.select_in_band([0.0, 1.0], low=0.0, high=1.0) == [True, True]
+    assert select_in_band([0.0, 1.0], low=0.0, high=1.0) == [True, True]
 
 
 def test_spread_and_histogram():
@@ -57,7 +59,7 @@ def test_spread_and_histogram():
 
 
 def test_difficulty_module_is_pure():
-    tree = ast.parse((ROOT / "rl" / "difficulty.py").read_text())
+    tree = ast.parse((ROOT / "rl" / "algos" / "difficulty.py").read_text())
     names = [a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names]
     names += [n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module]
     assert set(names) <= {"__future__", "math", "typing"}, names

@@ -7,8 +7,8 @@ from safetensors.torch import load_file
 from model.inputs import IGNORE, encode_prompts, encode_sft
 from model.load import load_vlm, save_vlm
 from model.tiny import SPECIAL_TOKENS, THINK_TOKENS, TinySpec, build_tiny_vlm
-from rl.data import load_images, load_records
-from rl.synth import corpus_texts
+from records import load_images, load_records
+from synth.suite import corpus_texts
 
 
 def test_build_is_deterministic_for_a_seed(tmp_path, tiny_model_dir):

@@ -1,11 +1,13 @@
 """The pipeline: every stage in order, a finished stage is never re-run, and the report renders."""
 import json
+from types import SimpleNamespace as R
 
 import pytest
 
-import rl.ppo
-from rl.config import load_config
-from rl.pipeline import PipelineConfig, accuracy_table, mix_replay, run_pipeline
+import recipe.pipeline
+from recipe.pipeline import PipelineConfig, _reward_model, accuracy_table, run_pipeline
+from records.mixture import mix_replay
+from training.config import load_config
 
 
 @pytest.mark.slow
@@ -18,7 +20,7 @@ def test_interrupted_pipeline_resumes_without_rerunning_finished_stages(tmp_path
                  "rounds=1", "round.k=4", "round.max_prompts=16", "round.temperature=0.5", "round.band=[0.0, 1.0]", "round.max_tokens=16",
                  "round.sft.steps=1", "round.rl_steps=1", "round.replay=1.0", "round.rl_replay=0.5"]
     cfg = load_config(PipelineConfig, None, overrides)
-    real_fit = rl.ppo.fit
+    real_fit = recipe.pipeline.fit
     calls = []
 
     def fit_dies_in_round_one(rcfg, **kw):
@@ -27,14 +29,14 @@ def test_interrupted_pipeline_resumes_without_rerunning_finished_stages(tmp_path
             raise SystemExit("killed between stages")
         return real_fit(rcfg, **kw)
 
-    monkeypatch.setattr(rl.ppo, "fit", fit_dies_in_round_one)
+    monkeypatch.setattr(recipe.pipeline, "fit", fit_dies_in_round_one)
     with pytest.raises(SystemExit):
         run_pipeline(cfg)
     run = tmp_path / "run"
     done_before = {s: (run / s / "done.json").stat().st_mtime_ns for s in ("model", "data", "sft", "rl", "filter1", "rft1")}
     assert not (run / "rl1" / "done.json").exists()
 
-    monkeypatch.setattr(rl.ppo, "fit", real_fit)
+    monkeypatch.setattr(recipe.pipeline, "fit", real_fit)
     summary = run_pipeline(cfg)
     for stage, mtime in done_before.items():   # finished stages were skipped, not redone
         assert (run / stage / "done.json").stat().st_mtime_ns == mtime, stage
@@ -58,9 +60,6 @@ def test_interrupted_pipeline_resumes_without_rerunning_finished_stages(tmp_path
 
 def test_rm_stage_trains_with_the_rm_optim_section(tmp_path, monkeypatch):
     """`rm.optim` (lr, schedule, lr_scale) is what the pipeline's reward-model stage trains with."""
-    import rewards.rm_train
-    from rl.pipeline import _reward_model
-
     seen = []
 
     def fake_train_rm(rcfg):
@@ -70,7 +69,7 @@ def test_rm_stage_trains_with_the_rm_optim_section(tmp_path, monkeypatch):
         (out / "eval.json").write_text("{}")
         return out / "final"
 
-    monkeypatch.setattr(rewards.rm_train, "train_rm", fake_train_rm)
+    monkeypatch.setattr(recipe.pipeline, "train_rm", fake_train_rm)
     cfg = load_config(PipelineConfig, None, [f"run_dir={tmp_path / 'run'}", "rm.n_pairs=4", "rm.n_heldout_pairs=2",
                                               "rm.optim.lr=3e-5", "rm.optim.lr_scale={critic.backbone.visual: 3}"])
     path = _reward_model(cfg, tmp_path / "run", policy="some/sft/final")
@@ -81,7 +80,6 @@ def test_rm_stage_trains_with_the_rm_optim_section(tmp_path, monkeypatch):
 
 
 def test_mix_replay_adds_records_from_outside_the_kept_set():
-    from types import SimpleNamespace as R
     pool = [R(id=f"p{i}") for i in range(10)]
     kept = pool[:4]
     mixed = mix_replay(kept, pool, 0.5, seed=0)

@@ -4,14 +4,12 @@ import json
 import re
 import time
 
-from rl.filter import Verdict, summarize
+import recipe.cli
+from recipe.filter import Verdict, summarize
 
 
 def vlrl(*argv) -> int:
-    import rl.cli
-    if "rl.round_commands" not in rl.cli.COMMAND_MODULES:
-        rl.cli.COMMAND_MODULES.append("rl.round_commands")
-    return rl.cli.main([str(a) for a in argv])
+    return recipe.cli.main([str(a) for a in argv])
 
 
 def _jsonl(path, rows):

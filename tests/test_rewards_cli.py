@@ -16,7 +16,7 @@ EXAMPLE = REPO / "examples" / "my_verifier.py"
 
 def vlrl(*args, cwd, extra_path=()):
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([*map(str, extra_path), str(REPO)]), "OMP_NUM_THREADS": "1"}
-    return subprocess.run([sys.executable, "-m", "rl.cli", *map(str, args)], cwd=cwd, env=env,
+    return subprocess.run([sys.executable, "-m", "recipe.cli", *map(str, args)], cwd=cwd, env=env,
                           capture_output=True, text=True, timeout=120)
 
 

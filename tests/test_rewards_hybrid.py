@@ -6,7 +6,7 @@ import pytest
 from rewards.config import DEFAULT_ROUTES, RewardConfig, TaskRoute, VerifierRoute
 from rewards.hybrid import RewardInput, combine, score_batch
 from rewards.pool import VerifierPool
-from rl.config import load_config
+from training.config import load_config
 
 ECHO = f"{Path(__file__).parent / 'helpers' / 'testonly_verifiers.py'}:Echo"
 

@@ -1,19 +1,21 @@
 """Rejection sampling: acceptance of fabricated samples (only correct, well-formatted ones, de-duplicated,
 capped; best-of-k for reward-model prompts), and `vlrl rft` end to end on the SFT'd tiny VLM."""
+import dataclasses
 import json
 from pathlib import Path
 
 import pytest
 
-from rewards.hybrid import RewardResult
-from rl.rft import accept_samples, sft_record
+import recipe.cli
+from recipe.rft import accept_samples, run_rft, sft_record
+from recipe.sft import SFTConfig
+from records import Record, load_records
+from rewards.config import PoolConfig, RewardConfig
+from rewards.hybrid import RewardInput, RewardResult, score_batch
 
 
 def vlrl(*argv) -> int:
-    import rl.cli
-    if "rl.round_commands" not in rl.cli.COMMAND_MODULES:
-        rl.cli.COMMAND_MODULES.append("rl.round_commands")
-    return rl.cli.main([str(a) for a in argv])
+    return recipe.cli.main([str(a) for a in argv])
 
 
 def _res(reward, fmt=1.0, **parts):
@@ -48,7 +50,6 @@ def test_best_of_k_takes_the_best_formatted_sample():
 
 
 def test_sft_record_layout(tmp_path):
-    from rl.data import Record
     rec = Record(id="count-1", task="counting", images=[tmp_path / "a.png"],
                  messages=[{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "How many?"}]}],
                  answer="3", meta={"difficulty": 0.5})
@@ -59,10 +60,6 @@ def test_sft_record_layout(tmp_path):
 
 
 def test_vlrl_rft_end_to_end(tmp_path, sft_run):
-    from rewards.config import PoolConfig, RewardConfig
-    from rewards.hybrid import RewardInput, score_batch
-    from rl.data import load_records
-
     rows = [json.loads(line) for line in Path(sft_run["data"]["rl"]).read_text().splitlines()]
     picked = [r for t in ("counting", "math") for r in [r for r in rows if r["task"] == t][:8]]
     src_dir = Path(sft_run["data"]["rl"]).parent
@@ -99,12 +96,6 @@ def test_vlrl_rft_end_to_end(tmp_path, sft_run):
 
 def test_rft_trains_the_next_model(tmp_path, sft_run):
     """The SFT leg: a 1-step SFT from the accepted records lands in D/sft/final."""
-    import dataclasses
-
-    from rewards.config import PoolConfig, RewardConfig
-    from rl.rft import run_rft
-    from rl.sft import SFTConfig
-
     rows = [json.loads(line) for line in Path(sft_run["data"]["rl"]).read_text().splitlines() if '"counting"' in line][:6]
     src_dir = Path(sft_run["data"]["rl"]).parent
     for r in rows:

@@ -1,15 +1,27 @@
 """The RL driver: advantage assembly, per-task KL routing, one in-process step, exact resume."""
 import dataclasses
 import json
+from types import SimpleNamespace
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
-import rl.runlog
-from rl.algos import kl as kl_estimate
-from rl.ppo import compute_advantages, fit, minibatch_rows, prompt_pool, uses_kl
-from rl.rl_config import GRPOConfig, KLConfig, PPOConfig, RLConfig, RolloutConfig
+import rl.driver
+from records import load_images, load_records, write_records
 from rewards.config import PoolConfig, RewardConfig
+from rl.algos import kl as kl_estimate
+from rl.batch import RolloutBatch
+from rl.config import GRPOConfig, KLConfig, PPOConfig, RLConfig, RolloutConfig
+from rl.driver import compute_advantages, evaluate_run, fit, minibatch_rows, prompt_pool, uses_kl
+from rl.placement import Future
+from rl.workers import PolicyWorker
+from rollout import make_engine
+from rollout.sequences import build_sequences
+from rollout.types import Completion, EngineConfig, Prompt, SamplingConfig
+from rollout.worker import RolloutWorker
+from training.config import ConfigError
+from training.optim import OptimConfig
 
 
 def _toy_batch():
@@ -22,30 +34,38 @@ def _toy_batch():
             "task_id": torch.tensor([0, 0, 1, 1])}
 
 
+def _adv(b, **kw):
+    """compute_advantages on a dict of toy tensors."""
+    settings = {"algo": "ppo", "ppo": PPOConfig(), "grpo": GRPOConfig(), **kw}
+    return compute_advantages(b["scores"], b["mask"], old_logp=b["logp"], ref_logp=b["ref_logp"], values=b["values"],
+                              kl_coef=b["kl_coef"], prompt_index=b["prompt_index"], task_id=b["task_id"], **settings)
+
+
 def test_per_task_kl_reaches_only_its_samples():
     b = _toy_batch()
-    out = compute_advantages(b, algo="ppo", ppo=PPOConfig(), grpo=GRPOConfig(), kl_mode="reward")
-    plain = compute_advantages({**b, "kl_coef": torch.zeros(4)}, algo="ppo", ppo=PPOConfig(), grpo=GRPOConfig(),
-                               kl_mode="reward")
+    out = _adv(b, kl_mode="reward")
+    plain = _adv({**b, "kl_coef": torch.zeros(4)}, kl_mode="reward")
     k1 = kl_estimate(b["logp"], b["ref_logp"], kind="k1") * b["mask"]
-    diff = plain["token_rewards"] - out["token_rewards"]
+    diff = plain.token_rewards - out.token_rewards
     assert torch.allclose(diff, b["kl_coef"][:, None] * k1, atol=1e-6)   # -beta_i * k1 on every token of sample i
     assert torch.equal(diff[[1, 3]], torch.zeros(2, 5))                    # beta = 0: exactly no KL
     # the score sits on the last response token
-    assert plain["token_rewards"][0].tolist() == [0, 0, 1, 0, 0] and plain["token_rewards"][2].tolist() == [0, 1, 0, 0, 0]
+    assert plain.token_rewards[0].tolist() == [0, 0, 1, 0, 0] and plain.token_rewards[2].tolist() == [0, 1, 0, 0, 0]
+    # no reference policy (every coefficient 0): exactly the rewards of zero coefficients
+    no_ref = _adv({**b, "kl_coef": torch.zeros(4), "ref_logp": None}, kl_mode="reward")
+    assert torch.equal(no_ref.token_rewards, plain.token_rewards) and torch.equal(no_ref.adv, plain.adv)
 
 
 def test_loss_mode_leaves_rewards_alone_and_grpo_ignores_values():
     b = _toy_batch()
-    out = compute_advantages(b, algo="ppo", ppo=PPOConfig(), grpo=GRPOConfig(), kl_mode="loss")
-    assert out["token_rewards"].sum() == 2.0 and (out["adv"] * (1 - b["mask"])).abs().sum() == 0
-    g = compute_advantages({**b, "values": torch.full((4, 5), 9.0)}, algo="grpo", ppo=PPOConfig(),
-                           grpo=GRPOConfig(), kl_mode="loss")
+    out = _adv(b, kl_mode="loss")
+    assert out.token_rewards.sum() == 2.0 and (out.adv * (1 - b["mask"])).abs().sum() == 0
+    g = _adv({**b, "values": torch.full((4, 5), 9.0)}, algo="grpo", kl_mode="loss")
     # group 0 scores (1, 0), group 1 scores (1, 0): the better sample gets the positive advantage
-    assert g["adv"][0, 0] > 0 > g["adv"][1, 0] and g["adv"][2, 0] > 0 > g["adv"][3, 0]
-    ds = compute_advantages({**b, "scores": torch.tensor([1.0, 1.0, 1.0, 0.0])}, algo="grpo", ppo=PPOConfig(),
-                            grpo=GRPOConfig(dynamic_sampling=True), kl_mode="loss")
-    assert ds["keep"].tolist() == [False, False, True, True]
+    assert g.adv[0, 0] > 0 > g.adv[1, 0] and g.adv[2, 0] > 0 > g.adv[3, 0] and g.returns is None
+    ds = _adv({**b, "scores": torch.tensor([1.0, 1.0, 1.0, 0.0])}, algo="grpo",
+              grpo=GRPOConfig(dynamic_sampling=True), kl_mode="loss")
+    assert ds.keep.tolist() == [False, False, True, True]
 
 
 def test_per_task_whitening_undoes_a_value_bias_of_one_task():
@@ -57,8 +77,7 @@ def test_per_task_whitening_undoes_a_value_bias_of_one_task():
          "prompt_index": torch.arange(6), "task_id": torch.tensor([0, 0, 0, 1, 1, 1])}
 
     def adv(whiten_by):
-        return compute_advantages(b, algo="ppo", ppo=PPOConfig(lam_alpha=0, whiten_by=whiten_by), grpo=GRPOConfig(),
-                                  kl_mode="reward")["adv"]
+        return _adv(b, ppo=PPOConfig(lam_alpha=0, whiten_by=whiten_by), kl_mode="reward").adv
 
     assert adv("batch")[3:].mean() < -0.1                                     # task 1 pushed down as a whole
     by_task = adv("task")
@@ -78,13 +97,11 @@ def test_task_weights_set_the_prompt_mixture(sft_run, tmp_path):
     n_math = sum(r.task == "math" for r in plain)
     assert n_math > 0 and len(pool) == len(plain) + 2 * n_math
     assert sum(r.task == "math" for r in pool) == 3 * n_math
-    from rl.config import ConfigError
     with pytest.raises(ConfigError, match="task_weights"):
         RLConfig(task_weights={"math": 0})
 
 
 def test_engine_old_logp_needs_temperature_one():
-    from rl.config import ConfigError
     with pytest.raises(ConfigError, match="ppo.old_logp"):
         RLConfig(ppo=PPOConfig(old_logp="engine"), rollout=RolloutConfig(temperature=0.7))
 
@@ -110,10 +127,6 @@ def _cfg(sft_run, out, **kw):
 
 
 def test_one_step_updates_and_syncs(tmp_path, sft_run):
-    from safetensors.torch import load_file
-
-    from rl.data import load_records, write_records
-
     heldout = tmp_path / "heldout.jsonl"
     write_records(heldout, load_records(sft_run["data"]["heldout"])[:3])
     final = fit(_cfg(sft_run, tmp_path / "run", steps=1, eval_data=str(heldout)), progress=False)
@@ -135,48 +148,45 @@ def test_one_step_updates_and_syncs(tmp_path, sft_run):
 
 def _rollout_batch(sft_run, *, prompts: int, n: int):
     """A policy worker (lr 1e-5) and a real rollout batch (images included) of its SFT model."""
-    from rl.data import load_images, load_records
-    from rl.sft import OptimConfig
-    from rl.workers import PolicyWorker
-    from rollout.sequences import build_sequences
-    from rollout.types import EngineConfig, Prompt, SamplingConfig, make_engine
-
     records = load_records(sft_run["data"]["rl"], require="prompt")[:prompts]
     prompt_list = [Prompt(r.prompt_messages, load_images(r)) for r in records]
-    engine = make_engine(EngineConfig(backend="hf", model=str(sft_run["final"])))
+    engine = make_engine(str(sft_run["final"]), EngineConfig(backend="hf"))
     completions = engine.generate(prompt_list, SamplingConfig(n=n, max_tokens=24, seed=0))
     worker = PolicyWorker(str(sft_run["final"]), optim=OptimConfig(lr=1e-5, warmup_steps=0, schedule="constant"))
-    batch = build_sequences(worker.processor, prompt_list, completions)
-    batch["mask"] = batch["response_mask"][:, 1:].float()
-    return worker, batch
+    return worker, build_sequences(worker.processor, prompt_list, completions)
+
+
+def _batch(seq, **fields) -> RolloutBatch:
+    rows = seq.rows
+    base = dict(tasks=["counting"] * rows, task_id=torch.zeros(rows, dtype=torch.long), scores=torch.zeros(rows),
+                correct=torch.zeros(rows, dtype=torch.bool), kl_coef=torch.zeros(rows))
+    return RolloutBatch(seq=seq, **{**base, **fields})
 
 
 def test_actor_update_moves_log_probs_the_way_the_advantage_points(sft_run):
     """Real policy, real rollout batch (images included): samples of prompts with A > 0 gain
     log-probability and those with A < 0 lose it after a few small actor steps."""
-    worker, batch = _rollout_batch(sft_run, prompts=4, n=2)
-    mask = batch["mask"]
-    sign = 1.0 - 2.0 * (batch["prompt_index"] % 2).float()            # prompts 0, 2: A = +1; 1, 3: A = -1
-    before = worker.logp(batch)["logp"]
+    worker, seq = _rollout_batch(sft_run, prompts=4, n=2)
+    mask = seq.label_mask
+    sign = 1.0 - 2.0 * (seq.prompt_index % 2).float()                 # prompts 0, 2: A = +1; 1, 3: A = -1
+    before = worker.logp(seq)[0]
     rows = mask.shape[0]
-    batch.update(adv=sign[:, None] * mask, old_logp=before, ref_logp=before, kl_coef=torch.zeros(rows),
-                 correct=torch.zeros(rows, dtype=torch.bool))
+    batch = _batch(seq, adv=sign[:, None] * mask, old_logp=before, ref_logp=before)
     for _ in range(3):
         worker.update(batch, ppo=PPOConfig(lm_coef=0.0), kl_mode="reward", kl_kind="k3",
                       minibatch_rows=[list(range(rows))])
-    change = ((worker.logp(batch)["logp"] - before) * mask).sum(-1)
+    change = ((worker.logp(seq)[0] - before) * mask).sum(-1)
     assert change[sign > 0].mean() > 0 > change[sign < 0].mean(), change
 
 
 def test_positive_lm_loss_is_the_mean_nll_of_the_correct_samples_only(sft_run):
     """VAPO's L_NLL averages over the correct samples' tokens: wrong samples in the same minibatch
     (even long ones) must not dilute it. Checked on the update's own forward, micro-batched."""
-    worker, batch = _rollout_batch(sft_run, prompts=3, n=2)
-    mask, rows = batch["mask"], batch["mask"].shape[0]
-    before = worker.logp(batch)["logp"]
+    worker, seq = _rollout_batch(sft_run, prompts=3, n=2)
+    mask, rows = seq.label_mask, seq.rows
+    before = worker.logp(seq)[0]
     correct = torch.tensor([i % 3 == 0 for i in range(rows)])
-    batch.update(adv=torch.zeros_like(mask), old_logp=before, ref_logp=before, kl_coef=torch.zeros(rows),
-                 correct=correct)
+    batch = _batch(seq, adv=torch.zeros_like(mask), old_logp=before, ref_logp=before, correct=correct)
     m = worker.update(batch, ppo=PPOConfig(lm_coef=1.0, micro_batch_size=2), kl_mode="reward", kl_kind="k3",
                       minibatch_rows=[list(range(rows))])
     pos = mask * correct[:, None]
@@ -184,18 +194,35 @@ def test_positive_lm_loss_is_the_mean_nll_of_the_correct_samples_only(sft_run):
     assert m["actor/lm_loss"] == pytest.approx(expected, rel=1e-4)
 
 
+def test_value_pretraining_trains_the_critic_alone(tmp_path, sft_run):
+    """ppo.value_pretrain_steps: the first steps update the critic on the frozen SFT policy's returns;
+    the actor and the rollout engine keep the SFT weights."""
+    cfg = _cfg(sft_run, tmp_path / "run", steps=1, save_every=0,
+               ppo=PPOConfig(minibatches=1, micro_batch_size=8, value_pretrain_steps=1))
+    final = fit(cfg, progress=False)
+    m = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[0])
+    assert m["train/value_pretraining"] == 1.0 and "critic/loss" in m and not any(k.startswith("actor/") for k in m)
+    before, after = load_file(sft_run["final"] / "model.safetensors"), load_file(final / "model.safetensors")
+    assert all(torch.equal(before[k], after[k]) for k in before)               # the actor did not move
+    # the critic's backbone (saved as language_model.*) moved away from the policy's decoder (model.*)
+    critic = load_file(tmp_path / "run" / "final_critic" / "model.safetensors")
+    pairs = {k: "model." + k.removeprefix("language_model.") for k in critic if k.startswith("language_model.")}
+    pairs = {k: v for k, v in pairs.items() if v in before}
+    assert pairs and any(not torch.equal(critic[k], before[v]) for k, v in pairs.items())
+
+
 def test_killed_run_resumes_at_the_same_step_and_data(tmp_path, sft_run, monkeypatch):
     fit(_cfg(sft_run, tmp_path / "a"), progress=False)
-    real_save = rl.runlog.save_checkpoint
+    real_save = rl.driver.save_checkpoint
 
     def save_then_die(*a, **k):
         real_save(*a, **k)
         raise SystemExit("killed")
 
-    monkeypatch.setattr(rl.runlog, "save_checkpoint", save_then_die)
+    monkeypatch.setattr(rl.driver, "save_checkpoint", save_then_die)
     with pytest.raises(SystemExit):
         fit(_cfg(sft_run, tmp_path / "b"), progress=False)
-    monkeypatch.setattr(rl.runlog, "save_checkpoint", real_save)
+    monkeypatch.setattr(rl.driver, "save_checkpoint", real_save)
     fit(_cfg(sft_run, tmp_path / "b"), progress=False)
 
     def ids(run, step):
@@ -210,23 +237,16 @@ def test_killed_run_resumes_at_the_same_step_and_data(tmp_path, sft_run, monkeyp
 
 
 def test_nonfinite_loss_skips_the_update(sft_run):
-    from rl.sft import OptimConfig
-    from rl.workers import PolicyWorker
-    from rollout.sequences import build_sequences
-    from rollout.types import Completion, Prompt
-    from rl.data import load_images, load_records
-
     rec = load_records(sft_run["data"]["rl"])[0]
     prompt = Prompt(rec.prompt_messages, load_images(rec))
     w = PolicyWorker(str(sft_run["final"]), optim=OptimConfig(lr=1e-3, warmup_steps=0, schedule="constant"))
     tok = w.processor.tokenizer
     ids = tok("<think>x</think>3<|im_end|>")["input_ids"]
-    batch = build_sequences(w.processor, [prompt], [[Completion(ids, [0.0] * len(ids), "", "stop")]])
-    batch["mask"] = batch["response_mask"][:, 1:].float()
-    lp = w.logp(batch)["logp"]
+    seq = build_sequences(w.processor, [prompt], [[Completion(ids, [0.0] * len(ids), "", "stop")]])
+    lp = w.logp(seq)[0]
     adv = torch.ones_like(lp)
     adv[0, -1] = float("nan")
-    batch.update(old_logp=lp, ref_logp=lp, adv=adv, kl_coef=torch.zeros(1), correct=torch.zeros(1, dtype=torch.bool))
+    batch = _batch(seq, old_logp=lp, ref_logp=lp, adv=adv)
     before = w.state_dict()
     m = w.update(batch, ppo=PPOConfig(), kl_mode="reward", kl_kind="k3", minibatch_rows=[[0]])
     assert m["actor/skipped_nonfinite"] == 1
@@ -234,8 +254,6 @@ def test_nonfinite_loss_skips_the_update(sft_run):
 
 
 def test_dead_rollout_worker_is_restarted_and_the_step_retried(tmp_path, sft_run, monkeypatch):
-    from rollout.actor import RolloutWorker
-
     real = RolloutWorker.generate
     calls = {"n": 0}
 
@@ -278,19 +296,15 @@ def test_ray_smoke_with_vllm_rollouts(tmp_path, sft_run):
 
 
 def test_greedy_eval_gets_the_rollouts_token_budget(sft_run, tmp_path):
-    from types import SimpleNamespace
-
-    from rl.data import load_records
-    from rl.ppo import evaluate_run
-
     records = load_records(sft_run["data"]["heldout"])[:4]
     calls = []
 
-    def actor(method, recs, **kw):
-        calls.append((method, kw))
-        return [f"<think>x</think>{r.answer}" for r in recs]
+    class Actor:
+        def generate_greedy(self, recs, **kw):
+            calls.append(("generate_greedy", kw))
+            return Future([f"<think>x</think>{r.answer}" for r in recs])
 
     cfg = _cfg(sft_run, tmp_path / "run", rollout=RolloutConfig(backend="hf", n=2, max_tokens=56))
-    table, gens = evaluate_run(SimpleNamespace(cfg=cfg, eval_records=records, actor=actor, reward=None))
+    table, gens = evaluate_run(SimpleNamespace(cfg=cfg, eval_records=records, actor=Actor(), reward=None))
     assert calls == [("generate_greedy", {"max_new_tokens": 56})]
     assert table["all"]["accuracy"] == 1.0 and [g.id for g in gens] == [r.id for r in records]

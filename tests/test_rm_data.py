@@ -1,12 +1,13 @@
 """Synthetic preference pairs and preference-record validation for the reward model."""
 import json
+import random
 
 import pytest
 
-from rl.data import DataError, load_records, message_text
-from rl.synth import SceneSpec, describe, random_objects
-from rl.synth_prefs import CORRUPTIONS, corrupt, write_preference_pairs
+from records import DataError, load_records, message_text
 from rewards.rm_train import load_pairs
+from synth.prefs import CORRUPTIONS, corrupt, write_preference_pairs
+from synth.suite import SceneSpec, describe, random_objects
 
 
 @pytest.fixture(scope="module")
@@ -45,8 +46,6 @@ def test_both_preference_splits_keep_the_share_of_one_shape_scenes(tmp_path):
 
 @pytest.mark.parametrize("kind", CORRUPTIONS)
 def test_each_corruption_changes_exactly_one_thing(kind):
-    import random
-
     rng, spec = random.Random(1), SceneSpec()
     for _ in range(50):
         objs = random_objects(rng, 2, spec)

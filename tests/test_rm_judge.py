@@ -6,7 +6,7 @@ import torch
 from PIL import Image
 
 from rewards.judge import PairwiseJudge, ReferenceJudge
-from rl.algos.preference import both_order_preference
+from rewards.preference import both_order_preference
 
 
 class AlwaysSaysA(torch.nn.Module):

@@ -9,6 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from model.load import load_processor
+from model.reward import REWARD_CONFIG_FILE, RewardModel
 from rewards.config import RewardConfig
 from rewards.hybrid import RewardInput, score_batch
 from rewards.rm import RewardModelScorer, to_unit
@@ -19,9 +21,6 @@ REPO = Path(__file__).resolve().parents[1]
 @pytest.fixture(scope="module")
 def rm_dir(tiny_model_dir, tmp_path_factory):
     """An RM folder started from the tiny policy, with a non-trivial head."""
-    from model.load import load_processor
-    from model.reward import REWARD_CONFIG_FILE, RewardModel
-
     torch.manual_seed(0)
     rm = RewardModel.from_pretrained(tiny_model_dir)
     with torch.no_grad():
@@ -79,7 +78,7 @@ def test_vlrl_score_with_rm(tmp_path, rm_dir, suite_dir):
     src.write_text("".join(json.dumps(r) + "\n" for r in rows))
     (tmp_path / "img").symlink_to(suite_dir / "img")
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "rl.cli", "score", str(src), "-o", str(tmp_path / "out.jsonl"),
+    cmd = [sys.executable, "-m", "recipe.cli", "score", str(src), "-o", str(tmp_path / "out.jsonl"),
            "--set", "pool.workers=0"]
     r = subprocess.run(cmd + ["--rm", str(rm_dir)], env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr

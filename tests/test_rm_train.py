@@ -9,12 +9,19 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import rl.runlog
+import rewards.rm_train
+from model.load import load_processor
+from model.reward import RewardModel, last_index, pool_values
+from recipe.cmd_rm import add_commands
+from recipe.sft import SFTConfig, train_sft
+from records import load_records, write_records
+from rewards.preference import bradley_terry_loss
+from rewards.rm import RewardModelScorer
 from rewards.rm_train import RMConfig, evaluate_pairs, load_pairs, train_rm
-from rl.algos.preference import bradley_terry_loss, last_index, pool_values
-from rl.config import load_config, to_dict
-from rl.sft import OptimConfig
-from rl.synth_prefs import write_preference_pairs
+from synth.prefs import write_preference_pairs
+from synth.suite import write_suite
+from training.config import load_config, to_dict
+from training.optim import OptimConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -52,8 +59,6 @@ def _cfg(model, pairs, out, **kw):
 
 
 def _cli(*argv):
-    from rewards.rm_commands import add_commands
-
     p = argparse.ArgumentParser()
     add_commands(p.add_subparsers(dest="command", required=True))
     args = p.parse_args([str(a) for a in argv])
@@ -67,16 +72,16 @@ def test_killed_run_resumes_exactly(tmp_path, tiny_model_dir, small_pairs, monke
     assert _cli("rm", "train", "--config", yaml, "--no-progress") == 0
     straight = tmp_path / "a" / "final"
 
-    real_save = rl.runlog.save_checkpoint
+    real_save = rewards.rm_train.save_checkpoint
 
     def save_then_die(*a, **k):
         real_save(*a, **k)
         raise SystemExit("killed right after the first checkpoint")
 
-    monkeypatch.setattr(rl.runlog, "save_checkpoint", save_then_die)
+    monkeypatch.setattr(rewards.rm_train, "save_checkpoint", save_then_die)
     with pytest.raises(SystemExit):
         train_rm(_cfg(tiny_model_dir, small_pairs, tmp_path / "b"), progress=False)
-    monkeypatch.setattr(rl.runlog, "save_checkpoint", real_save)
+    monkeypatch.setattr(rewards.rm_train, "save_checkpoint", real_save)
     assert (tmp_path / "b" / "checkpoints" / "latest").read_text() == "step-000002"
     resumed = train_rm(_cfg(tiny_model_dir, small_pairs, tmp_path / "b"), progress=False)
 
@@ -111,13 +116,6 @@ def test_rm_learns_held_out_pairs(tmp_path, tiny_model_dir):
     binding in minutes (colour swaps stayed at chance over 200 steps); the SFT start brings it, and a
     low RM lr (1e-4) keeps it (3e-4 lost it).
     """
-    from model.load import load_processor
-    from model.reward import RewardModel
-    from rewards.rm import RewardModelScorer
-    from rl.sft import SFTConfig, train_sft
-    from rl.data import load_records, write_records
-    from rl.synth import write_suite
-
     suite = write_suite(tmp_path / "sft_data", seed=5, n=1000, n_heldout=0, n_rl=0, tasks=("caption",))
     sft = train_sft(SFTConfig(model=str(tiny_model_dir), data=str(suite["sft"]), out=str(tmp_path / "sft"),
                               steps=300, batch_size=16, save_every=0, log_every=50,

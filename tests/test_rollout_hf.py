@@ -1,14 +1,14 @@
 """The HF transformers backend against the Engine contract (see rollout_checks)."""
 import pytest
 
+from model.load import load_vlm
+from rollout import EngineConfig, make_engine
 from tests import rollout_checks as checks
 
 
 @pytest.fixture(scope="module")
 def engine(tiny_model_dir):
-    from rollout import EngineConfig, make_engine
-
-    eng = make_engine(EngineConfig(backend="hf", model=str(tiny_model_dir)))
+    eng = make_engine(str(tiny_model_dir), EngineConfig(backend="hf"))
     yield eng
     eng.close()
 
@@ -16,8 +16,6 @@ def engine(tiny_model_dir):
 @pytest.fixture(scope="module")
 def trainer(tiny_model_dir):
     """A trainer-side copy of the policy that tests may edit (restored after each)."""
-    from model.load import load_vlm
-
     return load_vlm(tiny_model_dir)
 
 

@@ -7,6 +7,9 @@ import tempfile
 
 import pytest
 
+from rl.placement import start_local_ray
+from rollout import EngineConfig, SamplingConfig
+from rollout.worker import RolloutWorker
 from tests.rollout_checks import make_prompts
 
 pytestmark = [pytest.mark.ray, pytest.mark.vllm,
@@ -17,8 +20,6 @@ pytestmark = [pytest.mark.ray, pytest.mark.vllm,
 def local_ray():
     import ray
 
-    from rollout.actor import start_local_ray
-
     # a short folder: Ray's socket paths must stay under ~107 characters
     tmp = tempfile.mkdtemp(prefix="vlrl-ray-", dir="/tmp")
     start_local_ray(num_cpus=2, temp_dir=tmp)
@@ -28,13 +29,10 @@ def local_ray():
 
 
 def test_worker_generates_syncs_and_generates(local_ray, tiny, tiny_model_dir, suite_dir, tmp_path):
-    from rollout import EngineConfig, SamplingConfig
-    from rollout.actor import WorkerResources, start_rollout_worker
-
     ray = local_ray
     model, _ = tiny
-    cfg = EngineConfig(backend="vllm", model=str(tiny_model_dir), max_model_len=512, cache_root=str(tmp_path))
-    worker = start_rollout_worker(cfg, WorkerResources(num_cpus=1))
+    cfg = EngineConfig(backend="vllm", max_model_len=512, cache_root=str(tmp_path))
+    worker = ray.remote(num_cpus=1)(RolloutWorker).remote(str(tiny_model_dir), cfg)
     try:
         info = ray.get(worker.ping.remote(), timeout=300)  # the engine starts in the actor's constructor
         assert info["backend"] == "vllm" and info["start_seconds"] > 0

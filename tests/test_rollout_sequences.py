@@ -17,22 +17,22 @@ def test_layout(tiny, suite_dir):
     groups = [[_completion([40, 41]), _completion([42])], [_completion([43, 44, 45])],
               [_completion([46]), _completion([47, 48])]]
     b = build_sequences(proc, prompts, groups)
-    assert b["prompt_index"].tolist() == [0, 0, 1, 2, 2]
+    assert b.prompt_index.tolist() == [0, 0, 1, 2, 2]
     pad = proc.tokenizer.pad_token_id
     encs = [encode_prompt(proc, p) for p in prompts]
     for row, (i, c) in enumerate((i, c) for i, g in enumerate(groups) for c in g):
         prompt_ids = encs[i]["input_ids"][0].tolist()
         P, R = len(prompt_ids), len(c.token_ids)
-        assert b["input_ids"][row, :P + R].tolist() == prompt_ids + c.token_ids
-        assert (b["input_ids"][row, P + R:] == pad).all()                      # right padding
-        assert b["attention_mask"][row].tolist() == [1] * (P + R) + [0] * (b["input_ids"].shape[1] - P - R)
-        assert b["response_mask"][row].nonzero().flatten().tolist() == list(range(P, P + R))
-        image_tokens = b["input_ids"][row] == tiny[0].config.image_token_id
-        assert torch.equal(b["mm_token_type_ids"][row].bool(), image_tokens)
+        assert b.input_ids[row, :P + R].tolist() == prompt_ids + c.token_ids
+        assert (b.input_ids[row, P + R:] == pad).all()                      # right padding
+        assert b.attention_mask[row].tolist() == [1] * (P + R) + [0] * (b.input_ids.shape[1] - P - R)
+        assert b.response_mask[row].nonzero().flatten().tolist() == list(range(P, P + R))
+        image_tokens = b.input_ids[row] == tiny[0].config.image_token_id
+        assert torch.equal(b.mm_token_type_ids[row].bool(), image_tokens)
     # each image row carries its prompt's image once per sample; the text-only prompt carries none
     expected = torch.cat([encs[0]["pixel_values"]] * 2 + [encs[1]["pixel_values"]])
-    assert torch.equal(b["pixel_values"], expected)
-    assert torch.equal(b["image_grid_thw"], torch.cat([encs[0]["image_grid_thw"]] * 2 + [encs[1]["image_grid_thw"]]))
+    assert torch.equal(b.vision.pixel_values, expected)
+    assert torch.equal(b.vision.image_grid_thw, torch.cat([encs[0]["image_grid_thw"]] * 2 + [encs[1]["image_grid_thw"]]))
 
 
 def test_engine_logp_lands_on_the_label_positions_of_its_row(tiny, suite_dir):
@@ -43,7 +43,7 @@ def test_engine_logp_lands_on_the_label_positions_of_its_row(tiny, suite_dir):
     groups = [[Completion([40, 41], [-0.1, -0.2], "", "stop"), Completion([42], [-0.3], "", "stop")],
               [Completion([43, 44, 45], [-0.4, -0.5, -0.6], "", "stop")], [Completion([46], [-0.7], "", "stop")]]
     b = build_sequences(proc, prompts, groups)
-    mask = b["response_mask"][:, 1:].float()
+    mask = b.label_mask
     out = engine_logp(groups, mask)
     assert out.shape == mask.shape and (out[mask == 0] == 0).all()
     assert out[mask.bool()].tolist() == pytest.approx([-0.1, -0.2, -0.3, -0.4, -0.5, -0.6, -0.7])  # row-major

@@ -3,6 +3,9 @@ import importlib.util
 
 import pytest
 
+from model.load import load_vlm
+from rollout import EngineConfig, make_engine
+from rollout.sequences import encode_prompt, render_prompt
 from tests import rollout_checks as checks
 
 pytestmark = [pytest.mark.vllm,
@@ -11,10 +14,8 @@ pytestmark = [pytest.mark.vllm,
 
 @pytest.fixture(scope="module")
 def engine(tiny_model_dir, tmp_path_factory):
-    from rollout import EngineConfig, make_engine
-
-    eng = make_engine(EngineConfig(backend="vllm", model=str(tiny_model_dir), max_model_len=512,
-                                   cache_root=str(tmp_path_factory.mktemp("vllm-cache"))))
+    eng = make_engine(str(tiny_model_dir), EngineConfig(backend="vllm", max_model_len=512,
+                                                        cache_root=str(tmp_path_factory.mktemp("vllm-cache"))))
     yield eng
     eng.close()
 
@@ -22,8 +23,6 @@ def engine(tiny_model_dir, tmp_path_factory):
 @pytest.fixture(scope="module")
 def trainer(tiny_model_dir):
     """A trainer-side copy of the policy that tests may edit (restored after each)."""
-    from model.load import load_vlm
-
     return load_vlm(tiny_model_dir)
 
 
@@ -44,7 +43,6 @@ def test_prompt_tokens_match_the_trainer(engine, trainer, prompts):
     """vLLM renders and expands the image placeholders exactly as build_sequences does."""
     from vllm import SamplingParams
 
-    from rollout.sequences import encode_prompt, render_prompt
 
     for p in prompts:
         req = {"prompt": render_prompt(engine.processor, p)}

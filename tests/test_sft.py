@@ -1,13 +1,17 @@
 """SFT: exact resume after a crash, and learning on the tiny VLM (a metric must move)."""
 import json
+from types import SimpleNamespace as R
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-import rl.runlog
-from rl.sft import (OptimConfig, SFTConfig, batch_indices, lr_factor, lr_groups, make_optimizer, train_sft,
-                    weighted_records)
+import recipe.sft
+from recipe.sft import SFTConfig, train_sft
+from records import load_records
+from records.mixture import batch_indices, weighted_records
+from rewards.evaluate import evaluate
+from training.optim import OptimConfig, lr_factor, lr_groups, make_optimizer
 
 
 def test_lr_schedule_shape():
@@ -31,8 +35,6 @@ def _cfg(tiny_model_dir, suite_dir, out, **kw):
 
 
 def test_task_weights_repeat_records_of_a_task():
-    from types import SimpleNamespace as R
-
     recs = [R(task="counting", id="c0"), R(task="grounding", id="g0"), R(task="math", id="m0")]
     out = weighted_records(recs, {"grounding": 3})
     assert [r.id for r in out] == ["c0", "g0", "g0", "g0", "m0"]
@@ -69,16 +71,16 @@ def test_zero_lr_scale_freezes_and_the_rest_trains_at_its_multiple():
 def test_killed_run_resumes_exactly(tmp_path, tiny_model_dir, suite_dir, monkeypatch):
     straight = train_sft(_cfg(tiny_model_dir, suite_dir, tmp_path / "a"), progress=False)
 
-    real_save = rl.runlog.save_checkpoint
+    real_save = recipe.sft.save_checkpoint
 
     def save_then_die(*a, **k):
         real_save(*a, **k)
         raise SystemExit("killed right after the first checkpoint")
 
-    monkeypatch.setattr(rl.runlog, "save_checkpoint", save_then_die)
+    monkeypatch.setattr(recipe.sft, "save_checkpoint", save_then_die)
     with pytest.raises(SystemExit):
         train_sft(_cfg(tiny_model_dir, suite_dir, tmp_path / "b"), progress=False)
-    monkeypatch.setattr(rl.runlog, "save_checkpoint", real_save)
+    monkeypatch.setattr(recipe.sft, "save_checkpoint", real_save)
     assert (tmp_path / "b" / "checkpoints" / "latest").read_text() == "step-000002"
     resumed = train_sft(_cfg(tiny_model_dir, suite_dir, tmp_path / "b"), progress=False)
 
@@ -91,9 +93,6 @@ def test_killed_run_resumes_exactly(tmp_path, tiny_model_dir, suite_dir, monkeyp
 @pytest.mark.slow
 def test_sft_teaches_counting_and_format(tiny, sft_run):
     """From a random-init tiny VLM: counting accuracy and the format rate must rise well above chance."""
-    from rl.data import load_records
-    from rl.evaluate import evaluate
-
     before, _ = evaluate(*tiny, load_records(sft_run["data"]["heldout"]))
     after = json.loads((sft_run["run"] / "eval.json").read_text())
     assert before["counting"]["format"] < 0.1 and before["counting"]["accuracy"] < 0.3

@@ -1,12 +1,12 @@
 import json
-import re
 import random
+import re
 
 import pytest
 from PIL import Image
 
-from rl.data import load_records
-from rl.synth import COLORS, SceneSpec, TASKS, make_example, scene_key, split_owner, synth_split, write_suite
+from records import load_records
+from synth.suite import COLORS, TASKS, SceneSpec, make_example, scene_key, split_owner, synth_split, write_suite
 
 
 def test_suite_is_deterministic_and_valid(tmp_path):

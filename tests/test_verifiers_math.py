@@ -1,10 +1,12 @@
 """The `math` verifier: answer forms, hostile inputs, and agreement with Math-Verify's labels."""
 import os
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 
+from bench.math_verify_agreement import DEFAULT_CASES, agreement
 from verifiers import Sample, load
 
 MATH = load("math")
@@ -77,7 +79,6 @@ def test_math_hostile_inputs_are_handled(response, expected, tmp_path):
 
 
 def test_math_agreement_with_math_verify_labels():
-    from bench.math_verify_agreement import DEFAULT_CASES, agreement
     if not Path(DEFAULT_CASES).is_file():
         pytest.skip(f"{DEFAULT_CASES} not present")
     rate, wrong = agreement(DEFAULT_CASES)
@@ -85,6 +86,5 @@ def test_math_agreement_with_math_verify_labels():
 
 
 def test_math_in_a_worker_thread_disables_the_signal_alarm():
-    from concurrent.futures import ThreadPoolExecutor
     with ThreadPoolExecutor(1) as ex:   # math-verify's SIGALRM would raise ValueError here
         assert ex.submit(score, "\\boxed{\\frac{14}{2}}", "7").result() == 1.0

@@ -1,4 +1,7 @@
 """Tables for the grounding, counting, multiple-choice and instruction verifiers (hostile inputs included)."""
+import subprocess
+import sys
+
 import pytest
 
 from verifiers import Sample, load, registered
@@ -108,8 +111,6 @@ def test_load_rejects_bad_settings():
 
 
 def test_verifiers_import_no_heavy_runtime():
-    import subprocess
-    import sys
     code = ("import sys, verifiers; verifiers.load('math'); "
             "bad = [m for m in ('torch', 'ray', 'vllm') if m in sys.modules]; assert not bad, bad")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)

@@ -46,7 +46,6 @@ class Score:
 @runtime_checkable
 class Verifier(Protocol):
     name: ClassVar[str]
-
     def __call__(self, sample: Sample) -> Score: ...
 
 
@@ -91,7 +90,6 @@ def _load_entry_points() -> None:
 
 def resolve(name_or_spec: str) -> type:
     """A verifier class from a registered name, an entry-point name or a `file.py:Name` spec."""
-    import verifiers  # noqa: F401  (registers the shipped verifiers)
     if name_or_spec in _REGISTRY:
         return _REGISTRY[name_or_spec]
     if ".py:" in name_or_spec:
@@ -112,6 +110,5 @@ def load(name_or_spec: str, **settings: Any) -> Verifier:
 
 
 def registered() -> list[str]:
-    import verifiers  # noqa: F401
     _load_entry_points()
     return sorted(_REGISTRY)

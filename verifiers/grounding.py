@@ -3,7 +3,7 @@
 
 Box forms read from the response (the last one wins): `[x1, y1, x2, y2]`, `(x1,y1),(x2,y2)`,
 `<box>...</box>`, `<|box_start|>(x1,y1),(x2,y2)<|box_end|>`; points: `(x, y)`, `[x, y]`,
-`<point>x y</point>`. Coordinates are pixels (inclusive corners, as rl.synth writes them) or
+`<point>x y</point>`. Coordinates are pixels (inclusive corners, as synth.suite writes them) or
 0-1000 normalised (Seed1.5-VL / Qwen2-VL / InternVL style), converted with `Sample.image_sizes[0]`.
 """
 from __future__ import annotations

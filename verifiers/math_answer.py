@@ -193,8 +193,8 @@ def check_size(text: str) -> None:
 
 def _number(m: re.Match):
     """An exact sympy number from a _NUM match (integer, decimal Float as math-verify makes, percent)."""
-    import sympy
-    from latex2sympy2_extended.latex2sympy2 import convert_to_pct
+    import sympy  # heavy: loaded on first use (the verifier pool warms it)
+    from latex2sympy2_extended.latex2sympy2 import convert_to_pct  # heavy, as sympy
 
     if m.group("bare"):
         integer, frac = "0", m.group("bare")
@@ -236,7 +236,7 @@ class MathAnswer:
             return Score(0.0, {"math": 0.0, "refused": 1.0})
         if not gold or not pred:
             return Score(0.0, {"math": 0.0, "extracted": float(bool(pred))})
-        from math_verify import verify
+        from math_verify import verify  # heavy, as sympy
         ok = verify(gold, pred, float_rounding=self.float_rounding, strict=self.strict,
                     allow_set_relation_comp=self.allow_set_relation_comp,
                     timeout_seconds=self._alarm(), raise_on_error=False)
@@ -249,7 +249,7 @@ class MathAnswer:
         return None
 
     def _latex(self, text: str, *, boxed_first: bool = True) -> list:
-        from math_verify import LatexExtractionConfig, parse
+        from math_verify import LatexExtractionConfig, parse  # heavy, as sympy
         config = LatexExtractionConfig(boxed_match_priority=0 if boxed_first else 50)
         return parse(text, [config], fallback_mode="first_match", extraction_mode="any_match",
                      parsing_timeout=self._alarm())

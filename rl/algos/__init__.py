@@ -27,12 +27,24 @@ Departures from the papers (each on purpose):
 - The positive-example LM loss (VAPO) is returned unweighted; the caller multiplies by mu.
 - `whiten` uses the population variance.
 """
-from rl.algos.advantages import (decoupled_gae, dynamic_sampling_mask, gae, group_advantages,
-                                 length_adaptive_lambda, token_rewards_from_scores, whiten,
-                                 whiten_by_group)
+from rl.algos.advantages import (
+                                 decoupled_gae,
+                                 dynamic_sampling_mask,
+                                 gae,
+                                 group_advantages,
+                                 length_adaptive_lambda,
+                                 token_rewards_from_scores,
+                                 whiten,
+                                 whiten_by_group,
+)
 from rl.algos.aggregate import Agg, aggregate, masked_mean, masked_sum
 from rl.algos.kl import KLKind, kl, kl_coefs, kl_loss, kl_penalty_rewards
-from rl.algos.losses import explained_variance, policy_loss, positive_lm_loss, value_loss
+from rl.algos.losses import (
+                                 explained_variance,
+                                 policy_loss,
+                                 positive_lm_loss,
+                                 value_loss,
+)
 
 __all__ = [
     "Agg", "KLKind",

@@ -18,7 +18,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from rl.atomic import write_lines, write_text
+from training.atomic import atomic_dir, write_lines, write_text
+from training.config import to_dict
 
 
 class MetricsLog:
@@ -30,7 +31,7 @@ class MetricsLog:
         self._tb = None
         if tensorboard:
             try:
-                from torch.utils.tensorboard import SummaryWriter
+                from torch.utils.tensorboard import SummaryWriter  # optional: tensorboard may be absent
                 self._tb = SummaryWriter(str(Path(run_dir) / "tb"))
             except ImportError:  # tensorboard is optional at run time
                 self._tb = None
@@ -95,8 +96,6 @@ def save_checkpoint(run_dir: str | os.PathLike, step: int, *, models: dict[str, 
     The policy is saved at the checkpoint's top level (an HF folder usable on its own); other
     models in sub-folders. Old checkpoints beyond `keep` are removed.
     """
-    from model.load import atomic_dir
-
     root = Path(run_dir) / "checkpoints"
     name = f"step-{step:06d}"
 
@@ -126,8 +125,6 @@ def load_trainer_state(ckpt: Path) -> dict:
 def start_or_resume(out: Path, ckpt: Path | None, cfg: Any, log: MetricsLog, opt, sched) -> int:
     """Restore optimizer, scheduler, RNG and step from `ckpt` (dropping log rows past it), or
     record the config of a fresh run in `out/config.json`. Returns the step to continue from."""
-    from rl.config import to_dict
-
     if ckpt is None:
         write_text(Path(out) / "config.json", json.dumps(to_dict(cfg), indent=1))
         return 0

@@ -1,19 +1,13 @@
-"""Preference math for the reward model: the Bradley-Terry pairwise loss, pooling per-position values to
-one score per sequence, and the both-order preference of a generative pairwise judge.
+"""Preference math of the reward model: the Bradley-Terry pairwise loss and the both-order preference
+of a generative pairwise judge.
 
 Plain functions on tensors; no model, no config.
 """
 from __future__ import annotations
 
-from typing import Literal
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-
-from rl.algos.aggregate import masked_mean
-
-Pooling = Literal["last", "mean"]
 
 
 def bradley_terry_loss(r_chosen: Tensor, r_rejected: Tensor, *, center_coef: float = 0.0) -> tuple[Tensor, dict[str, Tensor]]:
@@ -33,29 +27,6 @@ def bradley_terry_loss(r_chosen: Tensor, r_rejected: Tensor, *, center_coef: flo
     metrics = {"accuracy": (margin > 0).float().mean().detach(), "margin": margin.mean().detach(),
                "reward_chosen": r_chosen.mean().detach(), "reward_rejected": r_rejected.mean().detach()}
     return loss, metrics
-
-
-def last_index(attention_mask: Tensor) -> Tensor:
-    """Index of the last attended position of each row: (B, L) -> (B,). Works for left or right padding."""
-    pos = torch.arange(attention_mask.shape[-1], device=attention_mask.device)
-    return torch.where(attention_mask.bool(), pos, -1).amax(-1)
-
-
-def pool_values(values: Tensor, attention_mask: Tensor, *, pooling: Pooling,
-                response_mask: Tensor | None = None) -> Tensor:
-    """One score per sequence from per-position values (B, L) -> (B,).
-
-    last: the value at the last non-padding position (the end of the response; the usual RM read-out).
-    mean: the mean value over `response_mask` (B, L) positions (the response tokens), so a mistake
-          anywhere in the response moves the score directly.
-    """
-    if pooling == "last":
-        return values.gather(-1, last_index(attention_mask)[:, None]).squeeze(-1)
-    if pooling == "mean":
-        if response_mask is None:
-            raise ValueError("pooling='mean' needs the response_mask")
-        return masked_mean(values, response_mask * attention_mask, dim=-1)
-    raise ValueError(f"unknown pooling {pooling!r}")
 
 
 def both_order_preference(logp_a_xy: Tensor, logp_b_xy: Tensor, logp_a_yx: Tensor, logp_b_yx: Tensor) -> Tensor:

@@ -19,12 +19,16 @@ from collections import Counter, defaultdict
 from pathlib import Path
 from typing import Literal, Sequence
 
+from recipe.sampling import check_routes, load_reward_model, needs_rm, sample_and_score
+from recipe.sft import train_sft
+from records import KNOWN_TASKS, DataError, load_records, write_records
+from rewards.inputs import is_correct
+from training.atomic import write_json
+
 
 def accept_samples(texts: Sequence[str], results: Sequence, *, mode: Literal["verifier", "best_of_k"],
                    max_per_prompt: int) -> list[int]:
     """Indices of the accepted samples of one prompt (see the module docstring), at most max_per_prompt."""
-    from rewards.inputs import is_correct
-
     formatted = [j for j, r in enumerate(results) if r.parts.get("format", 0.0) >= 1.0]
     if mode == "verifier":
         candidates = [j for j in formatted if is_correct(results[j])]
@@ -56,10 +60,6 @@ def run_rft(model: str, data: str, out_dir: str, *, k: int, reward_cfg, sft_cfg=
             seed: int = 0, progress: bool = True) -> dict:
     """Sample, accept, write D/rft_sft.jsonl and D/rft.json; then, when `sft_cfg` (an SFTConfig) is
     given, SFT `model` on the accepted records into D/sft. Returns the summary (rft.json)."""
-    from rl.data import KNOWN_TASKS, DataError, load_records, write_records
-    from rl.filter import write_json
-    from rl.sampling import check_routes, load_reward_model, needs_rm, sample_and_score
-
     if max_per_prompt < 1:
         raise ValueError(f"max_per_prompt must be >= 1, got {max_per_prompt}")
     t0 = time.perf_counter()
@@ -113,7 +113,6 @@ def run_rft(model: str, data: str, out_dir: str, *, k: int, reward_cfg, sft_cfg=
     if not accepted:
         raise DataError(data, 0, "records", "no sample was accepted: nothing to fine-tune on "
                                             "(try a larger --k or --max-tokens, or a stronger --model)")
-    from rl.sft import train_sft
     scfg = dataclasses.replace(sft_cfg, model=str(model), data=str(sft_path), out=str(out / "sft"))
     final = train_sft(scfg, progress=progress)
     summary["sft"] = {"out": scfg.out, "final": str(final), "steps": scfg.steps}

@@ -4,9 +4,16 @@ from __future__ import annotations
 
 import argparse
 
+from recipe.filter import run_filter
+from recipe.report import write_report
+from recipe.rft import run_rft
+from recipe.sft import SFTConfig
+from rewards.config import RewardConfig
+from rl.algos.difficulty import parse_band
+from training.config import load_config
+
 
 def _band(text: str) -> tuple[float, float]:
-    from rl.difficulty import parse_band
     try:
         return parse_band(text)
     except ValueError as e:
@@ -34,8 +41,6 @@ def _non_negative_float(text: str) -> float:
 
 
 def _reward_config(args):
-    from rewards.config import RewardConfig
-    from rl.config import load_config
     return load_config(RewardConfig, args.reward_config, args.reward_set)
 
 
@@ -56,8 +61,6 @@ def _sampling_args(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_filter(args) -> int:
-    from rl.filter import run_filter
-
     run_filter(args.model, args.data, args.output, k=args.k, band=args.band, reward_cfg=_reward_config(args),
                backend=args.backend, rm_path=args.rm, min_std=args.min_std, max_tokens=args.max_tokens,
                temperature=args.temperature, seed=args.seed, progress=not args.quiet)
@@ -65,10 +68,6 @@ def cmd_filter(args) -> int:
 
 
 def cmd_rft(args) -> int:
-    from rl.config import load_config
-    from rl.rft import run_rft
-    from rl.sft import SFTConfig
-
     sft_cfg = None if args.no_train else load_config(SFTConfig, args.sft_config, args.overrides)
     run_rft(args.model, args.data, args.output_dir, k=args.k, reward_cfg=_reward_config(args), sft_cfg=sft_cfg,
             backend=args.backend, rm_path=args.rm, max_per_prompt=args.max_per_prompt, max_tokens=args.max_tokens,
@@ -77,8 +76,6 @@ def cmd_rft(args) -> int:
 
 
 def cmd_report(args) -> int:
-    from rl.report import write_report
-
     out = write_report(args.run_dir)
     print(f"report written to {out}")
     return 0
@@ -106,7 +103,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--output-dir", required=True, metavar="D", help="folder for rft_sft.jsonl, rft.json and sft/")
     p.add_argument("--max-per-prompt", type=_positive_int, default=4,
                    help="accepted samples kept per prompt, after de-duplication (default 4)")
-    p.add_argument("--sft-config", help="YAML SFT config (rl.sft.SFTConfig); model, data and out are set by rft")
+    p.add_argument("--sft-config", help="YAML SFT config (recipe.sft.SFTConfig); model, data and out are set by rft")
     p.add_argument("--no-train", action="store_true", help="write the SFT records only")
     p.add_argument("overrides", nargs="*", help="dotted SFT overrides, e.g. steps=200 optim.lr=1e-4")
     p.set_defaults(func=cmd_rft)

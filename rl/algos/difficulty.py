@@ -52,11 +52,6 @@ def in_band(rate: float, *, low: float, high: float) -> bool:
     return low - EPS <= rate <= high + EPS
 
 
-def select_in_band(rates: Sequence[float], *, low: float, high: float) -> list[bool]:
-    """keep[i] for each prompt's pass rate."""
-    return [in_band(r, low=low, high=high) for r in rates]
-
-
 def select_by_spread(stds: Sequence[float], *, min_std: float) -> list[bool]:
     """keep[i]: the prompt's k rewards differ by at least min_std (population std)."""
     return [s >= min_std - EPS for s in stds]

@@ -11,7 +11,7 @@ The rejected caption is a valid caption of some other scene, so text alone canno
 apart: the reward model has to look at the image. Both answers carry a think block consistent with
 their own caption, as a policy that misread the picture would write.
 
-Scenes, drawing and captions come from the task suite (`rl.synth`). The train and held-out files
+Scenes, drawing and captions come from the task suite (`synth.suite`). The train and held-out files
 are disjoint by scene (not only by pair), so held-out accuracy measures images never seen.
 """
 from __future__ import annotations
@@ -22,8 +22,8 @@ import random
 from pathlib import Path
 from typing import Callable
 
-from rl.synth import (COLORS, NUMBER_WORDS, SHAPES, SceneSpec, _user, describe,
-                      object_box, random_objects, split_owner, write_scene_records)
+from synth.suite import (COLORS, NUMBER_WORDS, SHAPES, SceneSpec, _user, describe, object_box, random_objects,
+                         split_owner, write_scene_records)
 
 CORRUPTIONS = ("color", "shape", "add", "drop")
 QUESTION = "Describe the image."
@@ -68,7 +68,7 @@ def _scene(objects: list[dict]) -> str:
 
 
 PREF_SHARES = (("heldout", 0.2), ("train", 0.8))
-"""The share of all scenes each preference split owns (rl.synth.split_owner)."""
+"""The share of all scenes each preference split owns (synth.suite.split_owner)."""
 
 
 def _draw_pairs(rng: random.Random, n: int, spec: SceneSpec, owns: Callable[[str], bool], *, max_objects: int,

@@ -14,8 +14,23 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from rl.rl_config import RLConfig
-from rl.sft import OptimConfig, SFTConfig
+from model.tiny import TinySpec, build_tiny_vlm
+from recipe.filter import run_filter
+from recipe.report import write_report
+from recipe.rft import run_rft
+from recipe.sft import SFTConfig, train_sft
+from records import load_records, write_records
+from records.mixture import mix_replay, seeded_sample
+from rewards.evaluate import add_rm_scores, format_table, repeats_prompts
+from rewards.rm import RewardModelScorer
+from rewards.rm_train import RMConfig, train_rm
+from rl.config import RLConfig
+from rl.driver import fit
+from synth.prefs import write_preference_pairs
+from synth.suite import SceneSpec, corpus_texts, write_suite
+from training.atomic import write_json
+from training.config import ConfigError
+from training.optim import OptimConfig
 
 
 @dataclass(frozen=True)
@@ -61,7 +76,6 @@ class RoundConfig:
     rl_steps: int = 60                    # RL steps after the RFT model
 
     def __post_init__(self):              # at load time, with the config file's name
-        from rl.config import ConfigError
         for key in ("replay", "rl_replay"):
             if getattr(self, key) < 0:
                 raise ConfigError(f"{key}: must be >= 0 (records mixed in per kept one), got {getattr(self, key)}")
@@ -86,8 +100,6 @@ def _done(stage_dir: Path) -> dict | None:
     return json.loads(marker.read_text()) if marker.is_file() else None
 
 
-from rl.atomic import write_json as _write_json  # noqa: E402
-
 
 def run_stage(name: str, stage_dir: Path, fn) -> dict:
     """Run `fn()` (returning a JSON-able dict) unless the stage already finished."""
@@ -98,14 +110,11 @@ def run_stage(name: str, stage_dir: Path, fn) -> dict:
     print(f"[pipeline] {name}: running -> {stage_dir}", flush=True)
     t0 = time.time()
     info = {**fn(), "seconds": round(time.time() - t0, 1)}
-    _write_json(stage_dir / "done.json", info)
+    write_json(stage_dir / "done.json", info)
     return info
 
 
 def run_pipeline(cfg: PipelineConfig) -> dict:
-    from rl.data import load_records
-    from rl.evaluate import format_table
-
     run = Path(cfg.run_dir)
     t_start = time.time()
     tables: dict[str, dict] = {}
@@ -113,8 +122,6 @@ def run_pipeline(cfg: PipelineConfig) -> dict:
     def stage_model() -> dict:
         if cfg.model != "tiny":
             return {"model": str(Path(cfg.model).resolve())}
-        from model.tiny import TinySpec, build_tiny_vlm
-        from rl.synth import corpus_texts
         path = build_tiny_vlm(run / "model" / "hf", corpus_texts(seed=cfg.seed), TinySpec(seed=cfg.seed))
         return {"model": str(path.resolve())}
 
@@ -124,7 +131,6 @@ def run_pipeline(cfg: PipelineConfig) -> dict:
             for p in (d.sft, d.rl, d.heldout):
                 load_records(p)  # validate now, not halfway through a stage
             return {"sft": d.sft, "rl": d.rl, "heldout": d.heldout}
-        from rl.synth import SceneSpec, write_suite
         paths = write_suite(run / "data", seed=d.seed, n=d.n, n_heldout=d.n_heldout, n_rl=d.n_rl,
                             spec=SceneSpec(color_questions=d.color_questions))
         return {k: str(v.resolve()) for k, v in paths.items()}
@@ -133,7 +139,6 @@ def run_pipeline(cfg: PipelineConfig) -> dict:
     data = run_stage("data", run / "data", stage_data)
 
     def stage_sft() -> dict:
-        from rl.sft import train_sft
         scfg = dataclasses.replace(cfg.sft, model=base, data=data["sft"], eval_data=data["heldout"],
                                    out=str(run / "sft"))
         final = train_sft(scfg)
@@ -147,7 +152,6 @@ def run_pipeline(cfg: PipelineConfig) -> dict:
     tables["sft"] = rm_score(sft["eval"], run / "sft")
 
     def stage_rl(name: str, policy: str, prompts: str, steps: int) -> dict:
-        from rl.ppo import fit
         rcfg = dataclasses.replace(cfg.rl, policy=policy, data=prompts, eval_data=data["heldout"],
                                    out=str(run / name), reward_model=rm_path, steps=steps)
         final = fit(rcfg)
@@ -161,8 +165,7 @@ def run_pipeline(cfg: PipelineConfig) -> dict:
 
     summary = {"stages": tables, "order": list(tables), "final_model": model,
                "seconds": round(time.time() - t_start, 1)}
-    _write_json(run / "summary.json", summary)
-    from rl.report import write_report
+    write_json(run / "summary.json", summary)
     report = write_report(run)
     print(accuracy_table(tables))
     print(f"[pipeline] report: {report}")
@@ -177,13 +180,11 @@ def _reward_model(cfg: PipelineConfig, run: Path, policy: str) -> str | None:
         return cfg.rl.reward_model
 
     def stage_prefs() -> dict:
-        from rl.synth_prefs import write_preference_pairs
         paths = write_preference_pairs(run / "prefs", seed=cfg.data.seed, n=cfg.rm.n_pairs,
                                        n_heldout=cfg.rm.n_heldout_pairs)
         return {k: str(Path(v).resolve()) for k, v in paths.items()}
 
     def stage_rm() -> dict:
-        from rewards.rm_train import RMConfig, train_rm
         rcfg = RMConfig(model=policy, data=pairs["train"], eval_data=pairs["heldout"], out=str(run / "rm"),
                         steps=cfg.rm.steps, batch_size=cfg.rm.batch_size, seed=cfg.seed,
                         optim=cfg.rm.optim)
@@ -204,9 +205,7 @@ def _rm_scorer(rm_path: str | None, heldout, reward_cfg):
         if rm_path is None or not gens.is_file():
             return table
         if "rm" not in cache:
-            from rewards.rm import RewardModelScorer
             cache["rm"] = RewardModelScorer(rm_path)
-        from rl.evaluate import add_rm_scores
         by_id = {json.loads(line)["id"]: json.loads(line)["response"] for line in gens.read_text().splitlines()}
         recs = [r for r in heldout if r.id in by_id]
         return add_rm_scores(json.loads(json.dumps(table)), recs, [by_id[r.id] for r in recs], reward_cfg, cache["rm"])
@@ -217,12 +216,9 @@ def _rm_scorer(rm_path: str | None, heldout, reward_cfg):
 def _round(cfg: PipelineConfig, run: Path, i: int, model: str, data: dict, rm_path: str | None,
            tables: dict, stage_rl, rm_score) -> str:
     """filter_i -> rft_i -> rl_i; returns the round's final model."""
-    from rl.data import load_records, write_records
-
     rc = cfg.round
 
     def stage_filter() -> dict:
-        from rl.filter import run_filter
         # a seeded sample across the whole file (prompt files are often grouped by task)
         prompts = seeded_sample(load_records(data["rl"]), rc.max_prompts, seed=cfg.seed + i)
         src = run / f"filter{i}" / "prompts.jsonl"
@@ -243,8 +239,6 @@ def _round(cfg: PipelineConfig, run: Path, i: int, model: str, data: dict, rm_pa
     kept = filtered["kept"]
 
     def stage_rft() -> dict:
-        from rl.rft import run_rft
-        from rl.sft import train_sft
         summary = run_rft(model, kept, str(run / f"rft{i}"), k=rc.k, reward_cfg=cfg.rl.reward, sft_cfg=None,
                           backend=cfg.rl.rollout.backend, rm_path=rm_path, max_per_prompt=rc.max_per_prompt,
                           max_tokens=rc.max_tokens, temperature=rc.temperature, seed=cfg.seed + 100 + i)
@@ -271,18 +265,6 @@ def _round(cfg: PipelineConfig, run: Path, i: int, model: str, data: dict, rm_pa
     return rl["model"]
 
 
-def mix_replay(kept: list, pool: list, ratio: float, *, seed: int) -> list:
-    """`kept` plus round(ratio * len(kept)) records of `pool` that are not in `kept` (by id), seeded."""
-    ids = {r.id for r in kept}
-    return kept + seeded_sample([r for r in pool if r.id not in ids], round(ratio * len(kept)), seed=seed)
-
-
-def seeded_sample(records: list, n: int, *, seed: int) -> list:
-    """n records drawn without replacement (all of them, shuffled, if n >= len), seeded."""
-    import random
-    return random.Random(seed).sample(records, min(n, len(records)))
-
-
 def _read_eval(folder: Path) -> dict:
     return json.loads((folder / "eval.json").read_text())
 
@@ -291,8 +273,6 @@ def accuracy_table(tables: dict[str, dict]) -> str:
     """Held-out accuracy per task (rows) after each stage (columns), followed by the accuracy over
     distinct prompts where the file repeats some ("62.7 / 49.0%"); the reward model's score (or the
     format rate) for tasks without a rule answer."""
-    from rl.evaluate import repeats_prompts
-
     stages = list(tables)
     tasks = [t for t in next(iter(tables.values())) if t != "all"] + ["all"]
     head = f"{'task':<12}" + "".join(f"{s:>14}" for s in stages)

@@ -1,7 +1,7 @@
 """The difficulty filter (`vlrl filter`): sample k responses per prompt with a model, score them with
 the hybrid reward, write each prompt's pass rate into its record, keep the prompts inside the band.
 
-Per prompt, by its task's reward route (rl.difficulty has the statistics):
+Per prompt, by its task's reward route (rl.algos.difficulty has the statistics):
   verifier mode  the route has verifiers and some sample got a verdict: score_j = format-gated weighted
                  mean of the verifier parts (the RM left out; an abstaining sample counts 0, as its
                  RL reward would); pass_rate = mean_j score_j; keep iff low <= pass_rate <= high.
@@ -26,7 +26,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
-from rl import difficulty
+from recipe.sampling import check_routes, load_reward_model, needs_rm, sample_and_score
+from records import KNOWN_TASKS, load_records, write_records
+from rewards.inputs import verifier_score
+from rl.algos import difficulty
+from training.atomic import write_json
 
 
 @dataclass(frozen=True)
@@ -42,8 +46,6 @@ class Verdict:
 
 def judge_group(results: Sequence, route, *, low: float, high: float, min_std: float) -> Verdict:
     """Verdict of one prompt from the RewardResults of its k samples and its task's TaskRoute."""
-    from rewards.inputs import verifier_score
-
     weights = [(vr.part, vr.weight) for vr in route.verifiers]
     scores = [verifier_score(r.parts, weights) for r in results] if weights else []
     verdicts = [s for s, r in zip(scores, results) if s is not None and r.parts.get("format")]
@@ -127,7 +129,7 @@ def output_paths(out: str | os.PathLike) -> dict[str, Path]:
 
 def plot_histogram(hist: dict, path: Path, *, title: str) -> None:
     """Grouped bars before/after per pass-rate bin, written atomically (PNG)."""
-    import matplotlib
+    import matplotlib  # optional at import time: only plots need it (slow to import)
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -152,17 +154,11 @@ def save_figure(fig, path: Path) -> None:
     os.replace(tmp, path)
 
 
-from rl.atomic import write_json  # noqa: E402  (re-exported: rft and the pipeline use it from here)
-
-
 def run_filter(model: str, data: str, out: str, *, k: int, band: tuple[float, float], reward_cfg,
                backend: str = "vllm", rm_path: str | None = None, min_std: float = 0.05, max_tokens: int = 64,
                temperature: float = 1.0, seed: int = 0, progress: bool = True) -> dict:
     """Filter `data` by difficulty under `model`; writes the outputs listed in the module docstring and
     returns the summary."""
-    from rl.data import KNOWN_TASKS, load_records, write_records
-    from rl.sampling import check_routes, load_reward_model, needs_rm, sample_and_score
-
     t0 = time.perf_counter()
     low, high = band
     records = load_records(data, tasks=KNOWN_TASKS | set(reward_cfg.tasks), require="prompt")

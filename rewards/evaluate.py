@@ -8,14 +8,20 @@ weighs each distinct prompt once, next to `accuracy` over every record.
 """
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 from collections import defaultdict
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 from typing import Sequence
+
+from PIL import Image
+
+import verifiers
+from records import message_text, prompt_key
+from rollout.greedy import generate_greedy
+from training.atomic import write_json, write_jsonl
+from verifiers import Sample, split_think
 
 # task -> (verifier name, settings) deciding "correct"; a score >= 0.5 counts as correct.
 ACCURACY_CHECKS: dict[str, tuple[str, dict]] = {
@@ -35,61 +41,6 @@ class Generation:
     formatted: bool
     correct: bool | None
     prompt: str = ""    # prompt_key: generations of one prompt share it
-
-
-def prompt_key(rec) -> str:
-    """What greedy decoding depends on: the prompt messages and the bytes of the images."""
-    h = hashlib.blake2b(json.dumps(rec.prompt_messages, sort_keys=True).encode(), digest_size=16)
-    for path in rec.images:   # each image's own digest: the boundaries between images count
-        st = os.stat(path)
-        h.update(_file_digest(str(path), st.st_mtime_ns, st.st_size))
-    return h.hexdigest()
-
-
-@lru_cache(maxsize=4096)
-def _file_digest(path: str, mtime_ns: int, size: int) -> bytes:
-    """Cached by path and stat (a rewritten file misses): avg@k judges each record k times."""
-    return hashlib.blake2b(Path(path).read_bytes(), digest_size=16).digest()
-
-
-def unique_prompts(records) -> tuple[list[int], list[int]]:
-    """(first, slot): indices of the first record of each distinct prompt (prompt_key), and for
-    every record the position of its prompt in `first`. Held-out files may repeat a scene."""
-    first, slot, seen = [], [], {}
-    for i, rec in enumerate(records):
-        key = prompt_key(rec)
-        if key not in seen:
-            seen[key] = len(first)
-            first.append(i)
-        slot.append(seen[key])
-    return first, slot
-
-
-def generate_greedy(model, processor, records, *, batch_size: int = 64, max_new_tokens: int = 48) -> list[str]:
-    """Greedy responses (special tokens stripped) for prompt records, in order. A prompt that
-    repeats (same messages, same image bytes) is decoded once."""
-    import torch
-
-    from model.inputs import encode_prompts
-    from rl.data import load_images
-
-    first, slot = unique_prompts(records)
-    distinct = [records[i] for i in first]
-    tok = processor.tokenizer
-    eos = [tok.convert_tokens_to_ids("<|im_end|>"), tok.pad_token_id]
-    was_training = model.training
-    model.eval()
-    out = []
-    with torch.no_grad():
-        for i in range(0, len(distinct), batch_size):
-            chunk = distinct[i:i + batch_size]
-            inputs = encode_prompts(processor, [r.prompt_messages for r in chunk], [load_images(r) for r in chunk])
-            inputs = inputs.to(model.device)
-            seq = model.generate(**inputs, do_sample=False, max_new_tokens=max_new_tokens,
-                                 eos_token_id=eos, pad_token_id=tok.pad_token_id)
-            out += tok.batch_decode(seq[:, inputs["input_ids"].shape[1]:].cpu(), skip_special_tokens=True)
-    model.train(was_training)
-    return [out[j] for j in slot]
 
 
 def eval_subset(records: Sequence, limit: int) -> list:
@@ -120,9 +71,6 @@ def add_sampled_scores(table: dict, records, samples: Sequence[Sequence[str]], r
 
 def judge(records, responses: Sequence[str]) -> list[Generation]:
     """Format and correctness of each response (pure: no model involved)."""
-    import verifiers
-    from verifiers import Sample, split_think
-
     checks = {}
     gens = []
     for rec, resp in zip(records, responses):
@@ -145,7 +93,6 @@ def judge(records, responses: Sequence[str]) -> list[Generation]:
 @lru_cache(maxsize=4096)
 def _image_size(path) -> tuple[int, int]:
     """(width, height) from the header; cached: avg@k judges each record's images k times."""
-    from PIL import Image
     with Image.open(path) as im:
         return im.size
 
@@ -211,9 +158,6 @@ def add_rm_scores(table: dict, records, responses: Sequence[str], reward_cfg, sc
 
     score: callable on a list of (image paths, prompt text, solution) -> list of floats.
     """
-    from rl.data import message_text
-    from verifiers import split_think
-
     items, owners = [], []
     for rec, resp in zip(records, responses):
         try:
@@ -243,7 +187,6 @@ def evaluate(model, processor, records, *, batch_size: int = 64, max_new_tokens:
 
 def write_eval(out: str | os.PathLike, table: dict, gens: list[Generation]) -> None:
     """eval.json (the table) and generations.jsonl, each written atomically."""
-    from rl.atomic import write_json, write_jsonl
     out = Path(out)
     write_json(out, table)
     write_jsonl(out.with_name(out.stem + ".generations.jsonl"), (g.__dict__ for g in gens))

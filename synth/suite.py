@@ -25,7 +25,7 @@ from typing import Callable
 
 from PIL import Image, ImageDraw
 
-from rl.atomic import write_lines
+from training.atomic import write_lines
 
 TASKS = ("counting", "grounding", "math", "caption")
 COLORS = {"red": (230, 40, 40), "green": (40, 200, 60), "blue": (50, 90, 240), "yellow": (240, 220, 30)}

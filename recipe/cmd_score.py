@@ -5,6 +5,17 @@ import argparse
 from pathlib import Path
 from typing import Any
 
+from PIL import Image
+
+from records import DataError, iter_jsonl
+from rewards.config import RewardConfig, TaskRoute, VerifierRoute
+from rewards.hybrid import RewardInput, score_batch
+from rewards.pool import VerifierPool
+from rewards.rm import RewardModelScorer
+from training.atomic import write_jsonl
+from training.config import load_config
+from verifiers.base import resolve
+
 CHUNK = 256   # lines scored per score_batch call
 
 
@@ -30,8 +41,6 @@ def add_commands(sub) -> None:
 
 
 def _read(path: Path) -> list[tuple[int, dict]]:
-    from rl.data import DataError, iter_jsonl
-
     rows = []
     for line_no, obj in iter_jsonl(path):
         _check_row(obj, path, line_no)
@@ -42,8 +51,6 @@ def _read(path: Path) -> list[tuple[int, dict]]:
 
 
 def _check_row(obj: Any, path: Path, line: int) -> None:
-    from rl.data import DataError
-
     if not isinstance(obj, dict):
         raise DataError(path, line, "record", f"must be a JSON object, got {type(obj).__name__}")
     for key in ("task", "response"):
@@ -66,10 +73,6 @@ def _check_row(obj: Any, path: Path, line: int) -> None:
 
 
 def _image_sizes(obj: dict, base: Path, path: Path, line: int) -> tuple[tuple[int, int], ...]:
-    from PIL import Image
-
-    from rl.data import DataError
-
     if obj.get("image_sizes"):
         return tuple((int(w), int(h)) for w, h in obj["image_sizes"])
     sizes = []
@@ -84,13 +87,6 @@ def _image_sizes(obj: dict, base: Path, path: Path, line: int) -> tuple[tuple[in
 
 
 def run_score(args: argparse.Namespace) -> int:
-    from rewards.config import RewardConfig, TaskRoute, VerifierRoute
-    from rewards.hybrid import RewardInput, score_batch
-    from rewards.pool import VerifierPool
-    from rl.config import load_config
-    from rl.data import DataError
-    from verifiers.base import resolve
-
     cfg = load_config(RewardConfig, args.config, args.overrides)
     path, out = Path(args.input), Path(args.output)
     rows = _read(path)
@@ -121,7 +117,6 @@ def run_score(args: argparse.Namespace) -> int:
 
     rm = None
     if args.rm:
-        from rewards.rm import RewardModelScorer
 
         if not Path(args.rm, "config.json").is_file():
             raise DataError(args.rm, 0, "--rm", "not a reward model folder (no config.json)")
@@ -132,7 +127,6 @@ def run_score(args: argparse.Namespace) -> int:
             results += score_batch(inputs[start:start + CHUNK], cfg, pool=pool, rm=rm)
         stats = dict(pool.stats)
 
-    from rl.atomic import write_jsonl
     write_jsonl(out, ({**obj, "reward": r.reward, "parts": r.parts} for (_, obj), r in zip(rows, results)))
     mean = sum(r.reward for r in results) / len(results)
     print(f"scored {len(results)} lines -> {out}: mean reward {mean:.4f}, "

@@ -5,12 +5,17 @@ Every record is checked before training starts; the first bad one stops the run 
 """
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 from dataclasses import dataclass, field
+from functools import lru_cache
 from pathlib import Path
 from typing import Any, Iterable
 
 from PIL import Image
+
+from training.atomic import write_jsonl
 
 # Task types the built-in reward routing knows; a config may add more (see load_records(tasks=...)).
 KNOWN_TASKS = frozenset({"counting", "grounding", "math", "caption", "multiple_choice", "instruction", "general"})
@@ -57,7 +62,6 @@ class Record:
 
     def to_json(self, base: Path) -> dict:
         """Back to the JSONL layout, image paths relative to `base` (the output file's folder)."""
-        import os
         out: dict[str, Any] = {"id": self.id, "task": self.task,
                                "images": [os.path.relpath(p, base) for p in self.images],
                                "messages": self.messages}
@@ -184,7 +188,7 @@ def iter_jsonl(path: str | Path):
 
 
 def _iter_hf_dataset(path: Path):
-    import datasets
+    import datasets  # heavy: only saved-dataset and parquet inputs need it
 
     try:
         ds = datasets.load_from_disk(str(path)) if path.is_dir() else datasets.Dataset.from_parquet(str(path))
@@ -226,8 +230,35 @@ def load_images(rec: Record) -> list[Image.Image]:
 
 def write_records(path: str | Path, records: list[Record]) -> None:
     """Write records as JSONL atomically, image paths relative to the file's folder."""
-    from rl.atomic import write_jsonl
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     base = path.parent.resolve()
     write_jsonl(path, (r.to_json(base) for r in records))
+
+
+def prompt_key(rec) -> str:
+    """What greedy decoding depends on: the prompt messages and the bytes of the images."""
+    h = hashlib.blake2b(json.dumps(rec.prompt_messages, sort_keys=True).encode(), digest_size=16)
+    for path in rec.images:   # each image's own digest: the boundaries between images count
+        st = os.stat(path)
+        h.update(_file_digest(str(path), st.st_mtime_ns, st.st_size))
+    return h.hexdigest()
+
+
+@lru_cache(maxsize=4096)
+def _file_digest(path: str, mtime_ns: int, size: int) -> bytes:
+    """Cached by path and stat (a rewritten file misses): avg@k judges each record k times."""
+    return hashlib.blake2b(Path(path).read_bytes(), digest_size=16).digest()
+
+
+def unique_prompts(records) -> tuple[list[int], list[int]]:
+    """(first, slot): indices of the first record of each distinct prompt (prompt_key), and for
+    every record the position of its prompt in `first`. Held-out files may repeat a scene."""
+    first, slot, seen = [], [], {}
+    for i, rec in enumerate(records):
+        key = prompt_key(rec)
+        if key not in seen:
+            seen[key] = len(first)
+            first.append(i)
+        slot.append(seen[key])
+    return first, slot

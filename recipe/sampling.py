@@ -6,6 +6,14 @@ import time
 from dataclasses import dataclass
 from typing import Sequence
 
+from records import DataError, load_images
+from rewards.hybrid import score_batch
+from rewards.inputs import reward_inputs
+from rewards.pool import VerifierPool
+from rewards.rm import RewardModelScorer
+from rollout import make_engine
+from rollout.types import EngineConfig, Prompt, SamplingConfig
+
 
 @dataclass(frozen=True)
 class Scored:
@@ -22,8 +30,6 @@ def needs_rm(record, reward_cfg) -> bool:
 
 def check_routes(records, reward_cfg) -> None:
     """Every record's task has a reward route; else a DataError naming the record."""
-    from rl.data import DataError
-
     for r in records:
         try:
             reward_cfg.route(r.task)
@@ -33,10 +39,9 @@ def check_routes(records, reward_cfg) -> None:
 
 
 def load_reward_model(path: str | None):
-    """The reward model scorer for `--rm DIR` (imported lazily; it loads a VLM), or None."""
+    """The reward model scorer for `--rm DIR` (it loads a VLM), or None."""
     if not path:
         return None
-    from rewards.rm import RewardModelScorer
     return RewardModelScorer(path)
 
 
@@ -46,18 +51,12 @@ def sample_and_score(model_dir: str, records: Sequence, *, k: int, backend: str,
     """result[i][j]: sample j of records[i] with its reward. Prompts go to the engine `chunk` at a time
     (default 32 for hf, which bounds its padded batch; 512 for vLLM, which schedules its own batches); chunk c is seeded with seed + start * k, so the samples of
     a prompt do not depend on the chunk size under vLLM on GPU. Tasks routed to the reward model need `rm`."""
-    from rewards.hybrid import score_batch
-    from rewards.inputs import reward_inputs
-    from rewards.pool import VerifierPool
-    from rl.data import load_images
-    from rollout.types import EngineConfig, Prompt, SamplingConfig, make_engine
-
     if k < 1:
         raise ValueError(f"k must be >= 1, got {k}")
     unseeded = seed is None
     chunk = chunk or (512 if backend == "vllm" else 32)
     t0 = time.perf_counter()
-    engine = make_engine(EngineConfig(backend=backend, model=str(model_dir), dtype=dtype, seed=seed or 0))
+    engine = make_engine(str(model_dir), EngineConfig(backend=backend, dtype=dtype), seed=seed or 0)
     t_engine = time.perf_counter() - t0
     out: list[list[Scored]] = []
     t_gen = t_score = 0.0

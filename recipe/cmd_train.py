@@ -3,11 +3,19 @@ from __future__ import annotations
 
 import argparse
 
+from model.load import load_vlm
+from model.tiny import TinySpec, build_tiny_vlm
+from recipe.pipeline import PipelineConfig, run_pipeline
+from recipe.sft import SFTConfig, train_sft
+from records import KNOWN_TASKS, load_records
+from rewards.evaluate import evaluate, format_table, write_eval
+from rl.config import RLConfig
+from rl.driver import fit
+from synth.suite import corpus_texts, write_suite
+from training.config import load_config
+
 
 def cmd_init_tiny(args) -> int:
-    from model.tiny import TinySpec, build_tiny_vlm
-    from rl.synth import corpus_texts
-
     spec = TinySpec(seed=args.seed)
     out = build_tiny_vlm(args.out, corpus_texts(seed=args.seed), spec)
     print(f"tiny VLM written to {out}")
@@ -15,8 +23,6 @@ def cmd_init_tiny(args) -> int:
 
 
 def cmd_synth(args) -> int:
-    from rl.synth import write_suite
-
     paths = write_suite(args.out, seed=args.seed, n=args.n, n_heldout=args.n_heldout, n_rl=args.n_rl)
     for name, p in paths.items():
         print(f"{name:8s} {p}")
@@ -24,8 +30,6 @@ def cmd_synth(args) -> int:
 
 
 def cmd_check(args) -> int:
-    from rl.data import load_records
-
     for f in args.files:
         recs = load_records(f, tasks=_tasks(args))
         by_task: dict[str, int] = {}
@@ -36,14 +40,10 @@ def cmd_check(args) -> int:
 
 
 def _tasks(args):
-    from rl.data import KNOWN_TASKS
     return KNOWN_TASKS | set(args.task or ())
 
 
 def cmd_sft(args) -> int:
-    from rl.config import load_config
-    from rl.sft import SFTConfig, train_sft
-
     cfg = load_config(SFTConfig, args.config, args.overrides)
     final = train_sft(cfg, resume=not args.no_resume, progress=not args.no_progress)
     print(f"final model: {final}")
@@ -51,10 +51,6 @@ def cmd_sft(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    from model.load import load_vlm
-    from rl.data import load_records
-    from rl.evaluate import evaluate, format_table, write_eval
-
     records = load_records(args.data, require="prompt")
     if args.limit:
         records = records[: args.limit]
@@ -68,19 +64,12 @@ def cmd_eval(args) -> int:
 
 
 def cmd_pipeline(args) -> int:
-    from rl.config import load_config
-    from rl.pipeline import PipelineConfig, run_pipeline
-
     cfg = load_config(PipelineConfig, args.config, args.overrides)
     run_pipeline(cfg)
     return 0
 
 
 def cmd_rl(args) -> int:
-    from rl.config import load_config
-    from rl.ppo import fit
-    from rl.rl_config import RLConfig
-
     cfg = load_config(RLConfig, args.config, args.overrides)
     final = fit(cfg, resume=not args.no_resume, progress=not args.no_progress)
     print(f"final policy: {final}")
@@ -110,7 +99,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     q.set_defaults(func=cmd_check)
 
     p = sub.add_parser("sft", help="supervised fine-tuning (loss on assistant tokens)")
-    p.add_argument("--config", help="YAML config (rl.sft.SFTConfig)")
+    p.add_argument("--config", help="YAML config (recipe.sft.SFTConfig)")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. optim.lr=1e-4 steps=500")
     p.add_argument("--no-resume", action="store_true", help="ignore checkpoints in the run folder")
     p.add_argument("--no-progress", action="store_true")
@@ -126,12 +115,12 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("pipeline", help="the whole recipe, resumable stage by stage")
-    p.add_argument("--config", help="YAML config (rl.pipeline.PipelineConfig)")
+    p.add_argument("--config", help="YAML config (recipe.pipeline.PipelineConfig)")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. sft.steps=200 run_dir=runs/x")
     p.set_defaults(func=cmd_pipeline)
 
     p = sub.add_parser("rl", help="hybrid-reward RL: PPO with a shared critic, or GRPO")
-    p.add_argument("--config", help="YAML config (rl.rl_config.RLConfig)")
+    p.add_argument("--config", help="YAML config (rl.config.RLConfig)")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. algo=grpo rollout.backend=hf")
     p.add_argument("--no-resume", action="store_true", help="ignore checkpoints in the run folder")
     p.add_argument("--no-progress", action="store_true")

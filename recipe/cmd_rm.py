@@ -5,10 +5,14 @@ from __future__ import annotations
 import argparse
 import json
 
+from model.load import load_processor
+from model.reward import RewardModel
+from rewards.rm_train import RMConfig, evaluate_pairs, format_eval, load_pairs, train_rm
+from synth.prefs import write_preference_pairs
+from training.config import load_config
+
 
 def cmd_pairs(args) -> int:
-    from rl.synth_prefs import write_preference_pairs
-
     paths = write_preference_pairs(args.out, seed=args.seed, n=args.n, n_heldout=args.n_heldout,
                                    max_objects=args.max_objects)
     for name, p in paths.items():
@@ -17,9 +21,6 @@ def cmd_pairs(args) -> int:
 
 
 def cmd_train(args) -> int:
-    from rewards.rm_train import RMConfig, train_rm
-    from rl.config import load_config
-
     cfg = load_config(RMConfig, args.config, args.overrides)
     final = train_rm(cfg, resume=not args.no_resume, progress=not args.no_progress)
     print(f"final reward model: {final}")
@@ -27,10 +28,6 @@ def cmd_train(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    from model.load import load_processor
-    from model.reward import RewardModel
-    from rewards.rm_train import evaluate_pairs, format_eval, load_pairs
-
     records = load_pairs(args.data)
     rm = RewardModel.from_pretrained(args.model)
     result = evaluate_pairs(rm, load_processor(args.model), records, batch_size=args.batch_size)

@@ -2,7 +2,7 @@
 from the files the stages leave behind. Any subset of stages works (an SFT-only run too).
 
 Run-folder layout read (every file optional):
-    RUN_DIR/summary.json             {"stages": {stage: eval table}, "order": [stage, ...]?}  (rl.pipeline)
+    RUN_DIR/summary.json             {"stages": {stage: eval table}, "order": [stage, ...]?}  (recipe.pipeline)
     RUN_DIR/<stage>/done.json        stage marker; its time orders stages when summary.json has no "order"
     RUN_DIR/<stage>/metrics.jsonl    rows {"step", metric: value}: train/loss (SFT), reward/<task>/<part>
                                      and kl/<task> (RL)
@@ -24,6 +24,11 @@ import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from recipe.filter import plot_histogram, save_figure
+from records import DataError
+from rewards.evaluate import repeats_prompts
+from training.atomic import write_text
 
 PNG_DIR = "report"
 SKIP_PARTS = ("timeout", "error", "abstained")   # counts, not reward components
@@ -63,7 +68,7 @@ def read_metrics(path: Path) -> list[dict]:
 
 
 def _is_eval_table(obj) -> bool:
-    """A held-out table {task: {n, format, accuracy, ...}} as rl.evaluate writes it."""
+    """A held-out table {task: {n, format, accuracy, ...}} as rewards.evaluate writes it."""
     return isinstance(obj, dict) and bool(obj) and all(isinstance(v, dict) and "format" in v for v in obj.values())
 
 
@@ -133,14 +138,13 @@ def reward_keys(rows: list[dict]) -> dict[str, list[str]]:
 # ----------------------------------------------------------------------------- charts
 
 def _plt():
-    import matplotlib
+    import matplotlib  # optional at import time: only plots need it (slow to import)
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     return plt
 
 
 def _save(fig, path: Path) -> None:
-    from rl.filter import save_figure
     fig.tight_layout()
     save_figure(fig, path)
     _plt().close(fig)
@@ -268,11 +272,8 @@ def _table(header: list[str], rows: list[list]) -> str:
 
 def write_report(run_dir: str | os.PathLike) -> Path:
     """Render RUN_DIR/report.html and its PNGs; returns the HTML path."""
-    from rl.filter import plot_histogram
-
     run = Path(run_dir)
     if not run.is_dir():
-        from rl.data import DataError
         raise DataError(run, 0, "run_dir", "not a folder")
     stages, summary = read_run(run)
     png_dir = run / PNG_DIR
@@ -297,7 +298,6 @@ def write_report(run_dir: str | os.PathLike) -> Path:
         tasks = sorted({t for s in evals for t in s.eval}, key=lambda t: (t == "all", t))
         rows = [[s.name] + [(s.eval.get(t) or {}).get("accuracy") for t in tasks] for s in evals]
         sec.append(_table(["stage"] + [f"{t} accuracy" for t in tasks], rows))
-        from rl.evaluate import repeats_prompts
         distinct = [t for t in tasks if any("distinct_accuracy" in (s.eval.get(t) or {})
                                             and repeats_prompts(s.eval[t]) for s in evals)]
         if distinct:   # the held-out file repeats prompts: each distinct prompt weighed once
@@ -347,5 +347,4 @@ def write_report(run_dir: str | os.PathLike) -> Path:
             "table{border-collapse:collapse;margin:.5em 0 1em}td,th{border:1px solid #ccc;padding:2px 8px;"
             "text-align:right}img{max-width:100%;display:block;margin:.5em 0}</style></head><body>"
             + "\n".join(p for p in sec if p) + "</body></html>\n")
-    from rl.atomic import write_text
     return write_text(run / "report.html", page)

@@ -1,0 +1,37 @@
+"""The rollout worker: one generation engine behind the calls the RL driver makes (generate, weight
+sync, close), placed in the driver process or in a Ray actor by `rl.placement`."""
+from __future__ import annotations
+
+import os
+import time
+from typing import Mapping, Sequence
+
+import torch
+
+from rollout import make_engine
+from rollout.types import Completion, EngineConfig, Prompt, SamplingConfig
+
+
+class RolloutWorker:
+    """Holds one engine (`make_engine(model, cfg, seed=seed)`); the methods mirror `Engine`."""
+
+    def __init__(self, model: str, cfg: EngineConfig, *, seed: int = 0):
+        self.model, self.cfg = model, cfg
+        self.engine = make_engine(model, cfg, seed=seed)
+
+    def ping(self) -> dict:
+        """Cheap liveness check, with what the worker runs."""
+        return {"backend": self.cfg.backend, "model": self.model, "pid": os.getpid(),
+                "start_seconds": getattr(self.engine, "start_seconds", None)}
+
+    def generate(self, prompts: Sequence[Prompt], sampling: SamplingConfig) -> list[list[Completion]]:
+        return self.engine.generate(prompts, sampling)
+
+    def sync_weights(self, state: Mapping[str, torch.Tensor]) -> float:
+        """Load `state` (HF names); returns the seconds it took inside the worker."""
+        t0 = time.perf_counter()
+        self.engine.sync_weights(state)
+        return time.perf_counter() - t0
+
+    def close(self) -> None:
+        self.engine.close()

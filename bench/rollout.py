@@ -1,7 +1,8 @@
 """Rollout throughput: tokens/s of the vLLM backend against the HF `generate` backend on the same
-model, prompts, images, n and max tokens, plus each backend's engine start time and peak memory.
+model, prompts, images, n and max tokens, plus each backend's engine start time and peak memory;
+with `--replicas M`, also M vLLM replicas (Ray actors, `rl.rollouts.Rollouts`) against one.
 
-    python -m bench.rollout --model DIR --data FILE.jsonl [--prompts 32 --n 8 --max-tokens 48]
+    python -m bench.rollout --model DIR --data FILE.jsonl [--prompts 32 --n 8 --max-tokens 48] [--replicas 2]
 
 Each backend runs in its own child process (`--backend vllm|hf`), so the peak resident memory of
 one is not inflated by the other. Tokens are response tokens actually generated (EOS included),
@@ -16,20 +17,28 @@ from pathlib import Path
 from bench.common import fmt, fmt_ratio, peak_rss_mib, ratio, throughput, write_result
 from bench.scratch import run_child
 from records import load_images, load_records
+from rl.rollouts import Rollouts
 from rollout import make_engine
 from rollout.types import EngineConfig, Prompt, SamplingConfig
 from training.atomic import write_json
+from training.placement import start_ray_once
 
 BACKENDS = ("vllm", "hf")
 
 
 def measure(model: str, data: str, *, backend: str, prompts: int, n: int, max_tokens: int, repeats: int,
-            dtype: str = "float32", temperature: float = 1.0) -> dict:
-    """Start one engine, warm it up, time `repeats` generate calls over the same prompts."""
+            dtype: str = "float32", temperature: float = 1.0, replicas: int = 0) -> dict:
+    """Start one engine (or `replicas` of them behind `Rollouts`), warm it up, time `repeats`
+    generate calls over the same prompts."""
     records = load_records(data, require="prompt")[:prompts]
     batch = [Prompt(r.prompt_messages, load_images(r)) for r in records]
     t0 = time.perf_counter()
-    engine = make_engine(model, EngineConfig(backend=backend, dtype=dtype), seed=0)
+    if replicas:
+        if replicas > 1:
+            start_ray_once()
+        engine = Rollouts(model, EngineConfig(backend=backend, dtype=dtype), replicas=replicas, use_ray=replicas > 1)
+    else:
+        engine = make_engine(model, EngineConfig(backend=backend, dtype=dtype), seed=0)
     start_s = time.perf_counter() - t0
     try:
         engine.generate(batch[:2], SamplingConfig(n=2, max_tokens=8, temperature=temperature, seed=1))
@@ -44,7 +53,7 @@ def measure(model: str, data: str, *, backend: str, prompts: int, n: int, max_to
     finally:
         engine.close()
     best = max(runs, key=lambda r: r["tokens_per_s"])
-    return {"backend": backend, "engine_start_s": start_s, "runs": runs, "tokens_per_s": best["tokens_per_s"],
+    return {"backend": backend, "replicas": replicas or 1, "engine_start_s": start_s, "runs": runs, "tokens_per_s": best["tokens_per_s"],
             "mean_response_tokens": best["tokens"] / (len(batch) * n), "peak_rss_mib": peak_rss_mib()}
 
 
@@ -74,13 +83,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeats", type=int, default=2, help="timed calls per backend; the fastest counts")
     p.add_argument("--dtype", default="float32", help="float32 (fast on CPU) | bfloat16 (GPU)")
     p.add_argument("--timeout", type=float, default=600, help="seconds per backend child")
+    p.add_argument("--replicas", type=int, default=0,
+                   help="also time this many vLLM replicas against one (the ratio of their tokens/s)")
     p.add_argument("--json", help="child mode (one --backend): write its measurement here")
     p.add_argument("--results-dir", default=None)
     args = p.parse_args(argv)
     common = dict(prompts=args.prompts, n=args.n, max_tokens=args.max_tokens, repeats=args.repeats, dtype=args.dtype)
 
     if args.backend != "both":
-        m = measure(args.model[0], args.data, backend=args.backend, **common)
+        m = measure(args.model[0], args.data, backend=args.backend, replicas=args.replicas, **common)
         write_json(args.json, m) if args.json else print(m)
         return 0
 
@@ -94,7 +105,17 @@ def main(argv: list[str] | None = None) -> int:
         ratios[f"vllm/hf tokens_per_s [{name}]"] = ratio(per_backend["vllm"]["tokens_per_s"], per_backend["hf"]["tokens_per_s"])
         lines += headline(name, per_backend, ratios[f"vllm/hf tokens_per_s [{name}]"])
         print("\n".join(lines[-3:]), flush=True)
-    result = {"config": {**common, "models": args.model, "temperature": 1.0}, "metrics": metrics, "ratios": ratios,
+        if args.replicas > 1:
+            reps = {m: run_child("bench.rollout", [*child, "--backend", "vllm", "--replicas", str(m)], timeout=args.timeout)
+                    for m in (1, args.replicas)}
+            metrics[name]["replicas"] = reps
+            key = f"{args.replicas}/1 vllm replicas tokens_per_s [{name}]"
+            ratios[key] = ratio(reps[args.replicas]["tokens_per_s"], reps[1]["tokens_per_s"])
+            lines.append(f"{name}: {args.replicas} replicas {fmt(reps[args.replicas]['tokens_per_s'], 'tok/s')}, one "
+                         f"{fmt(reps[1]['tokens_per_s'], 'tok/s')} ({fmt_ratio(ratios[key])})")
+            print(lines[-1], flush=True)
+    result = {"config": {**common, "models": args.model, "temperature": 1.0, "replicas": args.replicas},
+              "metrics": metrics, "ratios": ratios,
               "headline": [line for line in lines if "vllm/hf" not in line]}
     print(f"-> {write_result('rollout', result, args.results_dir)}")
     return 0

@@ -32,7 +32,7 @@ def bench_args(name: str, *, model: Path, sft: Path, data: dict[str, Path], scra
     SFT checkpoint (short answers that stop at EOS: the RL workload)."""
     if name == "rollout":
         models = [a for m in (model, sft) for a in ("--model", str(m))]
-        return [*models, "--data", str(data["rl"]), "--prompts", "32", "--n", "8", "--max-tokens", "48"]
+        return [*models, "--data", str(data["rl"]), "--prompts", "32", "--n", "8", "--max-tokens", "48", "--replicas", "2"]
     if name == "train_step":
         return ["--model", str(model), "--data", str(data["rl"]), "--prompts", "8", "--n", "8", "--response-tokens", "32"]
     if name == "weight_sync":

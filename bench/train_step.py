@@ -16,10 +16,10 @@ import torch
 
 from bench.common import best_time, fmt, peak_rss_mib, throughput, write_result
 from records import load_images, load_records
+from rl.batch import RolloutBatch
 from rl.config import PPOConfig
 from rl.driver import minibatch_rows
 from rl.workers import CriticWorker, PolicyWorker
-from rl.batch import RolloutBatch
 from rollout.sequences import build_sequences, vision_token_ids
 from rollout.types import Completion, Prompt
 from training.atomic import write_json

@@ -48,12 +48,18 @@ class ValueModel(nn.Module):
             critic.value_head.load_state_dict(load_file(head_file))
         return critic
 
-    def save_pretrained(self, path: str | os.PathLike) -> Path:
-        """Write the backbone in HF layout and the head as `value_head.safetensors` next to it."""
+    def save_pretrained(self, path: str | os.PathLike, *, state_dict: dict[str, Tensor] | None = None) -> Path:
+        """Write the backbone in HF layout and the head as `value_head.safetensors` next to it; from
+        `state_dict` (this model's names, e.g. gathered from shards) where given."""
         path = Path(path)
-        self.backbone.save_pretrained(path)
-        head = {k: v.detach().contiguous().cpu() for k, v in self.value_head.state_dict().items()}
-        save_file(head, path / VALUE_HEAD_FILE)
+        if state_dict is None:
+            self.backbone.save_pretrained(path)
+            head = self.value_head.state_dict()
+        else:
+            self.backbone.save_pretrained(path, state_dict={k.removeprefix("backbone."): v for k, v in state_dict.items()
+                                                            if k.startswith("backbone.")})
+            head = {k.removeprefix("value_head."): v for k, v in state_dict.items() if k.startswith("value_head.")}
+        save_file({k: v.detach().contiguous().cpu() for k, v in head.items()}, path / VALUE_HEAD_FILE)
         return path
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None, *,

@@ -32,12 +32,18 @@ def load_vlm(path: str | os.PathLike, *, dtype: str = "float32", device: str = "
     return model, load_processor(path)
 
 
+def write_vlm(model, processor, folder: str | os.PathLike, *, state_dict: dict | None = None) -> Path:
+    """Write model + processor in HF layout (safetensors) into `folder`; the weights from
+    `state_dict` where given (e.g. gathered from shards)."""
+    folder = Path(folder)
+    model.save_pretrained(folder, **({} if state_dict is None else {"state_dict": state_dict}))
+    processor.save_pretrained(folder)
+    src = getattr(model, "name_or_path", None)
+    if src and Path(src, "vlrl_tiny.json").is_file():
+        shutil.copy(Path(src, "vlrl_tiny.json"), folder / "vlrl_tiny.json")
+    return folder
+
+
 def save_vlm(model, processor, out: str | os.PathLike) -> Path:
     """Save model + processor in HF layout (safetensors), atomically."""
-    def write(d: Path) -> None:
-        model.save_pretrained(d)
-        processor.save_pretrained(d)
-        src = getattr(model, "name_or_path", None)
-        if src and Path(src, "vlrl_tiny.json").is_file():
-            shutil.copy(Path(src, "vlrl_tiny.json"), d / "vlrl_tiny.json")
-    return atomic_dir(out, write)
+    return atomic_dir(out, lambda d: write_vlm(model, processor, d))

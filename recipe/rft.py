@@ -23,6 +23,7 @@ from recipe.sampling import check_routes, load_reward_model, needs_rm, sample_an
 from recipe.sft import train_sft
 from records import KNOWN_TASKS, DataError, load_records, write_records
 from rewards.inputs import is_correct
+from rollout.types import EngineConfig
 from training.atomic import write_json
 
 
@@ -55,8 +56,8 @@ def sft_record(record, text: str, j: int, *, reward: float):
     return dataclasses.replace(record, id=f"{record.id}-rft{j}", messages=messages, meta=meta)
 
 
-def run_rft(model: str, data: str, out_dir: str, *, k: int, reward_cfg, sft_cfg=None, backend: str = "vllm",
-            rm_path: str | None = None, max_per_prompt: int = 4, max_tokens: int = 64, temperature: float = 1.0,
+def run_rft(model: str, data: str, out_dir: str, *, k: int, reward_cfg, sft_cfg=None,
+            engine: EngineConfig = EngineConfig(), replicas: int = 1, rm_path: str | None = None, max_per_prompt: int = 4, max_tokens: int = 64, temperature: float = 1.0,
             seed: int = 0, progress: bool = True) -> dict:
     """Sample, accept, write D/rft_sft.jsonl and D/rft.json; then, when `sft_cfg` (an SFTConfig) is
     given, SFT `model` on the accepted records into D/sft. Returns the summary (rft.json)."""
@@ -73,7 +74,7 @@ def run_rft(model: str, data: str, out_dir: str, *, k: int, reward_cfg, sft_cfg=
     skipped = len(records) - len(use)
     if skipped:
         print(f"[rft] warning: {skipped} prompt(s) are routed to the reward model and no --rm was given: skipped")
-    groups = sample_and_score(model, use, k=k, backend=backend, reward_cfg=reward_cfg, rm=rm,
+    groups = sample_and_score(model, use, k=k, engine=engine, replicas=replicas, reward_cfg=reward_cfg, rm=rm,
                               max_tokens=max_tokens, temperature=temperature, seed=seed, progress=progress)
 
     accepted, tasks = [], defaultdict(Counter)
@@ -98,7 +99,8 @@ def run_rft(model: str, data: str, out_dir: str, *, k: int, reward_cfg, sft_cfg=
     sft_path = out / "rft_sft.jsonl"
     write_records(sft_path, accepted)
     summary = {"model": str(model), "data": str(data), "sft_data": str(sft_path), "k": k,
-               "max_per_prompt": max_per_prompt, "backend": backend, "max_tokens": max_tokens, "seed": seed,
+               "max_per_prompt": max_per_prompt, "backend": engine.backend, "replicas": replicas,
+               "max_tokens": max_tokens, "seed": seed,
                "counts": {"prompts": len(records), "sampled": len(use), "skipped_no_reward_model": skipped,
                           "samples": len(use) * k, "accepted": len(accepted),
                           "prompts_with_accepted": sum(c["prompts_with_accepted"] for c in tasks.values())},

@@ -11,8 +11,9 @@ from rewards.hybrid import score_batch
 from rewards.inputs import reward_inputs
 from rewards.pool import VerifierPool
 from rewards.rm import RewardModelScorer
-from rollout import make_engine
+from rl.rollouts import Rollouts
 from rollout.types import EngineConfig, Prompt, SamplingConfig
+from training.placement import start_local_ray
 
 
 @dataclass(frozen=True)
@@ -45,18 +46,27 @@ def load_reward_model(path: str | None):
     return RewardModelScorer(path)
 
 
-def sample_and_score(model_dir: str, records: Sequence, *, k: int, backend: str, reward_cfg, rm=None,
-                     max_tokens: int = 64, temperature: float = 1.0, seed: int | None = 0, chunk: int | None = None,
-                     dtype: str = "float32", progress: bool = True) -> list[list[Scored]]:
-    """result[i][j]: sample j of records[i] with its reward. Prompts go to the engine `chunk` at a time
-    (default 32 for hf, which bounds its padded batch; 512 for vLLM, which schedules its own batches); chunk c is seeded with seed + start * k, so the samples of
-    a prompt do not depend on the chunk size under vLLM on GPU. Tasks routed to the reward model need `rm`."""
+def sample_and_score(model_dir: str, records: Sequence, *, k: int, reward_cfg, engine: EngineConfig = EngineConfig(),
+                     replicas: int = 1, rm=None, max_tokens: int = 64, temperature: float = 1.0,
+                     seed: int | None = 0, chunk: int | None = None, progress: bool = True) -> list[list[Scored]]:
+    """result[i][j]: sample j of records[i] with its reward, sampled by `replicas` engines with the
+    settings `engine` (the RL run's rollout settings in the pipeline). Prompts go to the engines
+    `chunk` at a time (default 32 per replica for hf, which bounds its padded batch; 512 for vLLM,
+    which schedules its own batches); prompt i is seeded with seed + i * k, so its samples do not
+    depend on the chunk size or the replica under vLLM. Tasks routed to the reward model need `rm`."""
     if k < 1:
         raise ValueError(f"k must be >= 1, got {k}")
     unseeded = seed is None
-    chunk = chunk or (512 if backend == "vllm" else 32)
+    chunk = chunk or (512 if engine.backend == "vllm" else 32) * replicas
+    use_ray = replicas > 1
+    own_ray = False
+    if use_ray:
+        import ray  # optional: only several replicas need it
+        if not ray.is_initialized():
+            start_local_ray()
+            own_ray = True
     t0 = time.perf_counter()
-    engine = make_engine(str(model_dir), EngineConfig(backend=backend, dtype=dtype), seed=seed or 0)
+    rollouts = Rollouts(str(model_dir), engine, replicas=replicas, seed=seed or 0, use_ray=use_ray)
     t_engine = time.perf_counter() - t0
     out: list[list[Scored]] = []
     t_gen = t_score = 0.0
@@ -69,7 +79,7 @@ def sample_and_score(model_dir: str, records: Sequence, *, k: int, backend: str,
                 prompts = [Prompt(r.prompt_messages, load_images(r)) for r in part]
                 sampling = SamplingConfig(n=k, temperature=temperature, max_tokens=max_tokens,
                                           seed=None if unseeded else seed + start * k)
-                completions = engine.generate(prompts, sampling)
+                completions = rollouts.generate(prompts, sampling)
                 t2 = time.perf_counter()
                 results = score_batch(reward_inputs(part, completions), reward_cfg, rm=rm, pool=pool)
                 t_score += time.perf_counter() - t2
@@ -80,8 +90,11 @@ def sample_and_score(model_dir: str, records: Sequence, *, k: int, backend: str,
                     print(f"[sample] {min(start + chunk, len(records))}/{len(records)} prompts x {k} "
                           f"({t_gen:.1f} s generating, {t_score:.1f} s scoring)", flush=True)
     finally:
-        engine.close()
+        rollouts.close()
+        if own_ray:
+            import ray  # optional, see above
+            ray.shutdown()
     if progress:
-        print(f"[sample] {backend} engine start {t_engine:.1f} s, generate {t_gen:.1f} s, score {t_score:.1f} s")
+        print(f"[sample] {engine.backend} x{replicas} engine start {t_engine:.1f} s, generate {t_gen:.1f} s, "
+              f"score {t_score:.1f} s")
     return out
-

@@ -15,13 +15,18 @@ from typing import Literal
 import torch
 from tqdm import tqdm
 
-from model.inputs import encode_sft
-from model.load import load_vlm, save_vlm
+from model.inputs import IGNORE, encode_sft
+from model.load import load_vlm, write_vlm
 from records import load_images, load_records
 from records.mixture import batch_indices, check_task_weights, weighted_records
 from rewards.evaluate import eval_subset, evaluate, format_table, write_eval
-from training.optim import OptimConfig, make_optimizer, optimizer_step
-from training.runlog import MetricsLog, latest_checkpoint, over_budget, periodic, save_checkpoint, start_or_resume
+from training.atomic import atomic_dir
+from training.config import ConfigError
+from training.distributed import FSDPConfig, all_reduce_floats, full_state_dict, is_sharded, shard_rows
+from training.optim import OptimConfig
+from training.placement import Handle, WorkerGroup, spawn, start_ray_once, stop_ray
+from training.runlog import MetricsLog, latest_checkpoint, over_budget, periodic, save_checkpoint, start_run
+from training.trainer import Trainer, device, set_threads
 
 
 @dataclass(frozen=True)
@@ -46,31 +51,96 @@ class SFTConfig:
     task_weights: dict[str, int] = field(default_factory=dict)
     """Records of a task appear this many times per epoch (default 1): a slow-to-learn task
     (grounding) gets more of the batches without drawing more distinct examples."""
+    workers: int = 1                      # ranks of an FSDP2 group (Ray actors) sharing each batch; 1: this process
+    gpus_per_worker: float = 0.0          # GPUs per rank, on a GPU cluster
+    fsdp: FSDPConfig = field(default_factory=FSDPConfig)
 
     def __post_init__(self):
         check_task_weights(self.task_weights)   # at load time, with the config file's name
+        if self.workers < 1:
+            raise ConfigError(f"workers: must be >= 1, got {self.workers}")
+
+
+class SFTWorker(Trainer):
+    """One rank of SFT: the model and its optimizer. `train_step(step)` trains on the rank's share
+    of that step's records (the batch is a pure function of the step); every rank of a group runs
+    it at once."""
+
+    def __init__(self, cfg: SFTConfig):
+        set_threads()
+        torch.manual_seed(cfg.seed)
+        self.cfg, self.device = cfg, device()
+        self.records = weighted_records(load_records(cfg.data, require="target"), cfg.task_weights)
+        self.model, self.processor = load_vlm(cfg.model, dtype="float32", train=True, device=str(self.device))
+        self._setup(optim=cfg.optim, total_steps=cfg.steps, dtype=cfg.dtype, fsdp=cfg.fsdp)
+
+    def train_step(self, step: int) -> dict[str, float]:
+        """One optimizer step: the NLL of the assistant tokens, a token mean over the whole step
+        (every micro-batch and rank divides its sum by the step's token count). Returns the summed
+        NLL, the token count, the gradient norm and whether a non-finite loss skipped the step."""
+        cfg = self.cfg
+        micro = []
+        for m in range(cfg.grad_accum):
+            idx = batch_indices(len(self.records), step, m, batch_size=cfg.batch_size, grad_accum=cfg.grad_accum,
+                                seed=cfg.seed)
+            # one pass per micro-batch on every rank; a rank without records of its own (a batch
+            # smaller than the world) pads with a pass that counts for nothing
+            mine = shard_rows(idx, rank=self.rank, world=self.world)
+            real = bool(mine)
+            recs = [self.records[i] for i in (mine or idx[:1])]
+            micro.append((encode_sft(self.processor, [r.messages for r in recs], [load_images(r) for r in recs]), real))
+        local = sum(int((b["labels"] != IGNORE).sum()) for b, real in micro if real)
+        total_tok = int(all_reduce_floats({"tokens": local})["tokens"])
+        nll_sum = 0.0
+        for batch, real in micro:
+            labels = batch.pop("labels").to(self.device)
+            with self._autocast():
+                logits = self.model(**{k: v.to(self.device) for k, v in batch.items()}).logits[:, :-1].float()
+            target = labels[:, 1:]
+            # Token-mean over the whole optimizer step (not per micro-batch): sum / total tokens; FSDP
+            # averages the ranks' gradients, hence the count over the world size.
+            nll = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1),
+                                                    ignore_index=IGNORE, reduction="sum")
+            loss = nll / (max(1, total_tok) / self.world)
+            (loss if real else loss * 0.0).backward()
+            nll_sum += nll.detach().item() if real else 0.0
+        nll_sum = all_reduce_floats({"nll": nll_sum})["nll"]
+        if not math.isfinite(nll_sum):
+            self.opt.zero_grad(set_to_none=True)
+            return {"nll": nll_sum, "tokens": total_tok, "skipped": 1.0}
+        return {"nll": nll_sum, "tokens": total_tok, "grad_norm": self._step(), "lr": self.sched.get_last_lr()[0],
+                "skipped": 0.0}
+
+    def evaluate(self, records, max_new_tokens: int) -> tuple[dict, list]:
+        """(table, generations) of greedy answers to prompt records (every rank decodes its share)."""
+        with self._autocast():
+            return evaluate(self.model, self.processor, records, max_new_tokens=max_new_tokens)
+
+    def export(self, path: str) -> None:
+        """Write an HF folder of the current model (rank 0 writes; every rank must call it)."""
+        sd = full_state_dict(self.model)
+        if self.rank == 0:
+            write_vlm(self.model, self.processor, path, state_dict=sd if is_sharded(self.model) else None)
 
 
 def train_sft(cfg: SFTConfig, *, resume: bool = True, progress: bool = True) -> Path:
-    """Run SFT; returns the folder of the final model (`out/final`)."""
+    """Run SFT; returns the folder of the final model (`out/final`). With `workers` > 1 the model is
+    sharded over a group of Ray actors."""
     out = Path(cfg.out)
-    records = weighted_records(load_records(cfg.data, require="target"), cfg.task_weights)
     eval_records = load_records(cfg.eval_data, require="prompt") if cfg.eval_data else []
     ckpt = latest_checkpoint(out) if resume else None
-    torch.manual_seed(cfg.seed)
-    model, processor = load_vlm(ckpt or cfg.model, dtype=cfg.dtype, train=True)
-    opt, sched = make_optimizer(model, cfg.optim, cfg.steps)
+    own_ray = cfg.workers > 1 and start_ray_once()
+    worker: Handle[SFTWorker] | WorkerGroup[SFTWorker] = spawn(
+        SFTWorker, cfg, workers=cfg.workers, use_ray=cfg.workers > 1, num_gpus=cfg.gpus_per_worker)
     log = MetricsLog(out)
-    step = start_or_resume(out, ckpt, cfg, log, opt, sched)
+    step = start_run(out, ckpt, cfg, log, lambda c, state: worker.load_state(str(c / "model"), state["model"]).result())
 
     def checkpoint(at: int) -> None:
-        save_checkpoint(out, at, models={"policy": (model, processor)},
-                        state={"optimizer": opt.state_dict(), "scheduler": sched.state_dict()},
+        save_checkpoint(out, at, lambda d: {"model": worker.save_state(str(d / "model")).result()},
                         keep=cfg.keep_checkpoints)
 
-    def run_eval(at: int, limit: int) -> dict:
-        recs = eval_subset(eval_records, limit)
-        table, gens = evaluate(model, processor, recs, max_new_tokens=cfg.eval_max_new_tokens)
+    def run_eval(at: int, limit: int) -> tuple[dict, list]:
+        table, gens = worker.evaluate(eval_subset(eval_records, limit), cfg.eval_max_new_tokens).result()
         log.log(at, {f"eval/{t}/{k}": v for t, row in table.items() for k, v in row.items()
                      if k != "n" and v is not None})
         return table, gens
@@ -78,57 +148,42 @@ def train_sft(cfg: SFTConfig, *, resume: bool = True, progress: bool = True) -> 
     t_start = time.time()
     bar = tqdm(total=cfg.steps, initial=step, disable=not progress, desc="sft", dynamic_ncols=True)
     tokens, losses = 0, []
-    while step < cfg.steps:
-        t0 = time.time()
-        loss_sum, n_tok = 0.0, 0
-        micro_batches = []
-        for micro in range(cfg.grad_accum):
-            recs = [records[i] for i in batch_indices(len(records), step, micro, batch_size=cfg.batch_size,
-                                                       grad_accum=cfg.grad_accum, seed=cfg.seed)]
-            micro_batches.append(encode_sft(processor, [r.messages for r in recs], [load_images(r) for r in recs]))
-        total_tok = sum(int((b["labels"] != -100).sum()) for b in micro_batches)
-        for batch in micro_batches:
-            labels = batch.pop("labels")
-            logits = model(**batch).logits[:, :-1].float()
-            target = labels[:, 1:]
-            # Token-mean over the whole optimizer step (not per micro-batch): sum / total tokens.
-            nll = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1),
-                                                    ignore_index=-100, reduction="sum")
-            loss = nll / max(1, total_tok)
-            loss.backward()
-            loss_sum += nll.detach().item()
-            n_tok += int((target != -100).sum())
-        if not math.isfinite(loss_sum):
-            opt.zero_grad(set_to_none=True)
-            log.log(step, {"train/skipped_nonfinite": 1})
+    try:
+        while step < cfg.steps:
+            t0 = time.time()
+            m = worker.train_step(step).result()
+            if m["skipped"]:
+                log.log(step, {"train/skipped_nonfinite": 1})
+                step += 1
+                continue
             step += 1
-            continue
-        grad_norm = optimizer_step(model, opt, sched, cfg.optim.max_grad_norm)
-        step += 1
-        tokens += n_tok
-        losses.append(loss_sum / max(1, n_tok))
-        bar.update(1)
-        if step % cfg.log_every == 0 or step == cfg.steps:
-            metrics = {"train/loss": sum(losses) / len(losses), "train/lr": sched.get_last_lr()[0],
-                       "train/grad_norm": float(grad_norm), "train/step_s": time.time() - t0,
-                       "train/tokens": tokens}
-            log.log(step, metrics)
-            bar.set_postfix(loss=f"{metrics['train/loss']:.3f}")
-            losses = []
-        if eval_records and periodic(step, cfg.eval_every) and step < cfg.steps:
-            table, _ = run_eval(step, cfg.eval_limit)
-            bar.write(format_table(table, f"step {step}"))
-        out_of_time = over_budget(t_start, cfg.max_minutes)
-        if periodic(step, cfg.save_every) or step == cfg.steps or out_of_time:
-            checkpoint(step)
-        if out_of_time:
-            bar.write(f"time budget of {cfg.max_minutes} min reached at step {step}")
-            break
-    bar.close()
-    final = save_vlm(model, processor, out / "final")
-    if eval_records:
-        table, gens = run_eval(step, 0)
-        write_eval(out / "eval.json", table, gens)
-        print(format_table(table, f"held-out after SFT ({step} steps)"))
-    log.close()
+            tokens += int(m["tokens"])
+            losses.append(m["nll"] / max(1, m["tokens"]))
+            bar.update(1)
+            if step % cfg.log_every == 0 or step == cfg.steps:
+                metrics = {"train/loss": sum(losses) / len(losses), "train/lr": m["lr"],
+                           "train/grad_norm": m["grad_norm"], "train/step_s": time.time() - t0, "train/tokens": tokens}
+                log.log(step, metrics)
+                bar.set_postfix(loss=f"{metrics['train/loss']:.3f}")
+                losses = []
+            if eval_records and periodic(step, cfg.eval_every) and step < cfg.steps:
+                table, _ = run_eval(step, cfg.eval_limit)
+                bar.write(format_table(table, f"step {step}"))
+            out_of_time = over_budget(t_start, cfg.max_minutes)
+            if periodic(step, cfg.save_every) or step == cfg.steps or out_of_time:
+                checkpoint(step)
+            if out_of_time:
+                bar.write(f"time budget of {cfg.max_minutes} min reached at step {step}")
+                break
+        bar.close()
+        final = atomic_dir(out / "final", lambda d: worker.export(str(d)).result())
+        if eval_records:
+            table, gens = run_eval(step, 0)
+            write_eval(out / "eval.json", table, gens)
+            print(format_table(table, f"held-out after SFT ({step} steps)"))
+    finally:
+        log.close()
+        worker.kill()
+        if own_ray:
+            stop_ray()
     return final

@@ -6,7 +6,6 @@ optimizer, schedule, data order as a pure function of the step, atomic checkpoin
 """
 from __future__ import annotations
 
-import json
 import math
 import time
 from collections import defaultdict
@@ -22,9 +21,14 @@ from model.reward import RewardModel, encode_rm, solution_only
 from records import DataError, load_images, load_records, message_text
 from records.mixture import batch_indices
 from rewards.preference import bradley_terry_loss
-from training.atomic import atomic_dir
-from training.optim import OptimConfig, make_optimizer, optimizer_step
-from training.runlog import MetricsLog, latest_checkpoint, over_budget, periodic, save_checkpoint, start_or_resume
+from training.atomic import atomic_dir, write_json
+from training.config import ConfigError
+from training.distributed import (FSDPConfig, all_reduce_floats, full_state_dict, gather_dicts, is_sharded, padded_chunks,
+                                  rank, shard_rows, world_size)
+from training.optim import OptimConfig
+from training.placement import Handle, WorkerGroup, spawn, start_ray_once, stop_ray
+from training.runlog import MetricsLog, latest_checkpoint, over_budget, periodic, save_checkpoint, start_run
+from training.trainer import Trainer, device, set_threads
 from verifiers.think_format import split_think
 
 
@@ -48,6 +52,13 @@ class RMConfig:
     seed: int = 0
     max_minutes: float = 0.0              # stop (and save) after this wall time; 0: no limit
     dtype: Literal["float32", "bfloat16"] = "float32"
+    workers: int = 1                      # ranks of an FSDP2 group (Ray actors) sharing each batch; 1: this process
+    gpus_per_worker: float = 0.0          # GPUs per rank, on a GPU cluster
+    fsdp: FSDPConfig = field(default_factory=FSDPConfig)
+
+    def __post_init__(self):
+        if self.workers < 1:
+            raise ConfigError(f"workers: must be >= 1, got {self.workers}")
 
 
 def load_pairs(path: str | Path):
@@ -102,13 +113,16 @@ def evaluate_pairs(rm, processor, records: Sequence, *, batch_size: int = 32) ->
     """Pairwise accuracy (r_c > r_r), mean margin and mean BT loss, overall and per `meta.corruption`."""
     was_training = rm.training
     rm.eval()
-    margins, kinds = [], []
-    for start in range(0, len(records), batch_size):
-        chunk = records[start:start + batch_size]
-        r_c, r_r = pair_rewards(rm, encode_pairs(processor, chunk))
-        margins += (r_c - r_r).tolist()
-        kinds += [r.meta.get("corruption", "all") for r in chunk]
+    found: dict[int, float] = {}   # each rank of a sharded RM scores its share of the pairs
+    mine = shard_rows(range(len(records)), rank=rank(), world=world_size())
+    for rows, real in padded_chunks(mine, batch_size, total=len(records), world=world_size()):
+        r_c, r_r = pair_rewards(rm, encode_pairs(processor, [records[i] for i in rows]))
+        if real:
+            found.update(zip(rows, (r_c - r_r).tolist()))
     rm.train(was_training)
+    found = gather_dicts(found)
+    margins = [found[i] for i in range(len(records))]
+    kinds = [r.meta.get("corruption", "all") for r in records]
 
     def summary(ms: list[float]) -> dict:
         t = torch.tensor(ms)
@@ -125,80 +139,121 @@ def evaluate_pairs(rm, processor, records: Sequence, *, batch_size: int = 32) ->
     return out
 
 
+class RMWorker(Trainer):
+    """One rank of reward-model training: the RM and its optimizer; `train_step(step)` trains on the
+    rank's share of that step's pairs (the batch is a pure function of the step)."""
+
+    def __init__(self, cfg: RMConfig, start: str):
+        set_threads()
+        torch.manual_seed(cfg.seed)
+        self.cfg, self.device = cfg, device()
+        self.records = load_pairs(cfg.data)
+        self.model = RewardModel.from_pretrained(start, pooling=cfg.pooling, dtype=torch.float32).to(self.device)
+        self.processor = load_processor(start)
+        self.model.train()
+        self._setup(optim=cfg.optim, total_steps=cfg.steps, dtype=cfg.dtype, fsdp=cfg.fsdp,
+                    checkpointed=self.model.critic.backbone)
+
+    def train_step(self, step: int) -> dict[str, float]:
+        """One optimizer step of the Bradley-Terry loss, a mean over the step's pairs: each rank's
+        share weighs its pairs' count over the micro-batch's (FSDP averages the ranks' gradients,
+        hence the world size). Returns the step's mean loss and metrics per micro-batch (summed
+        over micro-batches), the gradient norm, and whether a non-finite loss skipped the step."""
+        cfg = self.cfg
+        sums: dict[str, float] = defaultdict(float)
+        for micro in range(cfg.grad_accum):
+            idx = batch_indices(len(self.records), step, micro, batch_size=cfg.batch_size,
+                                grad_accum=cfg.grad_accum, seed=cfg.seed)
+            mine = shard_rows(idx, rank=self.rank, world=self.world)
+            with self._autocast():   # a rank without pairs of its own pads with a pass that counts for nothing
+                r_c, r_r = pair_rewards(self.model, encode_pairs(self.processor, [self.records[i] for i in mine or idx[:1]]))
+            loss, metrics = bradley_terry_loss(r_c.float(), r_r.float(), center_coef=cfg.center_coef)
+            share = len(mine) / len(idx)                  # 1 on a single rank
+            (loss * (share * self.world / cfg.grad_accum)).backward()
+            sums["loss"] += loss.item() * share
+            for k, v in metrics.items():
+                sums[k] += v.item() * share
+        sums = all_reduce_floats(dict(sums))
+        if not math.isfinite(sums["loss"]):
+            self.opt.zero_grad(set_to_none=True)
+            return {**sums, "skipped": 1.0}
+        return {**sums, "grad_norm": self._step(), "lr": self.sched.get_last_lr()[0], "skipped": 0.0}
+
+    def evaluate(self, records: Sequence, batch_size: int) -> dict:
+        with self._autocast():
+            return evaluate_pairs(self.model, self.processor, records, batch_size=batch_size)
+
+    def export(self, path: str) -> None:
+        """Write the RM folder (rank 0 writes; every rank must call it)."""
+        sd = full_state_dict(self.model)
+        if self.rank == 0:
+            self.model.save_pretrained(path, state_dict=sd if is_sharded(self.model) else None)
+            self.processor.save_pretrained(path)
+
+
 def train_rm(cfg: RMConfig, *, resume: bool = True, progress: bool = True) -> Path:
-    """Train the RM; returns the final RM folder (`out/final`). Held-out results go to `out/eval.json`."""
+    """Train the RM; returns the final RM folder (`out/final`). Held-out results go to `out/eval.json`.
+    With `workers` > 1 the RM is sharded over a group of Ray actors."""
     out = Path(cfg.out)
-    records = load_pairs(cfg.data)
+    load_pairs(cfg.data)   # a bad record stops the run before any worker starts
     eval_records = load_pairs(cfg.eval_data) if cfg.eval_data else []
     ckpt = latest_checkpoint(out) if resume else None
-    torch.manual_seed(cfg.seed)
-    rm = RewardModel.from_pretrained(ckpt or cfg.model, pooling=cfg.pooling, dtype=getattr(torch, cfg.dtype))
-    processor = load_processor(ckpt or cfg.model)
-    rm.train()
-    opt, sched = make_optimizer(rm, cfg.optim, cfg.steps)
+    own_ray = cfg.workers > 1 and start_ray_once()
+    worker: Handle[RMWorker] | WorkerGroup[RMWorker] = spawn(
+        RMWorker, cfg, cfg.model, workers=cfg.workers, use_ray=cfg.workers > 1, num_gpus=cfg.gpus_per_worker)
     log = MetricsLog(out)
-    step = start_or_resume(out, ckpt, cfg, log, opt, sched)
+    step = start_run(out, ckpt, cfg, log, lambda c, state: worker.load_state(str(c / "model"), state["model"]).result())
 
     def checkpoint(at: int) -> None:
-        save_checkpoint(out, at, models={"policy": (rm, processor)},
-                        state={"optimizer": opt.state_dict(), "scheduler": sched.state_dict()},
+        save_checkpoint(out, at, lambda d: {"model": worker.save_state(str(d / "model")).result()},
                         keep=cfg.keep_checkpoints)
 
     def run_eval(at: int) -> dict:
-        result = evaluate_pairs(rm, processor, eval_records, batch_size=cfg.eval_batch_size)
+        result = worker.evaluate(eval_records, cfg.eval_batch_size).result()
         log.log(at, {f"eval/{k}": result[k] for k in ("pairwise_accuracy", "margin", "loss")})
         return result
 
     t_start = time.time()
     bar = tqdm(total=cfg.steps, initial=step, disable=not progress, desc="rm", dynamic_ncols=True)
     window: dict[str, list[float]] = defaultdict(list)
-    while step < cfg.steps:
-        t0 = time.time()
-        for micro in range(cfg.grad_accum):
-            recs = [records[i] for i in batch_indices(len(records), step, micro, batch_size=cfg.batch_size,
-                                                       grad_accum=cfg.grad_accum, seed=cfg.seed)]
-            r_c, r_r = pair_rewards(rm, encode_pairs(processor, recs))
-            loss, metrics = bradley_terry_loss(r_c, r_r, center_coef=cfg.center_coef)
-            (loss / cfg.grad_accum).backward()
-            window["loss"].append(loss.item())
-            for k, v in metrics.items():
-                window[k].append(v.item())
-        if not math.isfinite(window["loss"][-1]):
-            opt.zero_grad(set_to_none=True)
-            log.log(step, {"train/skipped_nonfinite": 1})
+    try:
+        while step < cfg.steps:
+            t0 = time.time()
+            m = worker.train_step(step).result()
+            if m["skipped"]:
+                log.log(step, {"train/skipped_nonfinite": 1})
+                step += 1
+                continue
+            for k in ("loss", "accuracy", "margin", "reward_chosen", "reward_rejected"):
+                window[k].append(m[k] / cfg.grad_accum)
             step += 1
-            continue
-        grad_norm = optimizer_step(rm, opt, sched, cfg.optim.max_grad_norm)
-        step += 1
-        bar.update(1)
-        if step % cfg.log_every == 0 or step == cfg.steps:
-            row = {f"train/{k}": sum(v) / len(v) for k, v in window.items()}
-            row.update({"train/lr": sched.get_last_lr()[0], "train/grad_norm": float(grad_norm),
-                        "train/step_s": time.time() - t0})
-            log.log(step, row)
-            bar.set_postfix(loss=f"{row['train/loss']:.3f}", acc=f"{row['train/accuracy']:.2f}")
-            window.clear()
-        if eval_records and periodic(step, cfg.eval_every) and step < cfg.steps:
-            result = run_eval(step)
-            bar.write(f"step {step}: held-out pairwise accuracy {result['pairwise_accuracy']:.3f}")
-        out_of_time = over_budget(t_start, cfg.max_minutes)
-        if periodic(step, cfg.save_every) or step == cfg.steps or out_of_time:
-            checkpoint(step)
-        if out_of_time:
-            bar.write(f"time budget of {cfg.max_minutes} min reached at step {step}")
-            break
-    bar.close()
-
-    def write_final(d: Path) -> None:
-        rm.save_pretrained(d)
-        processor.save_pretrained(d)
-
-    final = atomic_dir(out / "final", write_final)
-    if eval_records:
-        result = {"step": step, "data": str(cfg.eval_data), **run_eval(step)}
-        (out / "eval.json").write_text(json.dumps(result, indent=1))
-        print(format_eval(result, f"held-out pairs after {step} RM steps"))
-    log.close()
+            bar.update(1)
+            if step % cfg.log_every == 0 or step == cfg.steps:
+                row = {f"train/{k}": sum(v) / len(v) for k, v in window.items()}
+                row.update({"train/lr": m["lr"], "train/grad_norm": m["grad_norm"], "train/step_s": time.time() - t0})
+                log.log(step, row)
+                bar.set_postfix(loss=f"{row['train/loss']:.3f}", acc=f"{row['train/accuracy']:.2f}")
+                window.clear()
+            if eval_records and periodic(step, cfg.eval_every) and step < cfg.steps:
+                result = run_eval(step)
+                bar.write(f"step {step}: held-out pairwise accuracy {result['pairwise_accuracy']:.3f}")
+            out_of_time = over_budget(t_start, cfg.max_minutes)
+            if periodic(step, cfg.save_every) or step == cfg.steps or out_of_time:
+                checkpoint(step)
+            if out_of_time:
+                bar.write(f"time budget of {cfg.max_minutes} min reached at step {step}")
+                break
+        bar.close()
+        final = atomic_dir(out / "final", lambda d: worker.export(str(d)).result())
+        if eval_records:
+            result = {"step": step, "data": str(cfg.eval_data), **run_eval(step)}
+            write_json(out / "eval.json", result)
+            print(format_eval(result, f"held-out pairs after {step} RM steps"))
+    finally:
+        log.close()
+        worker.kill()
+        if own_ray:
+            stop_ray()
     return final
 
 

@@ -8,6 +8,7 @@ from records.mixture import check_task_weights
 from rewards.config import RewardConfig
 from rollout.types import EngineConfig, Sampling
 from training.config import ConfigError
+from training.distributed import FSDPConfig
 from training.optim import OptimConfig
 
 
@@ -18,7 +19,13 @@ class RolloutConfig(EngineConfig, Sampling):
     loads the run's policy; its dtype defaults to the run's `dtype`."""
 
     max_tokens: int = 48                      # response length limit (RL's default; the Sampling field)
-    retries: int = 2                          # a rollout worker that dies is restarted and the step retried
+    replicas: int = 1                         # engines; a step's prompts are spread over them
+    sync_bucket_mb: float = 256.0             # weight sync: the trainer sends whole layers in buckets of about this size
+    retries: int = 2                          # a replica that dies is restarted and its share retried
+
+    def __post_init__(self):
+        if self.replicas < 1:
+            raise ConfigError(f"rollout.replicas: must be >= 1, got {self.replicas}")
 
 
 @dataclass(frozen=True)
@@ -66,12 +73,45 @@ class GRPOConfig:
 
 @dataclass(frozen=True)
 class RayConfig:
-    enabled: bool = False                      # false: workers in this process; true: Ray actors
+    """Where the workers run. With one worker of each kind and `enabled: false` they live in the
+    driver process; any worker count or `rollout.replicas` above 1 (or `enabled: true`) puts every
+    worker in a Ray actor."""
+
+    enabled: bool = False                      # Ray actors even with one worker of each kind
     address: str | None = None                 # None/"local": start a local cluster; else join this one
     num_cpus: int = 2                          # local cluster size
-    actor_gpus: float = 0.0                    # per worker, on a GPU cluster
-    rollout_gpus: float = 0.0
+    actor_workers: int = 1                     # ranks of the actor's FSDP2 group
+    critic_workers: int = 1                    # ranks of the shared critic's FSDP2 group
+    ref_workers: int = 1                       # ranks of the reference policy's group (forward only)
+    reward_workers: int = 1                    # reward workers; a step's samples are split over them
+    actor_gpus: float = 0.0                    # GPUs per trainer rank (actor, critic, reference), on a GPU cluster
+    rollout_gpus: float = 0.0                  # GPUs per rollout replica (>= rollout.tensor_parallel_size on GPUs)
+    reward_gpus: float = 0.0                   # GPUs per reward worker (its reward model), on a GPU cluster
+    # split: trainers and engines get GPUs of their own; colocated: they share GPUs and the engines
+    # sleep (free weights and KV cache) while the trainers update
+    placement: Literal["split", "colocated"] = "split"
+    max_restarts: int = 3                      # restarts of dead workers (rollout, reward, trainer groups) per run
     timeout_s: float = 600.0                   # bound on every ray.get
+
+    def __post_init__(self):
+        if self.placement == "colocated" and any(g > 1 for g in (self.actor_gpus, self.rollout_gpus, self.reward_gpus)):
+            raise ConfigError("ray.placement: colocated workers share GPUs: actor_gpus, rollout_gpus and reward_gpus "
+                              "are the fractions of a GPU each takes (<= 1)")
+        for key in ("actor_workers", "critic_workers", "ref_workers", "reward_workers"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"ray.{key}: must be >= 1, got {getattr(self, key)}")
+        if self.max_restarts < 0:
+            raise ConfigError(f"ray.max_restarts: must be >= 0, got {self.max_restarts}")
+
+
+@dataclass(frozen=True)
+class PlanConfig:
+    """The cluster `vlrl plan` checks the run against (its flags override these)."""
+
+    model_config: str | None = None            # the policy's config.json where `policy` is not on this machine
+    gpus_per_node: int = 8
+    nodes: int = 1
+    gpu_memory_gib: float = 80.0
 
 
 @dataclass(frozen=True)
@@ -95,6 +135,8 @@ class RLConfig:
     actor_optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-5, warmup_steps=0, schedule="constant"))
     critic_optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-4, warmup_steps=0, schedule="constant"))
     ray: RayConfig = field(default_factory=RayConfig)
+    fsdp: FSDPConfig = field(default_factory=FSDPConfig)   # how trainer groups of more than one rank shard
+    plan: PlanConfig = field(default_factory=PlanConfig)
     save_every: int = 20
     keep_checkpoints: int = 2
     log_samples: int = 4                       # prompts per step whose samples go to rollouts.jsonl
@@ -102,10 +144,26 @@ class RLConfig:
     eval_limit: int = 0                        # records in a periodic eval, spread over the file (0: all)
     eval_samples: int = 0                      # k > 0 adds avg@k at the rollout temperature to every eval
     max_minutes: float = 0.0                   # stop (and save) after this wall time; 0: no limit
+    # Compute dtype of the trainers. The actor and the critic keep float32 master weights and
+    # optimizer state whatever it is (a bfloat16 update at lr 1e-6 mostly rounds away).
     dtype: Literal["float32", "bfloat16"] = "float32"
+
+    @property
+    def use_ray(self) -> bool:
+        """Whether the workers live in Ray actors (see RayConfig)."""
+        r = self.ray
+        return r.enabled or self.rollout.replicas > 1 or max(r.actor_workers, r.critic_workers, r.ref_workers,
+                                                               r.reward_workers) > 1
 
     def __post_init__(self):
         check_task_weights(self.task_weights)   # at load time, with the config file's name
+        if self.ray.placement == "colocated" and self.rollout.tensor_parallel_size > 1:
+            raise ConfigError("rollout.tensor_parallel_size: with ray.placement colocated each replica runs on one "
+                              "GPU it shares with the trainers (tensor_parallel_size 1)")
+        if self.ray.placement == "split" and self.ray.rollout_gpus and \
+                self.ray.rollout_gpus < self.rollout.tensor_parallel_size:
+            raise ConfigError(f"ray.rollout_gpus: a replica with rollout.tensor_parallel_size "
+                              f"{self.rollout.tensor_parallel_size} needs that many GPUs, got {self.ray.rollout_gpus}")
         if self.ppo.old_logp == "engine" and self.rollout.temperature != 1.0:
             raise ConfigError("ppo.old_logp: 'engine' needs rollout.temperature 1 (the engine returns the raw "
                               f"policy's log-probs, the trainer optimises softmax(logits/T)); got {self.rollout.temperature}")

@@ -5,7 +5,7 @@
             -> critic update, actor update -> weight sync -> metrics, checkpoint
 
 PPO uses ONE shared critic for every task type (RLHF and RLVR prompts in the same batch) and a
-per-task KL coefficient. Workers run here or as Ray actors (`rl.placement`); each stage is timed.
+per-task KL coefficient. Workers run here or as Ray actors (`training.placement`); each stage is timed.
 """
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ from collections import defaultdict
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 from torch import Tensor
@@ -32,13 +33,14 @@ from rl.algos import (decoupled_gae, dynamic_sampling_mask, group_advantages, kl
 from rl.algos import kl as kl_estimate
 from rl.batch import RolloutBatch
 from rl.config import GRPOConfig, KLConfig, PPOConfig, RLConfig
-from rl.placement import Handle, spawn, start_local_ray
+from rl.rollouts import Rollouts
 from rl.workers import CriticWorker, PolicyWorker, RewardWorker
 from rollout.sequences import build_sequences, engine_logp
 from rollout.types import Completion, Prompt, SamplingConfig
-from rollout.worker import RolloutWorker
 from training.atomic import atomic_dir, write_json
-from training.config import to_dict
+from training.config import ConfigError, to_dict
+from training.distributed import has_sharded_checkpoint
+from training.placement import Handle, Replicas, WorkerGroup, spawn, start_local_ray, worker_died
 from training.runlog import (MetricsLog, latest_checkpoint, load_trainer_state, over_budget, periodic, save_checkpoint,
                              set_rng_state)
 
@@ -158,95 +160,145 @@ class Timer:
 
 class RLRun:
     """Holds the workers of one run: the actor, the reference policy (when some task has KL), the
-    shared critic (PPO), the reward worker and the rollout worker."""
+    shared critic (PPO), the reward workers and the rollout replicas. With `resume_from` the
+    trainers take their weights, optimizer states and RNG from that checkpoint."""
 
-    def __init__(self, cfg: RLConfig, *, start_from: Path | None):
+    def __init__(self, cfg: RLConfig, *, resume_from: Path | None = None):
         self.cfg = cfg
         self.records = prompt_pool(cfg)
         self.eval_records = load_records(cfg.eval_data, require="prompt") if cfg.eval_data else []
-        self.policy_dir = str(start_from or cfg.policy)
-        r = cfg.ray
+        r, ro = cfg.ray, cfg.rollout
         self.own_ray = False   # whether this run started Ray (and so shuts it down in close())
-        if r.enabled:
+        if cfg.use_ray:
             import ray  # optional: only Ray placement needs it
             if not ray.is_initialized():
                 start_local_ray(num_cpus=r.num_cpus, address=None if r.address in (None, "local") else r.address)
                 self.own_ray = True
-        common = dict(use_ray=r.enabled, timeout=r.timeout_s)
-        self.actor: Handle[PolicyWorker] = spawn(
-            PolicyWorker, self.policy_dir, optim=cfg.actor_optim, total_steps=cfg.steps, dtype=cfg.dtype,
-            seed=cfg.seed, chunk_size=cfg.ppo.entropy_chunk, temperature=cfg.rollout.temperature,
-            num_gpus=r.actor_gpus, name="actor", **common)
+        place = gpu_placement(cfg)
+        common = dict(use_ray=cfg.use_ray, timeout=r.timeout_s, fsdp=cfg.fsdp, num_gpus=r.actor_gpus,
+                      placement=place.trainer)
+        self.actor: Handle[PolicyWorker] | WorkerGroup[PolicyWorker] = spawn(
+            PolicyWorker, cfg.policy, optim=cfg.actor_optim, total_steps=cfg.steps, dtype=cfg.dtype, seed=cfg.seed,
+            chunk_size=cfg.ppo.entropy_chunk, temperature=ro.temperature, workers=r.actor_workers, name="actor",
+            **common)
         # No KL anywhere: no reference policy (ref_logp stays None and no KL is logged).
-        self.ref: Handle[PolicyWorker] | None = None
+        self.ref = None
         if uses_kl(cfg.kl):
             self.ref = spawn(PolicyWorker, cfg.policy, optim=None, dtype=cfg.dtype, chunk_size=cfg.ppo.entropy_chunk,
-                             temperature=cfg.rollout.temperature, num_gpus=r.actor_gpus, name="ref", **common)
-        self.critic: Handle[CriticWorker] | None = None
+                             temperature=ro.temperature, workers=r.ref_workers, name="ref", **common)
+        self.critic = None
         if cfg.algo == "ppo":
-            critic_dir = str(start_from / "critic") if start_from else (cfg.critic or cfg.policy)
-            self.critic = spawn(CriticWorker, critic_dir, optim=cfg.critic_optim, total_steps=cfg.steps,
-                                dtype=cfg.dtype, seed=cfg.seed, num_gpus=r.actor_gpus, name="critic", **common)
-        self.reward: Handle[RewardWorker] = spawn(RewardWorker, cfg.reward, reward_model=cfg.reward_model,
-                                                  name="reward", **common)
-        self.rollout: Handle[RolloutWorker] = self._start_rollout()
-        self.processor = load_processor(self.policy_dir)
+            self.critic = spawn(CriticWorker, cfg.critic or cfg.policy, optim=cfg.critic_optim, total_steps=cfg.steps,
+                                dtype=cfg.dtype, seed=cfg.seed, workers=r.critic_workers, name="critic", **common)
+        self.rewards: Replicas[RewardWorker] = Replicas(
+            lambda i: spawn(RewardWorker, cfg.reward, reward_model=cfg.reward_model, use_ray=cfg.use_ray,
+                            timeout=r.timeout_s, num_gpus=r.reward_gpus, name=f"reward-{i}",
+                            placement=None if place.reward is None else (lambda _: place.reward(i))),
+            r.reward_workers, retries=ro.retries, name="reward worker")
+        engine = ro if ro.dtype is not None else dataclasses.replace(ro, dtype=cfg.dtype)
+        if r.placement == "colocated":
+            engine = dataclasses.replace(engine, enable_sleep_mode=True)
+        self.rollouts = Rollouts(cfg.policy, engine, replicas=ro.replicas, seed=cfg.seed, use_ray=cfg.use_ray,
+                                 retries=ro.retries, timeout=r.timeout_s, num_gpus=r.rollout_gpus,
+                                 on_restart=lambda h: self.push_weights([h]), placement=place.replica)
+        self.processor = load_processor(cfg.policy)
+        self.step = 0
+        self.wrote_checkpoint = False
+        if resume_from is not None:
+            self.step = self.resume(resume_from)
+            self.push_weights(self.rollouts.handles)   # the engines started from the SFT policy
 
-    def _start_rollout(self) -> Handle[RolloutWorker]:
-        ro = self.cfg.rollout
-        engine = ro if ro.dtype is not None else dataclasses.replace(ro, dtype=self.cfg.dtype)
-        return spawn(RolloutWorker, self.policy_dir, engine, seed=self.cfg.seed, use_ray=self.cfg.ray.enabled,
-                     timeout=self.cfg.ray.timeout_s, num_gpus=self.cfg.ray.rollout_gpus, name="")
+    def push_weights(self, targets: list) -> dict:
+        """The actor's weights into `targets` (rollout workers); a target that failed is restarted
+        (the restart pushes the weights to the new one)."""
+        out = self.actor.push_weights(targets, bucket_mb=self.cfg.rollout.sync_bucket_mb).result()
+        for i in out["failed"]:
+            self.rollouts.pool.restart(self.rollouts.handles.index(targets[i]))
+        return out
 
-    def generate(self, prompts: list[Prompt], sampling: SamplingConfig) -> list[list[Completion]]:
-        """The rollout, restarting a dead rollout worker (with the current weights) and retrying."""
-        last = None
-        for attempt in range(self.cfg.rollout.retries + 1):
-            try:
-                return self.rollout.generate(prompts, sampling).result()
-            except Exception as e:  # a dead actor (RayActorError) or a crashed engine: restart, retry
-                last = e
-                print(f"[rl] rollout failed ({type(e).__name__}: {e}); restarting the engine (try {attempt + 1})")
-                try:
-                    self.rollout.close().result()
-                except Exception:  # noqa: BLE001  (the worker may be gone already)
-                    pass
-                self.rollout.kill()
-                self.rollout = self._start_rollout()
-                self.rollout.sync_weights(self.actor.state_dict().result()).result()
-        raise RuntimeError(f"rollout failed {self.cfg.rollout.retries + 1} times") from last
+    def score(self, inputs: list) -> list[RewardResult]:
+        return self.rewards.map(lambda h, share, _: h.score(share), inputs)
+
+    def rm_scores(self, items: list) -> list[float]:
+        return self.rewards.map(lambda h, share, _: h.rm_scores(share), items)
+
+    def verifier_stats(self) -> dict[str, float]:
+        total: dict[str, float] = defaultdict(float)
+        for h in self.rewards.handles:
+            for k, v in h.stats().result().items():
+                total[k] += v
+        return dict(total)
+
+    def greedy(self, records: list[Record]) -> list[str]:
+        """Greedy answers with the rollouts' token budget (a repeated prompt is decoded once)."""
+        return self.actor.generate_greedy(records, max_new_tokens=self.cfg.rollout.max_tokens).result()
 
     def checkpoint(self, out: Path, step: int) -> None:
-        models = {"policy": _Saver(self.actor)}
-        state = {"actor": self.actor.optim_state().result()}
-        if self.critic is not None:
-            models["critic"] = _Saver(self.critic)
-            state["critic"] = self.critic.optim_state().result()
-        save_checkpoint(out, step, models=models, state=state, keep=self.cfg.keep_checkpoints)
+        """Every trainer rank writes its shards (torch.distributed.checkpoint) under the checkpoint folder."""
+        def write(d: Path) -> dict:
+            state = {"actor": self.actor.save_state(str(d / "actor")).result()}
+            if self.critic is not None:
+                state["critic"] = self.critic.save_state(str(d / "critic")).result()
+            return state
+        save_checkpoint(out, step, write, keep=self.cfg.keep_checkpoints)
 
     def resume(self, ckpt: Path) -> int:
-        """Restore the optimizers and the RNG from `ckpt` (the weights were loaded from it); returns its step."""
+        """Restore the trainers and the RNG from `ckpt`; returns its step."""
+        if not has_sharded_checkpoint(ckpt / "actor"):
+            raise ConfigError(f"{ckpt}: not a checkpoint of this version (no sharded actor state); "
+                              "start afresh with --no-resume")
         state = load_trainer_state(ckpt)
-        self.actor.load_optim_state(state["actor"]).result()
+        self.actor.load_state(str(ckpt / "actor"), state["actor"]).result()
         if self.critic is not None:
-            self.critic.load_optim_state(state["critic"]).result()
+            self.critic.load_state(str(ckpt / "critic"), state["critic"]).result()
         set_rng_state(state["rng"])
         return state["step"]
 
+    def restarts(self) -> dict[str, float]:
+        return {"restarts/rollout": float(self.rollouts.restarts), "restarts/reward": float(self.rewards.restarts)}
+
     def close(self) -> None:
-        """Stop the engine and the verifier pool, end the worker actors (a pipeline runs several RL
+        """Stop the engines and the verifier pools, end the worker actors (a pipeline runs several RL
         stages in one process) and Ray itself where this run started it."""
-        for h in (self.rollout, self.reward):
+        for pool in (self.rollouts, self.rewards):
             try:
-                h.close().result()
+                pool.close()
             except Exception:  # noqa: BLE001
                 pass
-        for h in (self.rollout, self.reward, self.actor, self.ref, self.critic):
+        for h in (self.actor, self.ref, self.critic):
             if h is not None:
                 h.kill()
         if self.own_ray:
             import ray  # optional: only Ray placement needs it
             ray.shutdown()
+
+
+@dataclass
+class _Placement:
+    trainer: Callable[[int], dict] | None = None   # Ray options of trainer rank i
+    replica: Callable[[int], dict] | None = None   # Ray options of rollout replica i
+    reward: Callable[[int], dict] | None = None    # Ray options of reward worker i
+
+
+def gpu_placement(cfg: RLConfig) -> _Placement:
+    """Where the workers go on a GPU cluster. split: every trainer rank and replica asks Ray for
+    GPUs of its own. colocated: one placement-group bundle per GPU, trainer rank i and replica i
+    share bundle i (the engines sleep while the trainers update). Without GPUs: Ray's default."""
+    r = cfg.ray
+    if r.placement != "colocated" or not r.actor_gpus:
+        return _Placement()
+    import ray  # optional: only Ray placement needs it
+    from ray.util.placement_group import placement_group  # noqa: I001  (Ray: optional, see above)
+    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+    n = max(r.actor_workers, r.critic_workers, r.ref_workers, cfg.rollout.replicas)
+    pg = placement_group([{"GPU": 1.0, "CPU": 1.0}] * n, strategy="PACK")
+    ray.get(pg.ready(), timeout=r.timeout_s)
+
+    def bundle(i: int) -> dict:
+        return {"scheduling_strategy": PlacementGroupSchedulingStrategy(placement_group=pg,
+                                                                        placement_group_bundle_index=i % n)}
+    return _Placement(trainer=bundle, replica=bundle, reward=bundle)
 
 
 def rollout_step(run: RLRun, step: int) -> tuple[list[Record], list[list[Completion]], list[RewardResult],
@@ -259,9 +311,9 @@ def rollout_step(run: RLRun, step: int) -> tuple[list[Record], list[list[Complet
         prompts = [Prompt(r.prompt_messages, load_images(r)) for r in records]
         sampling = SamplingConfig.of(ro, seed=cfg.seed * 1_000_003 + step)
     with tm("rollout"):
-        completions = run.generate(prompts, sampling)
+        completions = run.rollouts.generate(prompts, sampling)
     with tm("reward"):
-        results = run.reward.score(reward_inputs(records, completions)).result()
+        results = run.score(reward_inputs(records, completions))
     with tm("prepare"):
         seq = build_sequences(run.processor, prompts, completions)
         tasks = [records[i].task for i in seq.prompt_index.tolist()]
@@ -273,88 +325,97 @@ def rollout_step(run: RLRun, step: int) -> tuple[list[Record], list[list[Complet
     return records, completions, results, batch, tm
 
 
+def train_step(run: RLRun, step: int) -> tuple[dict[str, float], list[dict]]:
+    """One RL step (rollout, reward, log-probs, advantages, updates, weight sync); its metrics and
+    the sample rows for rollouts.jsonl."""
+    cfg, ro = run.cfg, run.cfg.rollout
+    mbs, from_engine = cfg.ppo.micro_batch_size, cfg.ppo.old_logp == "engine"
+    colocated = cfg.ray.placement == "colocated"
+    records, completions, results, batch, tm = rollout_step(run, step)
+    if colocated:
+        run.rollouts.sleep()
+    with tm("logp"):
+        actor = None if from_engine else run.actor.logp(batch.seq, micro_batch_size=mbs)
+        ref = None if run.ref is None else run.ref.logp(batch.seq, micro_batch_size=mbs)
+        critic = None if run.critic is None else run.critic.values(batch.seq, micro_batch_size=mbs)
+        if from_engine:  # the sampler's own log-probs: same weights, one forward pass fewer
+            batch.old_logp = engine_logp(completions, batch.mask)
+        else:
+            batch.old_logp, batch.entropy = actor.result()
+        batch.ref_logp = None if ref is None else ref.result()[0]
+        batch.values = None if critic is None else critic.result()
+    engine_gap = engine_logp_gap(batch, completions) if ro.temperature == 1.0 and not from_engine else None
+    with tm("advantage"):
+        a = compute_advantages(batch.scores, batch.mask, old_logp=batch.old_logp, ref_logp=batch.ref_logp,
+                               values=batch.values, kl_coef=batch.kl_coef, prompt_index=batch.seq.prompt_index,
+                               task_id=batch.task_id, algo=cfg.algo, ppo=cfg.ppo, grpo=cfg.grpo,
+                               kl_mode=cfg.kl.mode, gamma=cfg.ppo.gamma)
+        batch.adv, batch.returns, batch.keep = a.adv, a.returns, a.keep
+    with tm("update"):
+        rows = [i for i in range(batch.rows) if batch.keep[i]]
+        mb_rows = minibatch_rows(rows, minibatches=cfg.ppo.minibatches, epochs=cfg.ppo.epochs, seed=cfg.seed + step)
+        actor_on = cfg.algo == "grpo" or step >= cfg.ppo.value_pretrain_steps
+        pending = []
+        if run.critic is not None:
+            pending.append(run.critic.update(batch, ppo=cfg.ppo, minibatch_rows=mb_rows))
+        if actor_on and mb_rows:
+            pending.append(run.actor.update(batch, ppo=cfg.ppo, kl_mode=cfg.kl.mode, kl_kind=cfg.kl.kind,
+                                            minibatch_rows=mb_rows, entropy=from_engine))
+        update_metrics = {k: v for p in pending for k, v in p.result().items()}
+    if colocated:
+        run.rollouts.wake_up()
+    with tm("sync"):
+        sync = run.push_weights(run.rollouts.handles) if actor_on else {}
+    n_tokens = sum(len(c.token_ids) for g in completions for c in g)
+    metrics = {**step_metrics(batch, results), **update_metrics, **tm.seconds, **run.restarts(),
+               "rollout/tokens_per_s": n_tokens / max(1e-9, tm.seconds["time/rollout"]),
+               "rollout/kept_frac": float(batch.keep.float().mean()),
+               "train/value_pretraining": float(not actor_on)}
+    if sync:
+        metrics["sync/buckets"], metrics["sync/mib"] = float(sync["buckets"]), sync["bytes"] / 2**20
+    if engine_gap is not None:  # the engine runs the weights the trainer has: ~1e-5 after a sync
+        metrics["rollout/logp_gap_max"] = engine_gap
+    metrics.update({f"verifier_pool/{k}": float(v) for k, v in run.verifier_stats().items()})
+    samples = [{"id": records[p].id, "task": records[p].task, "response": completions[p][j].text,
+                "reward": results[p * ro.n + j].reward}
+               for p in range(min(cfg.log_samples, len(records))) for j in range(ro.n)]
+    return metrics, samples
+
+
 def fit(cfg: RLConfig, *, resume: bool = True, progress: bool = True) -> Path:
-    """Run RL; returns the final policy folder (`out/final`)."""
+    """Run RL; returns the final policy folder (`out/final`). A dead trainer rank (or any worker
+    that cannot be restarted alone) restarts every worker from the last checkpoint, at most
+    `ray.max_restarts` times; the steps after that checkpoint run again and are logged once."""
     out = Path(cfg.out)
-    ckpt = latest_checkpoint(out) if resume else None
-    run = RLRun(cfg, start_from=ckpt)
     log = MetricsLog(out)
     samples_log = MetricsLog(out, name="rollouts.jsonl", tensorboard=False)
-    step = 0
-    if ckpt is not None:
-        step = run.resume(ckpt)
-        log.truncate_after(step)
-        samples_log.truncate_after(step)
-        print(f"[rl] resumed from {ckpt} at step {step}")
-    else:
-        write_json(out / "config.json", to_dict(cfg))
-
-    ro, mbs, from_engine = cfg.rollout, cfg.ppo.micro_batch_size, cfg.ppo.old_logp == "engine"
-    t_start = time.time()
-    bar = tqdm(total=cfg.steps, initial=step, disable=not progress, desc=f"rl/{cfg.algo}", dynamic_ncols=True)
-    while step < cfg.steps:
-        records, completions, results, batch, tm = rollout_step(run, step)
-        with tm("logp"):
-            actor = None if from_engine else run.actor.logp(batch.seq, micro_batch_size=mbs)
-            ref = None if run.ref is None else run.ref.logp(batch.seq, micro_batch_size=mbs)
-            critic = None if run.critic is None else run.critic.values(batch.seq, micro_batch_size=mbs)
-            if from_engine:  # the sampler's own log-probs: same weights, one forward pass fewer
-                batch.old_logp = engine_logp(completions, batch.mask)
-            else:
-                batch.old_logp, batch.entropy = actor.result()
-            batch.ref_logp = None if ref is None else ref.result()[0]
-            batch.values = None if critic is None else critic.result()
-        engine_gap = engine_logp_gap(batch, completions) if ro.temperature == 1.0 and not from_engine else None
-        with tm("advantage"):
-            a = compute_advantages(batch.scores, batch.mask, old_logp=batch.old_logp, ref_logp=batch.ref_logp,
-                                   values=batch.values, kl_coef=batch.kl_coef, prompt_index=batch.seq.prompt_index,
-                                   task_id=batch.task_id, algo=cfg.algo, ppo=cfg.ppo, grpo=cfg.grpo,
-                                   kl_mode=cfg.kl.mode, gamma=cfg.ppo.gamma)
-            batch.adv, batch.returns, batch.keep = a.adv, a.returns, a.keep
-        with tm("update"):
-            rows = [i for i in range(batch.rows) if batch.keep[i]]
-            mb_rows = minibatch_rows(rows, minibatches=cfg.ppo.minibatches, epochs=cfg.ppo.epochs, seed=cfg.seed + step)
-            actor_on = cfg.algo == "grpo" or step >= cfg.ppo.value_pretrain_steps
-            pending = []
-            if run.critic is not None:
-                pending.append(run.critic.update(batch, ppo=cfg.ppo, minibatch_rows=mb_rows))
-            if actor_on and mb_rows:
-                pending.append(run.actor.update(batch, ppo=cfg.ppo, kl_mode=cfg.kl.mode, kl_kind=cfg.kl.kind,
-                                                minibatch_rows=mb_rows, entropy=from_engine))
-            update_metrics = {k: v for p in pending for k, v in p.result().items()}
-        with tm("sync"):
-            if actor_on:
-                run.rollout.sync_weights(run.actor.state_dict().result()).result()
-        step += 1
-        n_tokens = sum(len(c.token_ids) for g in completions for c in g)
-        metrics = {**step_metrics(batch, results), **update_metrics, **tm.seconds,
-                   "rollout/tokens_per_s": n_tokens / max(1e-9, tm.seconds["time/rollout"]),
-                   "rollout/kept_frac": float(batch.keep.float().mean()),
-                   "train/value_pretraining": float(not actor_on)}
-        if engine_gap is not None:  # the engine runs the weights the trainer has: ~1e-5 after a sync
-            metrics["rollout/logp_gap_max"] = engine_gap
-        metrics.update({f"verifier_pool/{k}": float(v) for k, v in run.reward.stats().result().items()})
-        log.log(step, metrics)
-        samples_log.log(step, {}, rows=[
-            {"id": records[p].id, "task": records[p].task, "response": completions[p][j].text,
-             "reward": results[p * ro.n + j].reward}
-            for p in range(min(cfg.log_samples, len(records))) for j in range(ro.n)])
-        bar.update(1)
-        bar.set_postfix(reward=f"{metrics['reward/all/total']:.3f}")
-        out_of_time = over_budget(t_start, cfg.max_minutes)
-        if run.eval_records and periodic(step, cfg.eval_every) and step < cfg.steps:
-            table, _ = evaluate_run(run, cfg.eval_limit)
-            log.log(step, _eval_metrics(table))
-            bar.write(format_table(table, f"step {step}"))
-        if periodic(step, cfg.save_every) or step == cfg.steps or out_of_time:
-            run.checkpoint(out, step)
-        if out_of_time:
-            bar.write(f"[rl] time budget of {cfg.max_minutes} min reached at step {step}")
+    restarts = 0
+    own_ckpt = False   # whether this call wrote a checkpoint (a restart resumes only from one of its own)
+    while True:
+        ckpt = latest_checkpoint(out) if (resume or own_ckpt) else None
+        run = RLRun(cfg, resume_from=ckpt)
+        if ckpt is not None:
+            log.truncate_after(run.step)
+            samples_log.truncate_after(run.step)
+            print(f"[rl] resumed from {ckpt} at step {run.step}")
+        elif not restarts:
+            write_json(out / "config.json", to_dict(cfg))
+        try:
+            step = _train(run, log, samples_log, progress=progress, trainer_restarts=restarts)
+            own_ckpt = own_ckpt or run.wrote_checkpoint
             break
-    bar.close()
-    final = atomic_dir(out / "final", lambda d: run.actor.save(str(d)).result())
+        except Exception as e:  # noqa: BLE001  (a dead worker is told apart below; anything else re-raises)
+            own_ckpt = own_ckpt or run.wrote_checkpoint
+            if not (cfg.use_ray and worker_died(e)) or restarts >= cfg.ray.max_restarts:
+                run.close()
+                raise
+            restarts += 1
+            print(f"[rl] a worker died ({type(e).__name__}: {str(e)[:200]}); restarting every worker from the "
+                  f"last checkpoint (restart {restarts} of {cfg.ray.max_restarts})", flush=True)
+            run.close()
+    final = atomic_dir(out / "final", lambda d: run.actor.export(str(d)).result())
     if run.critic is not None:
-        atomic_dir(out / "final_critic", lambda d: run.critic.save(str(d)).result())
+        atomic_dir(out / "final_critic", lambda d: run.critic.export(str(d)).result())
     if run.eval_records:
         table, gens = evaluate_run(run, 0)
         log.log(step, _eval_metrics(table))
@@ -366,14 +427,34 @@ def fit(cfg: RLConfig, *, resume: bool = True, progress: bool = True) -> Path:
     return final
 
 
-class _Saver:
-    """Adapter so save_checkpoint can save a worker's model wherever the worker lives."""
-
-    def __init__(self, handle: Handle):
-        self.handle = handle
-
-    def save_pretrained(self, path) -> None:
-        self.handle.save(str(path)).result()
+def _train(run: RLRun, log: MetricsLog, samples_log: MetricsLog, *, progress: bool, trainer_restarts: int) -> int:
+    """Steps from `run.step` to the end (or the time budget); returns the last step."""
+    cfg, step = run.cfg, run.step
+    t_start = time.time()
+    bar = tqdm(total=cfg.steps, initial=step, disable=not progress, desc=f"rl/{cfg.algo}", dynamic_ncols=True)
+    try:
+        while step < cfg.steps:
+            metrics, samples = train_step(run, step)
+            step += 1
+            metrics["restarts/trainer"] = float(trainer_restarts)
+            log.log(step, metrics)
+            samples_log.log(step, {}, rows=samples)
+            bar.update(1)
+            bar.set_postfix(reward=f"{metrics['reward/all/total']:.3f}")
+            out_of_time = over_budget(t_start, cfg.max_minutes)
+            if run.eval_records and periodic(step, cfg.eval_every) and step < cfg.steps:
+                table, _ = evaluate_run(run, cfg.eval_limit)
+                log.log(step, _eval_metrics(table))
+                bar.write(format_table(table, f"step {step}"))
+            if periodic(step, cfg.save_every) or step == cfg.steps or out_of_time:
+                run.checkpoint(Path(cfg.out), step)
+                run.wrote_checkpoint = True
+            if out_of_time:
+                bar.write(f"[rl] time budget of {cfg.max_minutes} min reached at step {step}")
+                break
+    finally:
+        bar.close()
+    return step
 
 
 def _eval_metrics(table: dict) -> dict[str, float]:
@@ -387,18 +468,14 @@ def evaluate_run(run: RLRun, limit: int = 0) -> tuple[dict, list]:
     `eval_samples` = k, the mean accuracy of k samples per prompt at the rollout temperature
     (`sampled_accuracy`) and the RM's mean score of those samples (`sampled_rm_score`)."""
     records = eval_subset(run.eval_records, limit)
-    # greedy answers get the token budget the rollouts had
-    responses = run.actor.generate_greedy(records, max_new_tokens=run.cfg.rollout.max_tokens).result()
+    responses = run.greedy(records)   # with the token budget the rollouts have
     gens = judge(records, responses)
     table = summarize(gens)
-
-    def rm_score(items):
-        return run.reward.rm_scores(items).result()
-
-    table = add_rm_scores(table, records, responses, run.cfg.reward, rm_score)
+    table = add_rm_scores(table, records, responses, run.cfg.reward, run.rm_scores)
     k, ro = run.cfg.eval_samples, run.cfg.rollout
     if k:  # avg@k with the rollout engine at the training temperature; one fixed seed for every eval
         prompts = [Prompt(r.prompt_messages, load_images(r)) for r in records]
-        groups = run.generate(prompts, SamplingConfig.of(ro, n=k, seed=run.cfg.seed + 7))
-        table = add_sampled_scores(table, records, [[c.text for c in g] for g in groups], run.cfg.reward, rm_score)
+        groups = run.rollouts.generate(prompts, SamplingConfig.of(ro, n=k, seed=run.cfg.seed + 7))
+        table = add_sampled_scores(table, records, [[c.text for c in g] for g in groups], run.cfg.reward,
+                                   run.rm_scores)
     return table, gens

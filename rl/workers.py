@@ -1,70 +1,71 @@
-"""Per-rank compute: each worker owns one model (and its optimizer), splits a batch into
-micro-batches, calls the pure math in `rl.algos`, and steps. Thin shells: the driver decides
-what runs when; the math lives in `rl.algos`.
+"""Per-rank compute: each worker owns one model (and its optimizer), takes its rank's share of a
+batch, splits it into micro-batches, calls the pure math in `rl.algos`, and steps. Thin shells: the
+driver decides what runs when; the math lives in `rl.algos`.
 
-The same classes run in the driver process or as Ray actors (see `rl.placement`).
+A worker runs alone (in the driver process or one Ray actor) or as one rank of a group
+(`training.placement.spawn(..., workers=N)`): then its model is sharded with FSDP2 and every method
+is SPMD, called on all ranks at once (see `training.distributed` for how rows are shared out and
+why losses divide by the global token count over the world size). Trainers keep float32 master
+weights and optimizer state; `dtype: bfloat16` is the compute dtype.
 """
 from __future__ import annotations
 
 import math
-import os
+import time
 from typing import Sequence
 
 import torch
 from torch import Tensor
 
 from model.critic import ValueModel
-from model.load import load_vlm
+from model.load import load_vlm, write_vlm
 from model.logprobs import entropy_from_logits, logp_and_entropy, token_logp
 from rewards.config import RewardConfig
 from rewards.hybrid import RewardInput, RewardResult, score_batch
 from rewards.pool import VerifierPool
 from rewards.rm import RewardModelScorer
 from rl.algos import kl_loss, policy_loss, positive_lm_loss, value_loss
-from rl.batch import RolloutBatch, micro_batches
+from rl.batch import RolloutBatch
 from rl.config import PPOConfig
 from rollout.greedy import generate_greedy
 from rollout.sequences import SequenceBatch
-from training.optim import OptimConfig, make_optimizer, optimizer_step
+from rollout.sync import buckets
+from rollout.worker import RolloutWorker
+from training.distributed import (FSDPConfig, all_reduce_floats, all_reduce_sum, full_state_dict, is_sharded,
+                                  iter_full_params, padded_chunks, shard_rows)
+from training.optim import OptimConfig
+from training.placement import Handle, call_all
+from training.trainer import Trainer, device, set_threads
 
 
-def _threads() -> None:
-    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
+def _norm(mask: Tensor, *, agg: str, world: int) -> dict:
+    """Whole-minibatch token and sequence counts for `rl.algos.aggregate`, over the world size: the
+    micro-batch sums of every rank divided by them, averaged over the ranks (FSDP), give the
+    minibatch mean whatever the micro-batching and the number of ranks."""
+    return dict(num_tokens=max(1, int(mask.sum())) / world, num_seqs=max(1, int((mask.sum(-1) > 0).sum())) / world,
+                agg=agg)
 
 
-def _device() -> torch.device:
-    """The GPU Ray (or CUDA_VISIBLE_DEVICES) gave this process, else the CPU."""
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
-def _norm(mask: Tensor, *, agg: str) -> dict:
-    """Whole-minibatch token and sequence counts for `rl.algos.aggregate` (micro-batch sums divided
-    by them give the minibatch mean whatever the micro-batching)."""
-    return dict(num_tokens=max(1, int(mask.sum())), num_seqs=max(1, int((mask.sum(-1) > 0).sum())), agg=agg)
-
-
-class PolicyWorker:
+class PolicyWorker(Trainer):
     """The actor (with an optimizer) or the frozen reference policy (optim=None)."""
 
     def __init__(self, path: str, *, optim: OptimConfig | None = None, total_steps: int = 1, dtype: str = "float32",
-                 seed: int = 0, chunk_size: int = 0, temperature: float = 1.0):
-        _threads()
+                 seed: int = 0, chunk_size: int = 0, temperature: float = 1.0, fsdp: FSDPConfig = FSDPConfig()):
+        set_threads()
         torch.manual_seed(seed)
-        self.device = _device()
-        self.model, self.processor = load_vlm(path, dtype=dtype, train=optim is not None, device=str(self.device))
+        self.device = device()
+        # a trainer keeps float32 master weights; the frozen reference runs in the compute dtype
+        self.model, self.processor = load_vlm(path, dtype="float32" if optim is not None else dtype,
+                                              train=optim is not None, device=str(self.device))
         self.chunk_size = chunk_size or None
         # The policy being optimised is the one the rollouts sample from: softmax(logits / T).
         self.temperature = temperature
-        self.opt = self.sched = None
-        if optim is not None:
-            self.opt, self.sched = make_optimizer(self.model, optim, total_steps)
-            self.max_grad_norm = optim.max_grad_norm
-        else:
-            self.model.requires_grad_(False)
+        self._setup(optim=optim, total_steps=total_steps, dtype=dtype, fsdp=fsdp)
 
     def _logp(self, seq: SequenceBatch, *, entropy: bool = False) -> tuple[Tensor, Tensor | None]:
         """Token log-probs of the labels and (entropy=True) the entropy, a detached diagnostic."""
-        logits = self.model(**seq.model_inputs(), use_cache=False).logits[:, :-1]
+        with self._autocast():
+            logits = self.model(**seq.model_inputs(), use_cache=False).logits[:, :-1]
         if self.temperature != 1.0:
             logits = logits / self.temperature
         labels = seq.input_ids[:, 1:]
@@ -78,21 +79,21 @@ class PolicyWorker:
 
     @torch.no_grad()
     def logp(self, seq: SequenceBatch, *, micro_batch_size: int = 32) -> tuple[Tensor, Tensor]:
-        """(logp, entropy), each (B, T) on label positions, padded with 0."""
+        """(logp, entropy), each (B, T) on label positions, padded with 0; every rank computes its
+        share of the rows and returns all of them."""
         was = self.model.training
         self.model.eval()
         B, T = seq.rows, seq.input_ids.shape[1] - 1
         logp = torch.zeros(B, T)
         ent = torch.zeros(B, T)
-        row = 0
-        for mb in micro_batches(seq, micro_batch_size):
-            lp, en = self._logp(mb.to(self.device), entropy=True)
-            n, t = lp.shape
-            logp[row:row + n, :t] = lp.float().cpu()
-            ent[row:row + n, :t] = en.float().cpu()
-            row += n
+        mine = shard_rows(range(B), rank=self.rank, world=self.world)
+        for rows, real in padded_chunks(mine, micro_batch_size, total=B, world=self.world):
+            lp, en = self._logp(seq.select(rows).to(self.device), entropy=True)
+            if real:
+                logp[rows, :lp.shape[1]] = lp.float().cpu()
+                ent[rows, :en.shape[1]] = en.float().cpu()
         self.model.train(was)
-        return logp, ent
+        return all_reduce_sum(logp), all_reduce_sum(ent)
 
     def update(self, batch: RolloutBatch, *, ppo: PPOConfig, kl_mode: str, kl_kind: str,
                minibatch_rows: Sequence[Sequence[int]], use_lm: bool = True, entropy: bool = False) -> dict[str, float]:
@@ -105,44 +106,51 @@ class PolicyWorker:
         """
         self.model.train()
         sums: dict[str, float] = {}
-        steps = skipped = 0
+        skipped = 0
         for rows in minibatch_rows:
-            norm = _norm(batch.mask[list(rows)], agg=ppo.agg)
+            rows = list(rows)
+            norm = _norm(batch.mask[rows], agg=ppo.agg, world=self.world)
             # The LM loss is a mean over the correct samples only (VAPO's formula), not all samples.
-            lm_norm = _norm(batch.mask[list(rows)] * batch.correct[list(rows), None], agg=ppo.agg)
-            n_tok = norm["num_tokens"]
-            total = 0.0
-            for mb in batch.micro_batches(ppo.micro_batch_size, order=rows):
-                mb = mb.to(self.device)
+            lm_norm = _norm(batch.mask[rows] * batch.correct[rows, None], agg=ppo.agg, world=self.world)
+            n_tok = max(1, int(batch.mask[rows].sum()))          # the minibatch's tokens on all ranks
+            part: dict[str, float] = {"loss": 0.0}
+            mine = shard_rows(rows, rank=self.rank, world=self.world)
+            for chunk, real in padded_chunks(mine, ppo.micro_batch_size, total=len(rows), world=self.world):
+                mb = batch.select(chunk).to(self.device)
                 mask = mb.mask
                 logp, ent = self._logp(mb.seq, entropy=entropy)
-                if ent is not None:
-                    sums["entropy"] = sums.get("entropy", 0.0) + float((ent * mask).sum()) / n_tok
                 loss, m = policy_loss(logp, mb.old_logp, mb.adv, mask, clip_low=ppo.clip_low,
                                       clip_high=ppo.clip_high, dual_clip=ppo.dual_clip, **norm)
                 if kl_mode == "loss" and mb.ref_logp is not None:
                     kloss, km = kl_loss(logp, mb.ref_logp, mask, mb.kl_coef, kind=kl_kind, **norm)
                     loss = loss + kloss
                     m = {**m, **{f"kl_loss_{k}": v for k, v in km.items()}}
+                lm = None
                 if use_lm and ppo.lm_coef > 0:
                     lm, lmm = positive_lm_loss(logp, mask, mb.correct, **lm_norm)
                     loss = loss + ppo.lm_coef * lm
                     m = {**m, **lmm}
+                # a padding pass (real False) runs the collectives and counts for nothing
+                (loss if real else loss * 0.0).backward()
+                keep = 1.0 if real else 0.0
+                part["loss"] += float(loss.detach()) * keep
+                if ent is not None:
+                    part["entropy"] = part.get("entropy", 0.0) + float((ent * mask).sum()) / n_tok * keep
+                if lm is not None:
                     # lm is this micro-batch's share of the minibatch mean: shares add up
-                    sums["lm_loss"] = sums.get("lm_loss", 0.0) + float(lm.detach())
-                loss.backward()
-                total += float(loss.detach())
-                w = mask.sum().item() / max(1, n_tok)
+                    part["lm_loss"] = part.get("lm_loss", 0.0) + float(lm.detach()) * keep
+                w = mask.sum().item() / n_tok * keep
                 for k, v in m.items():
-                    sums[k] = sums.get(k, 0.0) + float(v) * w
-            if not math.isfinite(total):
+                    part[k] = part.get(k, 0.0) + float(v) * w
+            # a rank's losses are over the token count divided by the world size: their sum is world x the mean
+            part = _gather_part(part, self.world, scaled=("loss", "lm_loss"))
+            if not math.isfinite(part["loss"]):
                 self.opt.zero_grad(set_to_none=True)
                 skipped += 1
                 continue
-            gn = optimizer_step(self.model, self.opt, self.sched, self.max_grad_norm)
-            steps += 1
-            sums["loss"] = sums.get("loss", 0.0) + total
-            sums["grad_norm"] = sums.get("grad_norm", 0.0) + float(gn)
+            part["grad_norm"] = self._step()
+            for k, v in part.items():
+                sums[k] = sums.get(k, 0.0) + v
         denom = max(1, len(minibatch_rows))
         out = {f"actor/{k}": v / denom for k, v in sums.items() if k != "entropy"}
         if "entropy" in sums:
@@ -151,95 +159,133 @@ class PolicyWorker:
         out["actor/lr"] = self.sched.get_last_lr()[0]
         return out
 
-    def state_dict(self) -> dict[str, Tensor]:
-        return {k: v.detach().to("cpu", copy=True) for k, v in self.model.state_dict().items()}
+    def push_weights(self, targets: list[Handle[RolloutWorker]], *, bucket_mb: float = 256.0) -> dict:
+        """Send the current weights to every rollout worker in `targets`, bucket by bucket (whole
+        layers, about `bucket_mb` each): each sharded tensor is gathered when its bucket comes, rank
+        0 sends the bucket to all targets at once and waits, so neither the driver nor any rank
+        holds the whole model. A target that fails is left out of the rest of the sync and reported
+        in `failed` (its index), for the driver to restart. Returns seconds, buckets, bytes, failed."""
+        t0 = time.perf_counter()
+        n_buckets = n_bytes = 0
+        alive = dict(enumerate(targets))
+        failed: list[int] = []
+
+        def send(method: str, *args) -> None:
+            for i, f in zip(list(alive), call_all(list(alive.values()), method, *args)):
+                try:
+                    f.result()
+                except Exception:  # noqa: BLE001  (a dead replica: the driver restarts it)
+                    failed.append(i)
+                    del alive[i]
+
+        for bucket in buckets(iter_full_params(self.model), int(bucket_mb * 2**20)):
+            if self.rank == 0 and alive:
+                send("load_weights", {k: v.to("cpu") for k, v in bucket.items()})
+                n_buckets += 1
+                n_bytes += sum(v.numel() * v.element_size() for v in bucket.values())
+        if self.rank == 0 and alive:
+            send("finish_sync")
+        return {"seconds": time.perf_counter() - t0, "buckets": n_buckets, "bytes": n_bytes, "failed": failed}
+
+    def export(self, path: str) -> None:
+        """Write an HF folder of the current policy (rank 0 writes; every rank must call it)."""
+        sd = full_state_dict(self.model)
+        if self.rank == 0:
+            write_vlm(self.model, self.processor, path, state_dict=sd if is_sharded(self.model) else None)
 
     def save(self, path: str) -> None:
-        self.model.save_pretrained(path)
-        self.processor.save_pretrained(path)
-
-    def optim_state(self) -> dict:
-        return {"optimizer": self.opt.state_dict(), "scheduler": self.sched.state_dict()}
-
-    def load_optim_state(self, state: dict) -> None:
-        self.opt.load_state_dict(state["optimizer"])
-        self.sched.load_state_dict(state["scheduler"])
+        self.export(path)
 
     def generate_greedy(self, records, *, max_new_tokens: int = 48) -> list[str]:
-        return generate_greedy(self.model, self.processor, records, max_new_tokens=max_new_tokens)
+        """Greedy answers to prompt records (every rank decodes its share, all return all)."""
+        with self._autocast():
+            return generate_greedy(self.model, self.processor, records, max_new_tokens=max_new_tokens)
 
 
-class CriticWorker:
+class CriticWorker(Trainer):
     """The shared critic: ONE value model for every task type."""
 
-    def __init__(self, path: str, *, optim: OptimConfig, total_steps: int = 1, dtype: str = "float32", seed: int = 0):
-        _threads()
+    def __init__(self, path: str, *, optim: OptimConfig | None, total_steps: int = 1, dtype: str = "float32",
+                 seed: int = 0, fsdp: FSDPConfig = FSDPConfig()):
+        set_threads()
         torch.manual_seed(seed + 1)
-        self.device = _device()
-        self.model = ValueModel.from_pretrained(path, dtype=getattr(torch, dtype)).to(self.device)
+        self.device = device()
+        self.model = ValueModel.from_pretrained(path, dtype=torch.float32).to(self.device)
         self.model.train()
-        self.opt, self.sched = make_optimizer(self.model, optim, total_steps)
-        self.max_grad_norm = optim.max_grad_norm
+        self._setup(optim=optim, total_steps=total_steps, dtype=dtype, fsdp=fsdp, checkpointed=self.model.backbone)
 
     @torch.no_grad()
     def values(self, seq: SequenceBatch, *, micro_batch_size: int = 32) -> Tensor:
         """(B, T) values on label positions: values[:, t] = V(state before label token t + 1)."""
         B, T = seq.rows, seq.input_ids.shape[1] - 1
         out = torch.zeros(B, T)
-        row = 0
-        for mb in micro_batches(seq, micro_batch_size):
-            v = self.model(**mb.model_inputs(self.device))[:, :-1].cpu()
-            out[row:row + v.shape[0], :v.shape[1]] = v
-            row += v.shape[0]
-        return out
+        mine = shard_rows(range(B), rank=self.rank, world=self.world)
+        for rows, real in padded_chunks(mine, micro_batch_size, total=B, world=self.world):
+            with self._autocast():
+                v = self.model(**seq.select(rows).model_inputs(self.device))[:, :-1].float().cpu()
+            if real:
+                out[rows, :v.shape[1]] = v
+        return all_reduce_sum(out)
 
     def update(self, batch: RolloutBatch, *, ppo: PPOConfig, minibatch_rows: Sequence[Sequence[int]]) -> dict[str, float]:
         """Clipped value regression on batch.returns around batch.values (both (B, T))."""
         sums: dict[str, float] = {}
         for rows in minibatch_rows:
-            norm = _norm(batch.mask[list(rows)], agg=ppo.agg)
-            n_tok = norm["num_tokens"]
-            total = 0.0
-            for mb in batch.micro_batches(ppo.micro_batch_size, order=rows):
-                mb = mb.to(self.device)
-                v = self.model(**mb.seq.model_inputs())[:, :-1]
+            rows = list(rows)
+            norm = _norm(batch.mask[rows], agg=ppo.agg, world=self.world)
+            n_tok = max(1, int(batch.mask[rows].sum()))
+            part: dict[str, float] = {"loss": 0.0}
+            mine = shard_rows(rows, rank=self.rank, world=self.world)
+            for chunk, real in padded_chunks(mine, ppo.micro_batch_size, total=len(rows), world=self.world):
+                mb = batch.select(chunk).to(self.device)
+                with self._autocast():
+                    v = self.model(**mb.seq.model_inputs())[:, :-1]
                 loss, m = value_loss(v, mb.values, mb.returns, mb.mask, clip=ppo.value_clip, **norm)
-                loss.backward()
-                total += float(loss.detach())
-                w = mb.mask.sum().item() / max(1, n_tok)
+                (loss if real else loss * 0.0).backward()   # a padding pass counts for nothing
+                part["loss"] += float(loss.detach()) * (1.0 if real else 0.0)
+                w = mb.mask.sum().item() / n_tok * (1.0 if real else 0.0)
                 for k, val in m.items():
-                    sums[k] = sums.get(k, 0.0) + float(val) * w
-            if not math.isfinite(total):
+                    part[k] = part.get(k, 0.0) + float(val) * w
+            part = _gather_part(part, self.world, scaled=("loss",))
+            if not math.isfinite(part["loss"]):
                 self.opt.zero_grad(set_to_none=True)
                 sums["skipped_nonfinite"] = sums.get("skipped_nonfinite", 0.0) + 1
                 continue
-            gn = optimizer_step(self.model, self.opt, self.sched, self.max_grad_norm)
-            sums["loss"] = sums.get("loss", 0.0) + total
-            sums["grad_norm"] = sums.get("grad_norm", 0.0) + float(gn)
+            part["grad_norm"] = self._step()
+            for k, v in part.items():
+                sums[k] = sums.get(k, 0.0) + v
         denom = max(1, len(minibatch_rows))
         return {f"critic/{k}": v / denom for k, v in sums.items()}
 
+    def export(self, path: str) -> None:
+        """Write the critic folder (backbone + value head); rank 0 writes, every rank must call it."""
+        sd = full_state_dict(self.model)
+        if self.rank == 0:
+            self.model.save_pretrained(path, state_dict=sd if is_sharded(self.model) else None)
+
     def save(self, path: str) -> None:
-        self.model.save_pretrained(path)
+        self.export(path)
 
-    def optim_state(self) -> dict:
-        return {"optimizer": self.opt.state_dict(), "scheduler": self.sched.state_dict()}
 
-    def load_optim_state(self, state: dict) -> None:
-        self.opt.load_state_dict(state["optimizer"])
-        self.sched.load_state_dict(state["scheduler"])
+def _gather_part(part: dict[str, float], world: int, *, scaled: tuple[str, ...]) -> dict[str, float]:
+    """A minibatch's metrics summed over the ranks; the `scaled` ones (losses over the token count
+    divided by the world size) divided by the world size back to the minibatch mean."""
+    if world == 1:
+        return part
+    total = all_reduce_floats(part)   # every rank ran the same passes, so every rank has the same keys
+    return {k: v / world if k in scaled else v for k, v in total.items()}
 
 
 class RewardWorker:
     """The hybrid reward: verifier process pool + (optional) reward model, scoring rollouts."""
 
     def __init__(self, cfg: RewardConfig, *, reward_model: str | None = None):
-        _threads()
+        set_threads()
         self.cfg = cfg
         self.pool = VerifierPool.from_config(cfg.pool).wait_ready()
         self.rm = None
         if reward_model:
-            self.rm = RewardModelScorer(reward_model)
+            self.rm = RewardModelScorer(reward_model, device=str(device()))
 
     def score(self, samples: Sequence[RewardInput]) -> list[RewardResult]:
         return score_batch(samples, self.cfg, rm=self.rm, pool=self.pool)
@@ -252,3 +298,4 @@ class RewardWorker:
 
     def close(self) -> None:
         self.pool.close()
+

@@ -73,9 +73,22 @@ class HFEngine:
     @torch.no_grad()
     def sync_weights(self, state: Mapping[str, torch.Tensor]) -> None:
         """Copy `state` (HF names; whole or partial) into the model."""
+        self.load_weights(state)
+
+    @torch.no_grad()
+    def load_weights(self, state: Mapping[str, torch.Tensor]) -> None:
         unexpected = self.model.load_state_dict(dict(state), strict=False).unexpected_keys
         if unexpected:
             raise KeyError(f"sync_weights: names not in the model: {unexpected[:5]}")
+
+    def finish_sync(self) -> None:
+        """Nothing is cached across calls."""
+
+    def sleep(self) -> None:
+        """The HF engine keeps its weights (it serves tests and small models)."""
+
+    def wake_up(self) -> None:
+        """See `sleep`."""
 
     def close(self) -> None:
         self.model = None

@@ -76,8 +76,25 @@ class Engine(Protocol):
         ...
 
     def sync_weights(self, state: Mapping[str, torch.Tensor]) -> None:
-        """Load new policy weights. `state` uses HF transformers parameter names (as in
-        `model.state_dict()`); pass the whole state dict or whole layers (see the backend)."""
+        """Load new policy weights and drop what was computed with the old ones. `state` uses HF
+        transformers parameter names (as in `model.state_dict()`), the whole model or whole layers."""
+        ...
+
+    def load_weights(self, state: Mapping[str, torch.Tensor]) -> None:
+        """Load part of the new weights (whole layers); `finish_sync` after the last part."""
+        ...
+
+    def finish_sync(self) -> None:
+        """Drop every cache computed with the old weights (after the last `load_weights`)."""
+        ...
+
+    def sleep(self) -> None:
+        """Free the weights and the KV cache while trainers share the device (a no-op where the
+        engine cannot sleep)."""
+        ...
+
+    def wake_up(self) -> None:
+        """Take the device memory back after `sleep`."""
         ...
 
     def close(self) -> None:
@@ -116,3 +133,6 @@ class EngineConfig:
     (starts in seconds instead of ~30 s; weights sync without serialisation), no on cuda."""
     cache_root: str = ""
     """VLLM_CACHE_ROOT; '' uses a per-user folder under the system temp dir."""
+    enable_sleep_mode: bool = False
+    """Let the engine free its GPU memory between rollouts (vLLM sleep mode, CUDA only; trainers
+    colocated on the same GPUs use it)."""

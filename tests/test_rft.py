@@ -8,6 +8,7 @@ import pytest
 
 import recipe.cli
 from recipe.rft import accept_samples, run_rft, sft_record
+from rollout.types import EngineConfig
 from recipe.sft import SFTConfig
 from records import Record, load_records
 from rewards.config import PoolConfig, RewardConfig
@@ -104,7 +105,7 @@ def test_rft_trains_the_next_model(tmp_path, sft_run):
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
     sft = dataclasses.replace(SFTConfig(), steps=1, batch_size=2, save_every=0, eval_data=None)
     s = run_rft(str(sft_run["final"]), str(data), str(tmp_path / "d"), k=2, reward_cfg=RewardConfig(pool=PoolConfig(workers=0)),
-                sft_cfg=sft, backend="hf", max_tokens=40, temperature=0.0, progress=False)
+                sft_cfg=sft, engine=EngineConfig(backend="hf"), max_tokens=40, temperature=0.0, progress=False)
     if s["counts"]["accepted"] == 0:
         pytest.skip("no accepted sample on these prompts")
     assert (tmp_path / "d" / "sft" / "final" / "model.safetensors").is_file()

@@ -14,7 +14,6 @@ from rl.algos import kl as kl_estimate
 from rl.batch import RolloutBatch
 from rl.config import GRPOConfig, KLConfig, PPOConfig, RLConfig, RolloutConfig
 from rl.driver import compute_advantages, evaluate_run, fit, minibatch_rows, prompt_pool, uses_kl
-from rl.placement import Future
 from rl.workers import PolicyWorker
 from rollout import make_engine
 from rollout.sequences import build_sequences
@@ -22,6 +21,7 @@ from rollout.types import Completion, EngineConfig, Prompt, SamplingConfig
 from rollout.worker import RolloutWorker
 from training.config import ConfigError
 from training.optim import OptimConfig
+from training.placement import Future
 
 
 def _toy_batch():
@@ -292,7 +292,7 @@ def test_ray_smoke_with_vllm_rollouts(tmp_path, sft_run):
         assert r["actor/clip_frac_high"] == r["actor/clip_frac_low"] == 0.0
         assert r["response/entropy"] > 0 and "rollout/logp_gap_max" not in r
     assert (final / "model.safetensors").is_file()
-    assert (tmp_path / "run" / "checkpoints" / "step-000002" / "critic" / "value_head.safetensors").is_file()
+    assert (tmp_path / "run" / "checkpoints" / "step-000002" / "critic" / ".metadata").is_file()   # sharded state
 
 
 def test_greedy_eval_gets_the_rollouts_token_budget(sft_run, tmp_path):
@@ -305,6 +305,8 @@ def test_greedy_eval_gets_the_rollouts_token_budget(sft_run, tmp_path):
             return Future([f"<think>x</think>{r.answer}" for r in recs])
 
     cfg = _cfg(sft_run, tmp_path / "run", rollout=RolloutConfig(backend="hf", n=2, max_tokens=56))
-    table, gens = evaluate_run(SimpleNamespace(cfg=cfg, eval_records=records, actor=Actor(), reward=None))
+    run = SimpleNamespace(cfg=cfg, eval_records=records, actor=Actor(), rm_scores=lambda items: [])
+    run.greedy = lambda recs: rl.driver.RLRun.greedy(run, recs)
+    table, gens = evaluate_run(run)
     assert calls == [("generate_greedy", {"max_new_tokens": 56})]
     assert table["all"]["accuracy"] == 1.0 and [g.id for g in gens] == [r.id for r in records]

@@ -7,10 +7,10 @@ import tempfile
 
 import pytest
 
-from rl.placement import start_local_ray
 from rollout import EngineConfig, SamplingConfig
 from rollout.worker import RolloutWorker
 from tests.rollout_checks import make_prompts
+from training.placement import start_local_ray
 
 pytestmark = [pytest.mark.ray, pytest.mark.vllm,
               pytest.mark.skipif(importlib.util.find_spec("vllm") is None, reason="vLLM is not installed")]

@@ -13,7 +13,7 @@ import random
 import shutil
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -89,28 +89,19 @@ def latest_checkpoint(run_dir: str | os.PathLike) -> Path | None:
     return ckpt if (ckpt / "trainer_state.pt").is_file() else None
 
 
-def save_checkpoint(run_dir: str | os.PathLike, step: int, *, models: dict[str, Any], state: dict,
-                    keep: int = 2) -> Path:
-    """Write models (name -> (model, processor) or an object with save_pretrained) and trainer state.
-
-    The policy is saved at the checkpoint's top level (an HF folder usable on its own); other
-    models in sub-folders. Old checkpoints beyond `keep` are removed.
-    """
+def save_checkpoint(run_dir: str | os.PathLike, step: int, write: Callable[[Path], dict], *, keep: int = 2) -> Path:
+    """Write checkpoint `step` of the run: `write(folder)` saves the models and optimizers into the
+    folder (each trainer its own way: an HF folder, or the shards of every rank) and returns the
+    rest of the trainer state, saved with the step and the RNG in `trainer_state.pt`. The folder
+    appears complete or not at all; checkpoints beyond the newest `keep` are removed."""
     root = Path(run_dir) / "checkpoints"
     name = f"step-{step:06d}"
 
-    def write(d: Path) -> None:
-        for key, obj in models.items():
-            target = d if key == "policy" else d / key
-            target.mkdir(parents=True, exist_ok=True)
-            if isinstance(obj, tuple):
-                obj[0].save_pretrained(target)
-                obj[1].save_pretrained(target)
-            else:
-                obj.save_pretrained(target)
+    def write_all(d: Path) -> None:
+        state = write(d)
         torch.save({**state, "step": step, "rng": rng_state()}, d / "trainer_state.pt")
 
-    path = atomic_dir(root / name, write)
+    path = atomic_dir(root / name, write_all)
     write_text(root / "latest", name)
     ckpts = sorted(p for p in root.glob("step-*") if p.is_dir())
     for old in ckpts[:-keep] if keep > 0 else []:
@@ -122,15 +113,15 @@ def load_trainer_state(ckpt: Path) -> dict:
     return torch.load(ckpt / "trainer_state.pt", weights_only=False)
 
 
-def start_or_resume(out: Path, ckpt: Path | None, cfg: Any, log: MetricsLog, opt, sched) -> int:
-    """Restore optimizer, scheduler, RNG and step from `ckpt` (dropping log rows past it), or
-    record the config of a fresh run in `out/config.json`. Returns the step to continue from."""
+def start_run(out: Path, ckpt: Path | None, cfg: Any, log: MetricsLog, load: Callable[[Path, dict], None]) -> int:
+    """Resume from `ckpt` (`load(ckpt, trainer state)` restores the trainers; the RNG and the step
+    come from the trainer state, log rows past it are dropped), or record the config of a fresh run
+    in `out/config.json`. Returns the step to continue from."""
     if ckpt is None:
         write_text(Path(out) / "config.json", json.dumps(to_dict(cfg), indent=1))
         return 0
     state = load_trainer_state(ckpt)
-    opt.load_state_dict(state["optimizer"])
-    sched.load_state_dict(state["scheduler"])
+    load(ckpt, state)
     set_rng_state(state["rng"])
     log.truncate_after(state["step"])
     print(f"resumed from {ckpt} at step {state['step']}")

@@ -21,7 +21,7 @@ def score(response, answer, **settings):
     ("\\boxed{7}", "7", 1.0),
     ("4 + 3 = 7, so \\boxed{7}.", "7", 1.0),
     ("\\boxed{8}", "7", 0.0),
-    ("First \\boxed{3}, no wait: \\boxed{7}", "7", 1.0),          # the last box counts
+    ("First \\boxed{3}, no wait: \\boxed{7}", "7", 0.0),          # two boxes answer together: {3, 7}
     ("\\boxed{\\frac{14}{2}}", "7", 1.0),
     ("\\boxed{\\frac{1}{2}}", "0.5", 1.0),
     ("\\boxed{0.5}", "\\frac12", 1.0),

@@ -75,7 +75,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--math-verify-tests", metavar="DIR", help="a Math-Verify checkout's tests/ folder")
     p.add_argument("--quiet", action="store_true", help="only the summary lines")
     args = p.parse_args(argv)
-    sets = {str(c): read_cases(c) for c in args.cases or ([] if args.math_verify_tests else [DEFAULT_CASES])}
+    paths = args.cases or ([DEFAULT_CASES] if Path(DEFAULT_CASES).is_file() else [])
+    sets = {str(c): read_cases(c) for c in paths}
     if args.math_verify_tests:
         for name in MULTI_ANSWER_TESTS:
             sets[f"{args.math_verify_tests}/{name}"] = table_cases(Path(args.math_verify_tests) / name)

@@ -6,9 +6,10 @@ import time
 from dataclasses import dataclass
 from typing import Sequence
 
-from records import DataError, load_images
+from records import load_images
 from rewards.hybrid import score_batch
 from rewards.inputs import reward_inputs
+from rewards.judge import TimedJudge, load_judge
 from rewards.pool import VerifierPool
 from rewards.rm import RewardModelScorer
 from rollout import make_engine
@@ -28,16 +29,6 @@ def needs_rm(record, reward_cfg) -> bool:
     return reward_cfg.route(record.task).use_rm
 
 
-def check_routes(records, reward_cfg) -> None:
-    """Every record's task has a reward route; else a DataError naming the record."""
-    for r in records:
-        try:
-            reward_cfg.route(r.task)
-        except KeyError as e:
-            path, _, line = r.source.rpartition(":")
-            raise DataError(path or r.source, int(line) if line.isdigit() else 0, "task", str(e).strip("'\"")) from None
-
-
 def load_reward_model(path: str | None):
     """The reward model scorer for `--rm DIR` (it loads a VLM), or None."""
     if not path:
@@ -50,12 +41,14 @@ def sample_and_score(model_dir: str, records: Sequence, *, k: int, backend: str,
                      dtype: str = "float32", progress: bool = True) -> list[list[Scored]]:
     """result[i][j]: sample j of records[i] with its reward. Prompts go to the engine `chunk` at a time
     (default 32 for hf, which bounds its padded batch; 512 for vLLM, which schedules its own batches); chunk c is seeded with seed + start * k, so the samples of
-    a prompt do not depend on the chunk size under vLLM on GPU. Tasks routed to the reward model need `rm`."""
+    a prompt do not depend on the chunk size under vLLM on GPU. Tasks routed to the reward model need `rm`;
+    the judge of judged tasks is loaded from `reward_cfg.judge`."""
     if k < 1:
         raise ValueError(f"k must be >= 1, got {k}")
     unseeded = seed is None
     chunk = chunk or (512 if backend == "vllm" else 32)
     t0 = time.perf_counter()
+    judge = TimedJudge(load_judge(reward_cfg.judge)) if reward_cfg.uses_judge else None
     engine = make_engine(str(model_dir), EngineConfig(backend=backend, dtype=dtype), seed=seed or 0)
     t_engine = time.perf_counter() - t0
     out: list[list[Scored]] = []
@@ -71,7 +64,7 @@ def sample_and_score(model_dir: str, records: Sequence, *, k: int, backend: str,
                                           seed=None if unseeded else seed + start * k)
                 completions = engine.generate(prompts, sampling)
                 t2 = time.perf_counter()
-                results = score_batch(reward_inputs(part, completions), reward_cfg, rm=rm, pool=pool)
+                results = score_batch(reward_inputs(part, completions), reward_cfg, rm=rm, pool=pool, judge=judge)
                 t_score += time.perf_counter() - t2
                 t_gen += t2 - t1
                 for i, group in enumerate(completions):
@@ -82,6 +75,7 @@ def sample_and_score(model_dir: str, records: Sequence, *, k: int, backend: str,
     finally:
         engine.close()
     if progress:
-        print(f"[sample] {backend} engine start {t_engine:.1f} s, generate {t_gen:.1f} s, score {t_score:.1f} s")
+        cost = f" (judge {judge.seconds:.1f} s, {judge.calls} calls)" if judge is not None else ""
+        print(f"[sample] {backend} engine start {t_engine:.1f} s, generate {t_gen:.1f} s, score {t_score:.1f} s{cost}")
     return out
 

@@ -19,15 +19,18 @@ from model.inputs import encode_sft
 from model.load import load_vlm, save_vlm
 from records import load_images, load_records
 from records.mixture import batch_indices, check_task_weights, weighted_records
-from rewards.evaluate import eval_subset, evaluate, format_table, write_eval
+from rewards.config import RewardConfig
+from rewards.evaluate import eval_subset, evaluate, format_table, local_scorer, write_eval
+from rewards.pool import VerifierPool
+from training.config import ConfigError, check_input
 from training.optim import OptimConfig, make_optimizer, optimizer_step
 from training.runlog import MetricsLog, latest_checkpoint, over_budget, periodic, save_checkpoint, start_or_resume
 
 
 @dataclass(frozen=True)
 class SFTConfig:
-    model: str = "runs/tiny/model"        # HF folder of the starting model
-    data: str = "runs/tiny/data/sft.jsonl"  # SFT records (last message is the assistant's)
+    model: str = ""                       # HF folder of the starting model (required)
+    data: str = ""                        # SFT records, last message the assistant's (required)
     eval_data: str | None = None          # prompt records for held-out eval during/after training
     out: str = "runs/tiny/sft"            # run folder: checkpoints/, final/, metrics.jsonl, tb/
     steps: int = 1000                     # optimizer steps
@@ -46,16 +49,30 @@ class SFTConfig:
     task_weights: dict[str, int] = field(default_factory=dict)
     """Records of a task appear this many times per epoch (default 1): a slow-to-learn task
     (grounding) gets more of the batches without drawing more distinct examples."""
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    """The reward routes, as in an RL config: the tasks they route are the ones the data may hold,
+    and the held-out eval scores with them (the training reward's mean and the verifiers' accuracy)."""
 
     def __post_init__(self):
         check_task_weights(self.task_weights)   # at load time, with the config file's name
+        unrouted = sorted(set(self.task_weights) - self.reward.known_tasks)
+        if unrouted:
+            raise ConfigError(f"task_weights: task(s) {unrouted} have no reward route (route them under reward.tasks)")
+
+    def check_inputs(self) -> None:
+        """ConfigError naming the key of an input that is not set or does not exist."""
+        check_input("model", self.model, kind="model")
+        check_input("data", self.data, kind="data")
+        check_input("eval_data", self.eval_data, kind="data", required=False)
 
 
 def train_sft(cfg: SFTConfig, *, resume: bool = True, progress: bool = True) -> Path:
     """Run SFT; returns the folder of the final model (`out/final`)."""
+    cfg.check_inputs()
     out = Path(cfg.out)
-    records = weighted_records(load_records(cfg.data, require="target"), cfg.task_weights)
-    eval_records = load_records(cfg.eval_data, require="prompt") if cfg.eval_data else []
+    tasks = cfg.reward.known_tasks
+    records = weighted_records(load_records(cfg.data, tasks=tasks, require="target"), cfg.task_weights)
+    eval_records = load_records(cfg.eval_data, tasks=tasks, require="prompt") if cfg.eval_data else []
     ckpt = latest_checkpoint(out) if resume else None
     torch.manual_seed(cfg.seed)
     model, processor = load_vlm(ckpt or cfg.model, dtype=cfg.dtype, train=True)
@@ -68,9 +85,15 @@ def train_sft(cfg: SFTConfig, *, resume: bool = True, progress: bool = True) -> 
                         state={"optimizer": opt.state_dict(), "scheduler": sched.state_dict()},
                         keep=cfg.keep_checkpoints)
 
+    # the held-out eval's verifiers run in their pool (timeouts), started on the first eval
+    pool: list[VerifierPool] = []
+
     def run_eval(at: int, limit: int) -> dict:
         recs = eval_subset(eval_records, limit)
-        table, gens = evaluate(model, processor, recs, max_new_tokens=cfg.eval_max_new_tokens)
+        if not pool:
+            pool.append(VerifierPool.from_config(cfg.reward.pool))
+        table, gens = evaluate(model, processor, recs, max_new_tokens=cfg.eval_max_new_tokens, reward_cfg=cfg.reward,
+                               scorer=local_scorer(cfg.reward, pool=pool[0]))
         log.log(at, {f"eval/{t}/{k}": v for t, row in table.items() for k, v in row.items()
                      if k != "n" and v is not None})
         return table, gens
@@ -130,5 +153,7 @@ def train_sft(cfg: SFTConfig, *, resume: bool = True, progress: bool = True) -> 
         table, gens = run_eval(step, 0)
         write_eval(out / "eval.json", table, gens)
         print(format_table(table, f"held-out after SFT ({step} steps)"))
+    for p in pool:
+        p.close()
     log.close()
     return final

@@ -23,6 +23,7 @@ from records import DataError, load_images, load_records, message_text
 from records.mixture import batch_indices
 from rewards.preference import bradley_terry_loss
 from training.atomic import atomic_dir
+from training.config import check_input
 from training.optim import OptimConfig, make_optimizer, optimizer_step
 from training.runlog import MetricsLog, latest_checkpoint, over_budget, periodic, save_checkpoint, start_or_resume
 from verifiers.think_format import split_think
@@ -30,9 +31,9 @@ from verifiers.think_format import split_think
 
 @dataclass(frozen=True)
 class RMConfig:
-    model: str = "runs/tiny/sft/final"    # folder to start from: a policy (fresh head) or an RM
-    data: str = "runs/tiny/prefs/prefs_train.jsonl"        # preference records (chosen, rejected)
-    eval_data: str | None = "runs/tiny/prefs/prefs_heldout.jsonl"  # held-out preference records
+    model: str = ""                       # folder to start from: a policy (fresh head) or an RM (required)
+    data: str = ""                        # preference records, chosen and rejected (required)
+    eval_data: str | None = None          # held-out preference records
     out: str = "runs/tiny/rm"             # run folder: checkpoints/, final/, metrics.jsonl, tb/, eval.json
     steps: int = 300                      # optimizer steps
     batch_size: int = 16                  # pairs per micro-batch (2x sequences per forward)
@@ -127,6 +128,9 @@ def evaluate_pairs(rm, processor, records: Sequence, *, batch_size: int = 32) ->
 
 def train_rm(cfg: RMConfig, *, resume: bool = True, progress: bool = True) -> Path:
     """Train the RM; returns the final RM folder (`out/final`). Held-out results go to `out/eval.json`."""
+    check_input("model", cfg.model, kind="model")
+    check_input("data", cfg.data, kind="data")
+    check_input("eval_data", cfg.eval_data, kind="data", required=False)
     out = Path(cfg.out)
     records = load_pairs(cfg.data)
     eval_records = load_pairs(cfg.eval_data) if cfg.eval_data else []

@@ -24,7 +24,7 @@ from tqdm import tqdm
 from model.load import load_processor
 from records import Record, load_images, load_records
 from records.mixture import batch_indices, weighted_records
-from rewards.evaluate import add_rm_scores, add_sampled_scores, eval_subset, format_table, judge, summarize, write_eval
+from rewards.evaluate import add_sampled_scores, eval_subset, format_table, judge, summarize, write_eval
 from rewards.hybrid import RewardResult
 from rewards.inputs import is_correct, reward_inputs
 from rl.algos import (decoupled_gae, dynamic_sampling_mask, group_advantages, kl_coefs, kl_penalty_rewards,
@@ -102,7 +102,7 @@ def uses_kl(kl_cfg: KLConfig) -> bool:
 def prompt_pool(cfg: RLConfig) -> list[Record]:
     """The records the steps draw prompts from: `cfg.data` with each record of task t repeated
     `cfg.task_weights[t]` times (the prompt mixture)."""
-    return weighted_records(load_records(cfg.data, require="prompt"), cfg.task_weights)
+    return weighted_records(load_records(cfg.data, tasks=cfg.reward.known_tasks, require="prompt"), cfg.task_weights)
 
 
 def step_metrics(batch: RolloutBatch, results: list[RewardResult]) -> dict[str, float]:
@@ -163,7 +163,9 @@ class RLRun:
     def __init__(self, cfg: RLConfig, *, start_from: Path | None):
         self.cfg = cfg
         self.records = prompt_pool(cfg)
-        self.eval_records = load_records(cfg.eval_data, require="prompt") if cfg.eval_data else []
+        self.eval_records = (load_records(cfg.eval_data, tasks=cfg.reward.known_tasks, require="prompt")
+                             if cfg.eval_data else [])
+        cfg.check_sources({r.task for r in self.records + self.eval_records})   # before any worker starts
         self.policy_dir = str(start_from or cfg.policy)
         r = cfg.ray
         self.own_ray = False   # whether this run started Ray (and so shuts it down in close())
@@ -275,6 +277,7 @@ def rollout_step(run: RLRun, step: int) -> tuple[list[Record], list[list[Complet
 
 def fit(cfg: RLConfig, *, resume: bool = True, progress: bool = True) -> Path:
     """Run RL; returns the final policy folder (`out/final`)."""
+    cfg.check_inputs()
     out = Path(cfg.out)
     ckpt = latest_checkpoint(out) if resume else None
     run = RLRun(cfg, start_from=ckpt)
@@ -334,6 +337,7 @@ def fit(cfg: RLConfig, *, resume: bool = True, progress: bool = True) -> Path:
         if engine_gap is not None:  # the engine runs the weights the trainer has: ~1e-5 after a sync
             metrics["rollout/logp_gap_max"] = engine_gap
         metrics.update({f"verifier_pool/{k}": float(v) for k, v in run.reward.stats().result().items()})
+        metrics.update(run.reward.take_cost().result())   # the judge's seconds and calls since the last step
         log.log(step, metrics)
         samples_log.log(step, {}, rows=[
             {"id": records[p].id, "task": records[p].task, "response": completions[p][j].text,
@@ -382,23 +386,23 @@ def _eval_metrics(table: dict) -> dict[str, float]:
 
 
 def evaluate_run(run: RLRun, limit: int = 0) -> tuple[dict, list]:
-    """(table, greedy generations): held-out accuracy per task (greedy); where a reward model is
-    loaded, its mean score on the greedy solutions of RM-routed prompts (`rm_score`); with
-    `eval_samples` = k, the mean accuracy of k samples per prompt at the rollout temperature
-    (`sampled_accuracy`) and the RM's mean score of those samples (`sampled_rm_score`)."""
+    """(table, greedy generations): per task, the training reward's mean and the verifiers' accuracy
+    of the greedy answers, scored by the reward worker (the training route: verifiers, reward model,
+    judge); the RM's mean score of RM-routed prompts (`rm_score`); with `eval_samples` = k, the same
+    over k samples per prompt at the rollout temperature (`sampled_accuracy`, `sampled_rm_score`)."""
     records = eval_subset(run.eval_records, limit)
     # greedy answers get the token budget the rollouts had
     responses = run.actor.generate_greedy(records, max_new_tokens=run.cfg.rollout.max_tokens).result()
-    gens = judge(records, responses)
+
+    def scorer(inputs):
+        return run.reward.score(inputs).result()
+
+    gens = judge(records, responses, run.cfg.reward, scorer=scorer)
     table = summarize(gens)
-
-    def rm_score(items):
-        return run.reward.rm_scores(items).result()
-
-    table = add_rm_scores(table, records, responses, run.cfg.reward, rm_score)
     k, ro = run.cfg.eval_samples, run.cfg.rollout
     if k:  # avg@k with the rollout engine at the training temperature; one fixed seed for every eval
         prompts = [Prompt(r.prompt_messages, load_images(r)) for r in records]
         groups = run.generate(prompts, SamplingConfig.of(ro, n=k, seed=run.cfg.seed + 7))
-        table = add_sampled_scores(table, records, [[c.text for c in g] for g in groups], run.cfg.reward, rm_score)
+        table = add_sampled_scores(table, records, [[c.text for c in g] for g in groups], run.cfg.reward,
+                                   scorer=scorer)
     return table, gens

@@ -301,9 +301,13 @@ class MathAnswer:
                 if len(contents) > 1:
                     # Several different boxes answer together, as math-verify reads them: one set
                     # ("\\boxed{(3, 3)} and \\boxed{(1, 1)}"), so a hedge between values is not the value.
-                    return self._latex("$" + ", ".join(contents) + "$") or [", ".join(contents)]
+                    found = self._latex("$" + ", ".join(contents) + "$") or [", ".join(contents)]
+                    _check_beside_boxes(text[:all_boxes(text)[0][0]], text[boxed[1]:], found)
+                    return found
                 # one box (maybe repeated), plus a short tail for "\\boxed{28} pct"
                 found = self._latex(text[boxed[0]:boxed[1] + 20])
+                if _parsed(found):
+                    _check_beside_boxes(text[:all_boxes(text)[0][0]], text[boxed[1]:], found)
             if _parsed(found):
                 return found
         finals = list(_FINAL_NUMBER.finditer(text)) or list(_ANSWER_NUMBER.finditer(text))
@@ -350,6 +354,44 @@ class MathAnswer:
             if qualified(text, start, m.end()):
                 raise _Hedged("a qualified final answer")
         return values[-1]
+
+
+# What may stand between a box and a second value offered beside it: punctuation, LaTeX spacing and
+# the words of a disjunction ("\\boxed{7}, 8", "\\boxed{7} (or 8)", "8 or \\boxed{7}"); after the box
+# also the words that offer another answer ("\\boxed{7}; it could also be 8"). Before a box, "is"
+# and the like introduce it ("the sum of 3 and 4 is \\boxed{7}"), so they do not connect there.
+_PUNCT = r"[\s$.,;:!?()\[\]/|&~-]|\\[,;:! ]|\\q?quad"
+_OR = r"or|either|nor|maybe|perhaps|possibly|probably|alternatively|otherwise|else"
+_BEFORE_BOX = re.compile(rf"(?:{_PUNCT}|\b(?:{_OR})\b)*", re.I)
+_AFTER_BOX = re.compile(rf"(?:{_PUNCT}|\b(?:{_OR}|also|could|might|would|be|it|is|was|the|answer|and)\b)*", re.I)
+_TEXT = re.compile(r"\\text\{([^{}]*)\}")
+
+
+def _check_beside_boxes(before: str, after: str, found: list) -> None:
+    """Raise _Hedged when a plain number offered beside the boxes, with nothing but punctuation and
+    words of a disjunction between, is none of the boxed values. Other numbers around the boxes are
+    work or context ("4 + 3 = 7, so", "after 5 years"); numbers inside a command's braces or an
+    exponent ("\\pmod{11}", "cm^2") are not plain."""
+    import sympy  # heavy, as in _number
+
+    values = [v for v in found if not isinstance(v, str)]
+    before, after = _TEXT.sub(r" \1 ", before), _TEXT.sub(r" \1 ", after)
+    # only the number closest to the boxes on each side can have nothing but connectors in between
+    last, first = _last(_NUMBER, before), _NUMBER.search(after)
+    beside = ([last] if last and _BEFORE_BOX.fullmatch(before[last.end():]) else []) + \
+             ([first] if first and _AFTER_BOX.fullmatch(after[:first.start()]) else [])
+    for m in beside:
+        if not any(_same_number(_number(m), v, sympy) for v in values):
+            raise _Hedged("a second value beside the boxes")
+
+
+def _same_number(n, v, sympy) -> bool:
+    try:
+        if isinstance(v, sympy.Set):
+            return bool(v.contains(n) == sympy.true)
+        return abs(float(n) - float(v)) <= 1e-9 * max(1.0, abs(float(v)))
+    except (TypeError, ValueError, AttributeError):
+        return False
 
 
 def _last(pattern: re.Pattern, text: str) -> re.Match | None:

@@ -3,7 +3,8 @@
 The reference is a letter ("B") or an option's text; `meta["options"]` lists the option texts
 (a list, A first, or a {"A": text} mapping). The solution may give "B", "(B)", "B.", "B) text",
 "\\boxed{B}", "Answer: B", or the option's text. A solution that chooses two different options
-("A or B", "(A) (B)", "\\boxed{A} \\boxed{B}", the texts of two options) is a hedge and scores 0.
+("A or B", "(A) (B)", "\\boxed{A} \\boxed{B}", the texts of two options, a letter and another
+option's text) is a hedge and scores 0.
 """
 from __future__ import annotations
 
@@ -54,6 +55,19 @@ def chosen_letters(text: str, letters: str) -> list[str]:
     return distinct(letter for _, letter in sorted(found))
 
 
+def named_options(text: str, options: Mapping[str, str]) -> list[str]:
+    """The options whose full text the solution writes, by position; an option text found only
+    inside the match of a longer one ("red" in "red square") does not count."""
+    norm = _norm(text)
+    spans = []
+    for key, option in options.items():
+        needle = _norm(option)
+        if needle:
+            spans += [(m.start(), m.end(), key) for m in re.finditer(rf"(?<!\w){re.escape(needle)}(?!\w)", norm)]
+    kept = [a for a in spans if not any(b[0] <= a[0] and a[1] <= b[1] and b[1] - b[0] > a[1] - a[0] for b in spans)]
+    return distinct(key for _, _, key in sorted(kept))
+
+
 @register("multiple_choice")
 @dataclass(frozen=True)
 class MultipleChoice:
@@ -77,11 +91,8 @@ class MultipleChoice:
                 raise ValueError(f"multiple_choice: reference {ref[:80]!r} names no option")
             ref_letter = by_text[0]
         text = sample.response[-MAX_CHARS:]
-        got = chosen_letters(text, letters)
-        if not got and options:
-            # the option's text instead of its letter
-            norm = _norm(text)
-            got = [k for k, v in options.items() if _norm(v) and re.search(rf"\b{re.escape(_norm(v))}\b", norm)]
+        # an option is chosen by its letter or by its text; "B) Rome" (Rome being C) names two
+        got = distinct(chosen_letters(text, letters) + named_options(text, options))
         if not got:
             return Score(0.0, {"parsed": 0.0})
         if len(got) > 1:

@@ -22,7 +22,7 @@ from records.mixture import batch_indices, check_task_weights, weighted_records
 from rewards.config import RewardConfig
 from rewards.evaluate import eval_subset, evaluate, format_table, local_scorer, write_eval
 from rewards.pool import VerifierPool
-from training.config import ConfigError, check_input
+from training.config import check_input
 from training.optim import OptimConfig, make_optimizer, optimizer_step
 from training.runlog import MetricsLog, latest_checkpoint, over_budget, periodic, save_checkpoint, start_or_resume
 
@@ -55,9 +55,6 @@ class SFTConfig:
 
     def __post_init__(self):
         check_task_weights(self.task_weights)   # at load time, with the config file's name
-        unrouted = sorted(set(self.task_weights) - self.reward.known_tasks)
-        if unrouted:
-            raise ConfigError(f"task_weights: task(s) {unrouted} have no reward route (route them under reward.tasks)")
 
     def check_inputs(self) -> None:
         """ConfigError naming the key of an input that is not set or does not exist."""

@@ -8,7 +8,7 @@ from recipe.filter import run_filter
 from recipe.report import write_report
 from recipe.rft import run_rft
 from recipe.sft import SFTConfig
-from rewards.config import RewardConfig
+from recipe.reward_config import load_reward_config
 from rl.algos.difficulty import parse_band
 from rollout.types import EngineConfig
 from training.config import load_config
@@ -41,10 +41,6 @@ def _non_negative_float(text: str) -> float:
     return v
 
 
-def _reward_config(args):
-    return load_config(RewardConfig, args.reward_config, args.reward_set)
-
-
 def _engine_config(args) -> EngineConfig:
     """--backend plus the --engine KEY=VALUE settings (any EngineConfig field)."""
     return load_config(EngineConfig, None, [f"backend={args.backend}", *args.engine])
@@ -65,24 +61,30 @@ def _sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-tokens", type=_positive_int, default=64, help="response length limit (default 64)")
     p.add_argument("--temperature", type=_non_negative_float, default=1.0, help="sampling temperature (default 1)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--reward-config", help="YAML reward config (rewards.config.RewardConfig): routes, verifier pool")
+    p.add_argument("--reward-config", help="YAML reward config (rewards.config.RewardConfig: routes, verifier pool, "
+                                           "judge), or an RL / SFT config (its reward section) or a pipeline "
+                                           "config (rl.reward)")
     p.add_argument("--reward-set", action="append", default=[], metavar="KEY=VALUE",
                    help="dotted reward-config override, e.g. pool.workers=0 (repeatable)")
     p.add_argument("--quiet", action="store_true", help="no progress lines")
 
 
 def cmd_filter(args) -> int:
-    run_filter(args.model, args.data, args.output, k=args.k, band=args.band, reward_cfg=_reward_config(args),
-               engine=_engine_config(args), replicas=args.replicas, rm_path=args.rm, min_std=args.min_std, max_tokens=args.max_tokens,
-               temperature=args.temperature, seed=args.seed, progress=not args.quiet)
+    reward_cfg, route_key = load_reward_config(args.reward_config, args.reward_set)
+    run_filter(args.model, args.data, args.output, k=args.k, band=args.band, reward_cfg=reward_cfg,
+               engine=_engine_config(args), replicas=args.replicas, rm_path=args.rm, min_std=args.min_std,
+               max_tokens=args.max_tokens, temperature=args.temperature, seed=args.seed, progress=not args.quiet,
+               route_key=route_key)
     return 0
 
 
 def cmd_rft(args) -> int:
     sft_cfg = None if args.no_train else load_config(SFTConfig, args.sft_config, args.overrides)
-    run_rft(args.model, args.data, args.output_dir, k=args.k, reward_cfg=_reward_config(args), sft_cfg=sft_cfg,
-            engine=_engine_config(args), replicas=args.replicas, rm_path=args.rm, max_per_prompt=args.max_per_prompt, max_tokens=args.max_tokens,
-            temperature=args.temperature, seed=args.seed, progress=not args.quiet)
+    reward_cfg, route_key = load_reward_config(args.reward_config, args.reward_set)
+    run_rft(args.model, args.data, args.output_dir, k=args.k, reward_cfg=reward_cfg, sft_cfg=sft_cfg,
+            engine=_engine_config(args), replicas=args.replicas, rm_path=args.rm, max_per_prompt=args.max_per_prompt,
+            max_tokens=args.max_tokens, temperature=args.temperature, seed=args.seed, progress=not args.quiet,
+            route_key=route_key)
     return 0
 
 

@@ -7,25 +7,27 @@ from typing import Any
 
 from PIL import Image
 
+from recipe.reward_config import load_reward_config
 from records import DataError, iter_jsonl
 from rewards.config import RewardConfig, TaskRoute, VerifierRoute
 from rewards.hybrid import RewardInput, score_batch
+from rewards.judge import TimedJudge, load_judge
 from rewards.pool import VerifierPool
 from rewards.rm import RewardModelScorer
 from training.atomic import write_jsonl
-from training.config import load_config
-from verifiers.base import resolve
+from training.config import ConfigError
 
 CHUNK = 256   # lines scored per score_batch call
 
 
 def add_commands(sub) -> None:
     p = sub.add_parser("score", help="score responses offline with the hybrid reward's verifiers",
-                       description="Each input line: {task, response, answer?, images?, prompt?, meta?, image_sizes?}. "
-                                   "Each output line: the input plus reward and parts.")
+                       description="Each input line: {task, response, answer?, images?, prompt?, meta?, image_sizes?, "
+                                   "group?}. Each output line: the input plus reward, parts and correct.")
     p.add_argument("input", help="JSONL file of responses")
     p.add_argument("--output", "-o", required=True, help="JSONL file to write (atomically)")
-    p.add_argument("--config", help="YAML reward config (rewards.config.RewardConfig)")
+    p.add_argument("--config", help="YAML reward config (rewards.config.RewardConfig), or an RL / SFT config "
+                                    "(its reward section) or a pipeline config (rl.reward)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="dotted config override, e.g. pool.workers=0 (repeatable)")
     p.add_argument("--verifier", action="append", default=[], metavar="NAME_OR_SPEC",
@@ -70,6 +72,9 @@ def _check_row(obj: Any, path: Path, line: int) -> None:
         raise DataError(path, line, "image_sizes", "must be a list of [width, height] pairs of positive integers")
     if not isinstance(obj.get("meta", {}), dict):
         raise DataError(path, line, "meta", "must be an object")
+    group = obj.get("group")
+    if group is not None and (isinstance(group, bool) or not isinstance(group, int)):
+        raise DataError(path, line, "group", "must be an integer (lines of one prompt share it)")
 
 
 def _image_sizes(obj: dict, base: Path, path: Path, line: int) -> tuple[tuple[int, int], ...]:
@@ -87,17 +92,17 @@ def _image_sizes(obj: dict, base: Path, path: Path, line: int) -> tuple[tuple[in
 
 
 def run_score(args: argparse.Namespace) -> int:
-    cfg = load_config(RewardConfig, args.config, args.overrides)
+    cfg, route_key = load_reward_config(args.config, args.overrides)
     path, out = Path(args.input), Path(args.output)
     rows = _read(path)
     if args.verifier:
+        routes = []
         for spec in args.verifier:
             try:
-                resolve(spec)
-            except (KeyError, ValueError, ImportError, AttributeError) as e:
-                raise DataError("--verifier", 0, spec, str(e).strip("'\"")) from None
-        only = TaskRoute(verifiers=tuple(VerifierRoute(v) for v in args.verifier),
-                         format_gate=not args.no_format_gate)
+                routes.append(VerifierRoute(spec))
+            except ConfigError as e:
+                raise DataError("--verifier", 0, spec, str(e).removeprefix("verifier: ")) from None
+        only = TaskRoute(verifiers=tuple(routes), format_gate=not args.no_format_gate)
         cfg = RewardConfig(tasks={obj["task"]: only for _, obj in rows}, builtin_routes=False, pool=cfg.pool)
 
     inputs = []
@@ -105,7 +110,7 @@ def run_score(args: argparse.Namespace) -> int:
         try:
             route = cfg.route(obj["task"])
         except KeyError as e:
-            raise DataError(path, line, "task", str(e).strip("'\"")) from None
+            raise DataError(path, line, "task", f"{e.args[0]}; route it under {route_key}.{obj['task']}") from None
         if route.use_rm and not args.rm:
             raise DataError(path, line, "task", f"task {obj['task']!r} is routed to the reward model: pass "
                                                 "--rm DIR, or route it to verifiers (--verifier or --config)")
@@ -113,7 +118,8 @@ def run_score(args: argparse.Namespace) -> int:
         inputs.append(RewardInput(task=obj["task"], response=obj["response"],
                                   answer=None if answer is None else str(answer), prompt=obj.get("prompt", ""),
                                   images=tuple(str((path.parent / p).resolve()) for p in obj.get("images", [])),
-                                  image_sizes=_image_sizes(obj, path.parent, path, line), meta=obj.get("meta", {})))
+                                  image_sizes=_image_sizes(obj, path.parent, path, line), meta=obj.get("meta", {}),
+                                  group=obj.get("group")))
 
     rm = None
     if args.rm:
@@ -121,14 +127,17 @@ def run_score(args: argparse.Namespace) -> int:
         if not Path(args.rm, "config.json").is_file():
             raise DataError(args.rm, 0, "--rm", "not a reward model folder (no config.json)")
         rm = RewardModelScorer(args.rm, batch_size=args.rm_batch_size)
+    judge = TimedJudge(load_judge(cfg.judge)) if cfg.uses_judge else None
     results = []
     with VerifierPool.from_config(cfg.pool) as pool:
         for start in range(0, len(inputs), CHUNK):
-            results += score_batch(inputs[start:start + CHUNK], cfg, pool=pool, rm=rm)
+            results += score_batch(inputs[start:start + CHUNK], cfg, pool=pool, rm=rm, judge=judge)
         stats = dict(pool.stats)
 
-    write_jsonl(out, ({**obj, "reward": r.reward, "parts": r.parts} for (_, obj), r in zip(rows, results)))
+    write_jsonl(out, ({**obj, "reward": r.reward, "parts": r.parts, "correct": r.correct}
+                      for (_, obj), r in zip(rows, results)))
     mean = sum(r.reward for r in results) / len(results)
+    cost = "" if judge is None else f", judge {judge.seconds:.1f} s for {judge.calls} calls"
     print(f"scored {len(results)} lines -> {out}: mean reward {mean:.4f}, "
-          f"{stats.get('timeouts', 0)} timeouts, {stats.get('errors', 0)} errors")
+          f"{stats.get('timeouts', 0)} timeouts, {stats.get('errors', 0)} errors{cost}")
     return 0

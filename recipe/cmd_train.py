@@ -7,8 +7,12 @@ from model.load import load_vlm
 from model.tiny import TinySpec, build_tiny_vlm
 from recipe.pipeline import PipelineConfig, run_pipeline
 from recipe.sft import SFTConfig, train_sft
-from records import KNOWN_TASKS, load_records
-from rewards.evaluate import evaluate, format_table, write_eval
+from recipe.reward_config import load_reward_config
+from records import load_records
+from rewards.evaluate import evaluate, format_table, local_scorer, write_eval
+from rewards.judge import load_judge
+from rewards.pool import VerifierPool
+from rewards.rm import RewardModelScorer
 from rl.config import RLConfig
 from rl.driver import fit
 from synth.suite import corpus_texts, write_suite
@@ -30,17 +34,14 @@ def cmd_synth(args) -> int:
 
 
 def cmd_check(args) -> int:
+    reward_cfg, route_key = load_reward_config(args.config, args.overrides)
     for f in args.files:
-        recs = load_records(f, tasks=_tasks(args))
+        recs = load_records(f, tasks=reward_cfg.known_tasks | set(args.task or ()), route_key=route_key)
         by_task: dict[str, int] = {}
         for r in recs:
             by_task[r.task] = by_task.get(r.task, 0) + 1
         print(f"{f}: {len(recs)} records ok ({', '.join(f'{k} {v}' for k, v in sorted(by_task.items()))})")
     return 0
-
-
-def _tasks(args):
-    return KNOWN_TASKS | set(args.task or ())
 
 
 def cmd_sft(args) -> int:
@@ -51,11 +52,17 @@ def cmd_sft(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    records = load_records(args.data, require="prompt")
+    reward_cfg, route_key = load_reward_config(args.config, args.overrides)
+    records = load_records(args.data, tasks=reward_cfg.known_tasks, route_key=route_key, require="prompt")
     if args.limit:
         records = records[: args.limit]
     model, processor = load_vlm(args.model)
-    table, gens = evaluate(model, processor, records, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens)
+    rm = RewardModelScorer(args.rm) if args.rm else None
+    judge = load_judge(reward_cfg.judge) if reward_cfg.uses_judge else None
+    with VerifierPool.from_config(reward_cfg.pool) as pool:
+        scorer = local_scorer(reward_cfg, rm=rm, judge=judge, pool=pool)
+        table, gens = evaluate(model, processor, records, batch_size=args.batch_size,
+                               max_new_tokens=args.max_new_tokens, reward_cfg=reward_cfg, scorer=scorer)
     print(format_table(table, f"{args.model} on {args.data}"))
     if args.output:
         write_eval(args.output, table, gens)
@@ -95,7 +102,11 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     q.set_defaults(func=cmd_synth)
     q = dsub.add_parser("check", help="validate JSONL files (exit 2 with file:line: field: message)")
     q.add_argument("files", nargs="+")
-    q.add_argument("--task", action="append", help="accept an extra task type")
+    q.add_argument("--config", help="a config whose reward routes name the accepted tasks: a reward config, "
+                                    "or an RL / SFT (reward) or pipeline (rl.reward) config")
+    q.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="dotted override of the reward routes, e.g. 'tasks.my_task={use_rm: true}' (repeatable)")
+    q.add_argument("--task", action="append", help="accept an extra task type (no route needed)")
     q.set_defaults(func=cmd_check)
 
     p = sub.add_parser("sft", help="supervised fine-tuning (loss on assistant tokens)")
@@ -105,9 +116,14 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_sft)
 
-    p = sub.add_parser("eval", help="greedy held-out evaluation, accuracy per task")
+    p = sub.add_parser("eval", help="greedy held-out evaluation: the training reward and accuracy per task")
     p.add_argument("--model", required=True)
     p.add_argument("--data", required=True)
+    p.add_argument("--config", help="the reward routes to score with (and the tasks accepted): a reward config, "
+                                    "or an RL / SFT (reward) or pipeline (rl.reward) config; default: built-in")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="dotted override of the reward routes, e.g. pool.workers=0 (repeatable)")
+    p.add_argument("--rm", metavar="DIR", help="reward model folder: RM-routed tasks then report reward and rm_score")
     p.add_argument("--output", help="write the table as JSON here (+ .generations.jsonl)")
     p.add_argument("--limit", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=64)

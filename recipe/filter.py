@@ -26,8 +26,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
-from recipe.sampling import check_routes, load_reward_model, needs_rm, sample_and_score
-from records import KNOWN_TASKS, load_records, write_records
+from recipe.sampling import load_reward_model, needs_rm, sample_and_score
+from records import load_records, write_records
 from rewards.inputs import verifier_score
 from rl.algos import difficulty
 from rollout.types import EngineConfig
@@ -157,14 +157,14 @@ def save_figure(fig, path: Path) -> None:
 
 def run_filter(model: str, data: str, out: str, *, k: int, band: tuple[float, float], reward_cfg,
                engine: EngineConfig = EngineConfig(), replicas: int = 1, rm_path: str | None = None,
-               min_std: float = 0.05, max_tokens: int = 64,
-               temperature: float = 1.0, seed: int = 0, progress: bool = True) -> dict:
+               min_std: float = 0.05, max_tokens: int = 64, temperature: float = 1.0, seed: int = 0,
+               progress: bool = True, route_key: str = "tasks") -> dict:
     """Filter `data` by difficulty under `model`; writes the outputs listed in the module docstring and
-    returns the summary."""
+    returns the summary. route_key: where `reward_cfg`'s routes sit in its file (named by the error
+    for a record of an unrouted task)."""
     t0 = time.perf_counter()
     low, high = band
-    records = load_records(data, tasks=KNOWN_TASKS | set(reward_cfg.tasks), require="prompt")
-    check_routes(records, reward_cfg)
+    records = load_records(data, tasks=reward_cfg.known_tasks, route_key=route_key, require="prompt")
     rm = load_reward_model(rm_path)
     scorable = [i for i, r in enumerate(records) if rm is not None or not needs_rm(r, reward_cfg)]
     skipped = len(records) - len(scorable)

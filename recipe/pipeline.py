@@ -4,7 +4,8 @@ marker; a finished stage is skipped on the next run.
     model -> data -> sft -> [prefs -> rm] -> rl -> ( filterN -> rftN -> rlN ) x rounds -> report
 
 The run folder is the layout `vlrl report` reads (see docs/rft.md): `summary.json` holds every
-stage's held-out table and the stage order.
+stage's held-out table and the stage order. Every stage (SFT evals, RL, filter, RFT) scores with
+the routes of `rl.reward`: the tasks routed there are the ones the data may hold.
 """
 from __future__ import annotations
 
@@ -29,8 +30,11 @@ from rl.driver import fit
 from synth.prefs import write_preference_pairs
 from synth.suite import SceneSpec, corpus_texts, write_suite
 from training.atomic import write_json
-from training.config import ConfigError
+from training.config import ConfigError, check_input
 from training.optim import OptimConfig
+
+
+ROUTE_KEY = "rl.reward.tasks"   # every stage scores with the RL stage's reward routes
 
 
 @dataclass(frozen=True)
@@ -87,7 +91,7 @@ class PipelineConfig:
     model: str = "tiny"                   # "tiny" builds the embedded default; else an HF folder
     seed: int = 0
     data: DataConfig = field(default_factory=DataConfig)
-    sft: SFTConfig = field(default_factory=SFTConfig)   # its model/data/out are filled in by the pipeline
+    sft: SFTConfig = field(default_factory=SFTConfig)   # its model/data/out/reward are filled in by the pipeline
     rm: RMStageConfig = field(default_factory=RMStageConfig)
     rl: RLConfig = field(default_factory=RLConfig)      # likewise policy/data/eval_data/out/reward_model
     run_rl: bool = True
@@ -128,8 +132,9 @@ def run_pipeline(cfg: PipelineConfig) -> dict:
     def stage_data() -> dict:
         d = cfg.data
         if not d.synth:
-            for p in (d.sft, d.rl, d.heldout):
-                load_records(p)  # validate now, not halfway through a stage
+            for key in ("sft", "rl", "heldout"):   # validate now, not halfway through a stage
+                check_input(f"data.{key}", getattr(d, key), kind="data")
+                load_records(getattr(d, key), tasks=cfg.rl.reward.known_tasks, route_key=ROUTE_KEY)
             return {"sft": d.sft, "rl": d.rl, "heldout": d.heldout}
         paths = write_suite(run / "data", seed=d.seed, n=d.n, n_heldout=d.n_heldout, n_rl=d.n_rl,
                             spec=SceneSpec(color_questions=d.color_questions))
@@ -137,10 +142,16 @@ def run_pipeline(cfg: PipelineConfig) -> dict:
 
     base = run_stage("model", run / "model", stage_model)["model"]
     data = run_stage("data", run / "data", stage_data)
+    if cfg.run_rl and not (cfg.rm.path or cfg.rm.enabled):   # an RM-routed prompt needs rl.reward_model
+        tasks = {r.task for key in ("rl", "heldout") for r in load_records(data[key], check_images=False)}
+        try:
+            cfg.rl.check_sources(tasks)
+        except ConfigError as e:
+            raise ConfigError(f"rl.{e} (or enable rm)") from None
 
     def stage_sft() -> dict:
         scfg = dataclasses.replace(cfg.sft, model=base, data=data["sft"], eval_data=data["heldout"],
-                                   out=str(run / "sft"))
+                                   out=str(run / "sft"), reward=cfg.rl.reward)
         final = train_sft(scfg)
         return {"model": str(final.resolve()), "eval": _read_eval(run / "sft")}
 
@@ -225,8 +236,9 @@ def _round(cfg: PipelineConfig, run: Path, i: int, model: str, data: dict, rm_pa
         write_records(src, prompts)
         summary = run_filter(model, str(src), str(run / f"filter{i}" / "rl.jsonl"), k=rc.k,
                              band=(rc.band[0], rc.band[1]), reward_cfg=cfg.rl.reward,
-                             engine=cfg.rl.rollout, replicas=cfg.rl.rollout.replicas, rm_path=rm_path, max_tokens=rc.max_tokens,
-                             temperature=rc.temperature, seed=cfg.seed + i)
+                             engine=cfg.rl.rollout, replicas=cfg.rl.rollout.replicas, rm_path=rm_path,
+                             max_tokens=rc.max_tokens, temperature=rc.temperature, seed=cfg.seed + i,
+                             route_key=ROUTE_KEY)
         rl_prompts = run / f"filter{i}" / "rl.jsonl"
         if rc.rl_replay > 0:  # the round's RL also sees the tasks the band dropped, against forgetting them
             mixed = mix_replay(load_records(rl_prompts), load_records(data["rl"]), rc.rl_replay, seed=cfg.seed + i)
@@ -240,8 +252,9 @@ def _round(cfg: PipelineConfig, run: Path, i: int, model: str, data: dict, rm_pa
 
     def stage_rft() -> dict:
         summary = run_rft(model, kept, str(run / f"rft{i}"), k=rc.k, reward_cfg=cfg.rl.reward, sft_cfg=None,
-                          engine=cfg.rl.rollout, replicas=cfg.rl.rollout.replicas, rm_path=rm_path, max_per_prompt=rc.max_per_prompt,
-                          max_tokens=rc.max_tokens, temperature=rc.temperature, seed=cfg.seed + 100 + i)
+                          engine=cfg.rl.rollout, replicas=cfg.rl.rollout.replicas, rm_path=rm_path,
+                          max_per_prompt=rc.max_per_prompt, max_tokens=rc.max_tokens, temperature=rc.temperature,
+                          seed=cfg.seed + 100 + i, route_key=ROUTE_KEY)
         if not summary["counts"]["accepted"]:
             print(f"[pipeline] rft{i}: no sample was accepted; the round goes on with the current model")
             return {"model": model, "eval": tables[list(tables)[-1]], "accepted": 0}
@@ -252,7 +265,7 @@ def _round(cfg: PipelineConfig, run: Path, i: int, model: str, data: dict, rm_pa
             write_records(rft_data, accepted + seeded_sample(load_records(data["sft"], require="target"),
                                                              round(rc.replay * len(accepted)), seed=cfg.seed + i))
         scfg = dataclasses.replace(rc.sft, model=model, data=rft_data, eval_data=data["heldout"],
-                                   out=str(run / f"rft{i}" / "sft"))
+                                   out=str(run / f"rft{i}" / "sft"), reward=cfg.rl.reward)
         final = train_sft(scfg)
         return {"model": str(final.resolve()), "eval": _read_eval(run / f"rft{i}" / "sft"),
                 "accepted": summary["counts"]["accepted"]}

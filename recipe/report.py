@@ -6,7 +6,7 @@ Run-folder layout read (every file optional):
     RUN_DIR/<stage>/done.json        stage marker; its time orders stages when summary.json has no "order"
     RUN_DIR/<stage>/metrics.jsonl    rows {"step", metric: value}: train/loss (SFT), reward/<task>/<part>
                                      and kl/<task> (RL)
-    RUN_DIR/<stage>/eval.json        held-out table {task: {n, format, accuracy, rm_score?}} after the stage
+    RUN_DIR/<stage>/eval.json        held-out table {task: {n, format, accuracy, reward?, rm_score?}} after the stage
     RUN_DIR/<stage>/*.filter.json    `vlrl filter --output RUN_DIR/<stage>/NAME.jsonl` summaries
     RUN_DIR/<stage>/rft.json         `vlrl rft --output-dir RUN_DIR/<stage>` summary
     RUN_DIR/<stage>/sft/{metrics.jsonl,eval.json}   the RFT stage's SFT run (used when the stage has none)

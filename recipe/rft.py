@@ -19,9 +19,9 @@ from collections import Counter, defaultdict
 from pathlib import Path
 from typing import Literal, Sequence
 
-from recipe.sampling import check_routes, load_reward_model, needs_rm, sample_and_score
+from recipe.sampling import load_reward_model, needs_rm, sample_and_score
 from recipe.sft import train_sft
-from records import KNOWN_TASKS, DataError, load_records, write_records
+from records import DataError, load_records, write_records
 from rewards.inputs import is_correct
 from rollout.types import EngineConfig
 from training.atomic import write_json
@@ -57,16 +57,17 @@ def sft_record(record, text: str, j: int, *, reward: float):
 
 
 def run_rft(model: str, data: str, out_dir: str, *, k: int, reward_cfg, sft_cfg=None,
-            engine: EngineConfig = EngineConfig(), replicas: int = 1, rm_path: str | None = None, max_per_prompt: int = 4, max_tokens: int = 64, temperature: float = 1.0,
-            seed: int = 0, progress: bool = True) -> dict:
+            engine: EngineConfig = EngineConfig(), replicas: int = 1, rm_path: str | None = None,
+            max_per_prompt: int = 4, max_tokens: int = 64, temperature: float = 1.0, seed: int = 0,
+            progress: bool = True, route_key: str = "tasks") -> dict:
     """Sample, accept, write D/rft_sft.jsonl and D/rft.json; then, when `sft_cfg` (an SFTConfig) is
-    given, SFT `model` on the accepted records into D/sft. Returns the summary (rft.json)."""
+    given, SFT `model` on the accepted records into D/sft (with `reward_cfg` as its routes). Returns
+    the summary (rft.json). route_key: where `reward_cfg`'s routes sit in its file."""
     if max_per_prompt < 1:
         raise ValueError(f"max_per_prompt must be >= 1, got {max_per_prompt}")
     t0 = time.perf_counter()
     out = Path(out_dir)
-    records = load_records(data, tasks=KNOWN_TASKS | set(reward_cfg.tasks), require="prompt")
-    check_routes(records, reward_cfg)
+    records = load_records(data, tasks=reward_cfg.known_tasks, route_key=route_key, require="prompt")
     rm = load_reward_model(rm_path)
     # An RM-routed prompt is best-of-k'ed only with a reward model; a route with verifiers AND the RM
     # uses the verifier rule (a correct answer exists), the RM only entering its reward.
@@ -115,7 +116,7 @@ def run_rft(model: str, data: str, out_dir: str, *, k: int, reward_cfg, sft_cfg=
     if not accepted:
         raise DataError(data, 0, "records", "no sample was accepted: nothing to fine-tune on "
                                             "(try a larger --k or --max-tokens, or a stronger --model)")
-    scfg = dataclasses.replace(sft_cfg, model=str(model), data=str(sft_path), out=str(out / "sft"))
+    scfg = dataclasses.replace(sft_cfg, model=str(model), data=str(sft_path), out=str(out / "sft"), reward=reward_cfg)
     final = train_sft(scfg, progress=progress)
     summary["sft"] = {"out": scfg.out, "final": str(final), "steps": scfg.steps}
     summary["seconds"] = round(time.perf_counter() - t0, 1)

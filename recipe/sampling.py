@@ -6,9 +6,10 @@ import time
 from dataclasses import dataclass
 from typing import Sequence
 
-from records import DataError, load_images
+from records import load_images
 from rewards.hybrid import score_batch
 from rewards.inputs import reward_inputs
+from rewards.judge import TimedJudge, load_judge
 from rewards.pool import VerifierPool
 from rewards.rm import RewardModelScorer
 from rl.rollouts import Rollouts
@@ -29,16 +30,6 @@ def needs_rm(record, reward_cfg) -> bool:
     return reward_cfg.route(record.task).use_rm
 
 
-def check_routes(records, reward_cfg) -> None:
-    """Every record's task has a reward route; else a DataError naming the record."""
-    for r in records:
-        try:
-            reward_cfg.route(r.task)
-        except KeyError as e:
-            path, _, line = r.source.rpartition(":")
-            raise DataError(path or r.source, int(line) if line.isdigit() else 0, "task", str(e).strip("'\"")) from None
-
-
 def load_reward_model(path: str | None):
     """The reward model scorer for `--rm DIR` (it loads a VLM), or None."""
     if not path:
@@ -53,7 +44,8 @@ def sample_and_score(model_dir: str, records: Sequence, *, k: int, reward_cfg, e
     settings `engine` (the RL run's rollout settings in the pipeline). Prompts go to the engines
     `chunk` at a time (default 32 per replica for hf, which bounds its padded batch; 512 for vLLM,
     which schedules its own batches); prompt i is seeded with seed + i * k, so its samples do not
-    depend on the chunk size or the replica under vLLM. Tasks routed to the reward model need `rm`."""
+    depend on the chunk size or the replica under vLLM. Tasks routed to the reward model need `rm`;
+    the judge of judged tasks is loaded from `reward_cfg.judge`."""
     if k < 1:
         raise ValueError(f"k must be >= 1, got {k}")
     unseeded = seed is None
@@ -66,6 +58,7 @@ def sample_and_score(model_dir: str, records: Sequence, *, k: int, reward_cfg, e
             start_local_ray()
             own_ray = True
     t0 = time.perf_counter()
+    judge = TimedJudge(load_judge(reward_cfg.judge)) if reward_cfg.uses_judge else None
     rollouts = Rollouts(str(model_dir), engine, replicas=replicas, seed=seed or 0, use_ray=use_ray)
     t_engine = time.perf_counter() - t0
     out: list[list[Scored]] = []
@@ -81,7 +74,7 @@ def sample_and_score(model_dir: str, records: Sequence, *, k: int, reward_cfg, e
                                           seed=None if unseeded else seed + start * k)
                 completions = rollouts.generate(prompts, sampling)
                 t2 = time.perf_counter()
-                results = score_batch(reward_inputs(part, completions), reward_cfg, rm=rm, pool=pool)
+                results = score_batch(reward_inputs(part, completions), reward_cfg, rm=rm, pool=pool, judge=judge)
                 t_score += time.perf_counter() - t2
                 t_gen += t2 - t1
                 for i, group in enumerate(completions):
@@ -95,6 +88,7 @@ def sample_and_score(model_dir: str, records: Sequence, *, k: int, reward_cfg, e
             import ray  # optional, see above
             ray.shutdown()
     if progress:
+        cost = f" (judge {judge.seconds:.1f} s, {judge.calls} calls)" if judge is not None else ""
         print(f"[sample] {engine.backend} x{replicas} engine start {t_engine:.1f} s, generate {t_gen:.1f} s, "
-              f"score {t_score:.1f} s")
+              f"score {t_score:.1f} s{cost}")
     return out

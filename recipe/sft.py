@@ -19,9 +19,12 @@ from model.inputs import IGNORE, encode_sft
 from model.load import load_vlm, write_vlm
 from records import load_images, load_records
 from records.mixture import batch_indices, check_task_weights, weighted_records
-from rewards.evaluate import eval_subset, evaluate, format_table, write_eval
+from rewards.config import RewardConfig
+from rewards.evaluate import eval_subset, format_table, judge, local_scorer, summarize, write_eval
+from rewards.pool import VerifierPool
+from rollout.greedy import generate_greedy
 from training.atomic import atomic_dir
-from training.config import ConfigError
+from training.config import ConfigError, check_input
 from training.distributed import FSDPConfig, all_reduce_floats, full_state_dict, is_sharded, shard_rows
 from training.optim import OptimConfig
 from training.placement import Handle, WorkerGroup, spawn, start_ray_once, stop_ray
@@ -51,6 +54,9 @@ class SFTConfig:
     task_weights: dict[str, int] = field(default_factory=dict)
     """Records of a task appear this many times per epoch (default 1): a slow-to-learn task
     (grounding) gets more of the batches without drawing more distinct examples."""
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    """The reward routes, as in an RL config: the tasks they route are the ones the data may hold,
+    and the held-out eval scores with them (the training reward's mean and the verifiers' accuracy)."""
     workers: int = 1                      # ranks of an FSDP2 group (Ray actors) sharing each batch; 1: this process
     gpus_per_worker: float = 0.0          # GPUs per rank, on a GPU cluster
     fsdp: FSDPConfig = field(default_factory=FSDPConfig)
@@ -59,6 +65,12 @@ class SFTConfig:
         check_task_weights(self.task_weights)   # at load time, with the config file's name
         if self.workers < 1:
             raise ConfigError(f"workers: must be >= 1, got {self.workers}")
+
+    def check_inputs(self) -> None:
+        """ConfigError naming the key of an input that is not set or does not exist."""
+        check_input("model", self.model, kind="model")
+        check_input("data", self.data, kind="data")
+        check_input("eval_data", self.eval_data, kind="data", required=False)
 
 
 class SFTWorker(Trainer):
@@ -70,7 +82,8 @@ class SFTWorker(Trainer):
         set_threads()
         torch.manual_seed(cfg.seed)
         self.cfg, self.device = cfg, device()
-        self.records = weighted_records(load_records(cfg.data, require="target"), cfg.task_weights)
+        self.records = weighted_records(load_records(cfg.data, tasks=cfg.reward.known_tasks, require="target"),
+                                        cfg.task_weights)
         self.model, self.processor = load_vlm(cfg.model, dtype="float32", train=True, device=str(self.device))
         self._setup(optim=cfg.optim, total_steps=cfg.steps, dtype=cfg.dtype, fsdp=cfg.fsdp)
 
@@ -111,10 +124,10 @@ class SFTWorker(Trainer):
         return {"nll": nll_sum, "tokens": total_tok, "grad_norm": self._step(), "lr": self.sched.get_last_lr()[0],
                 "skipped": 0.0}
 
-    def evaluate(self, records, max_new_tokens: int) -> tuple[dict, list]:
-        """(table, generations) of greedy answers to prompt records (every rank decodes its share)."""
+    def greedy(self, records, max_new_tokens: int) -> list[str]:
+        """Greedy answers to prompt records (every rank decodes its share, all return all)."""
         with self._autocast():
-            return evaluate(self.model, self.processor, records, max_new_tokens=max_new_tokens)
+            return generate_greedy(self.model, self.processor, records, max_new_tokens=max_new_tokens)
 
     def export(self, path: str) -> None:
         """Write an HF folder of the current model (rank 0 writes; every rank must call it)."""
@@ -126,8 +139,11 @@ class SFTWorker(Trainer):
 def train_sft(cfg: SFTConfig, *, resume: bool = True, progress: bool = True) -> Path:
     """Run SFT; returns the folder of the final model (`out/final`). With `workers` > 1 the model is
     sharded over a group of Ray actors."""
+    cfg.check_inputs()
     out = Path(cfg.out)
-    eval_records = load_records(cfg.eval_data, require="prompt") if cfg.eval_data else []
+    tasks = cfg.reward.known_tasks
+    load_records(cfg.data, tasks=tasks, require="target")   # a bad record stops the run before any worker starts
+    eval_records = load_records(cfg.eval_data, tasks=tasks, require="prompt") if cfg.eval_data else []
     ckpt = latest_checkpoint(out) if resume else None
     own_ray = cfg.workers > 1 and start_ray_once()
     worker: Handle[SFTWorker] | WorkerGroup[SFTWorker] = spawn(
@@ -139,8 +155,16 @@ def train_sft(cfg: SFTConfig, *, resume: bool = True, progress: bool = True) -> 
         save_checkpoint(out, at, lambda d: {"model": worker.save_state(str(d / "model")).result()},
                         keep=cfg.keep_checkpoints)
 
+    # the held-out eval's verifiers run in their pool (timeouts), started on the first eval
+    pool: list[VerifierPool] = []
+
     def run_eval(at: int, limit: int) -> tuple[dict, list]:
-        table, gens = worker.evaluate(eval_subset(eval_records, limit), cfg.eval_max_new_tokens).result()
+        recs = eval_subset(eval_records, limit)
+        if not pool:
+            pool.append(VerifierPool.from_config(cfg.reward.pool))
+        responses = worker.greedy(recs, cfg.eval_max_new_tokens).result()
+        gens = judge(recs, responses, cfg.reward, scorer=local_scorer(cfg.reward, pool=pool[0]))
+        table = summarize(gens)
         log.log(at, {f"eval/{t}/{k}": v for t, row in table.items() for k, v in row.items()
                      if k != "n" and v is not None})
         return table, gens
@@ -182,6 +206,8 @@ def train_sft(cfg: SFTConfig, *, resume: bool = True, progress: bool = True) -> 
             write_eval(out / "eval.json", table, gens)
             print(format_table(table, f"held-out after SFT ({step} steps)"))
     finally:
+        for p in pool:
+            p.close()
         log.close()
         worker.kill()
         if own_ray:

@@ -17,8 +17,6 @@ from PIL import Image
 
 from training.atomic import write_jsonl
 
-# Task types the built-in reward routing knows; a config may add more (see load_records(tasks=...)).
-KNOWN_TASKS = frozenset({"counting", "grounding", "math", "caption", "multiple_choice", "instruction", "general"})
 ROLES = frozenset({"system", "user", "assistant"})
 MAX_IMAGE_PIXELS = 4096 * 4096
 MAX_IMAGE_BYTES = 32 * 1024 * 1024
@@ -122,8 +120,10 @@ def _check_image(path: Path, where: tuple, f: str, max_pixels: int) -> None:
         raise DataError(*where, f, f"cannot decode image {path.name}: {type(e).__name__}: {e}") from None
 
 
-def parse_record(obj: Any, path: Path, line: int, *, tasks: Iterable[str] = KNOWN_TASKS,
-                 check_images: bool = True, max_pixels: int = MAX_IMAGE_PIXELS) -> Record:
+def parse_record(obj: Any, path: Path, line: int, *, tasks: Iterable[str] | None = None,
+                 route_key: str = "reward.tasks", check_images: bool = True,
+                 max_pixels: int = MAX_IMAGE_PIXELS) -> Record:
+    """One validated record; `tasks` (the routed task names, see load_records) bounds its task."""
     where = (path, line)
     if not isinstance(obj, dict):
         raise DataError(*where, "record", f"must be a JSON object, got {type(obj).__name__}")
@@ -132,9 +132,12 @@ def parse_record(obj: Any, path: Path, line: int, *, tasks: Iterable[str] = KNOW
             raise DataError(*where, key, "missing required field")
     if not isinstance(obj["id"], str) or not obj["id"]:
         raise DataError(*where, "id", "must be a non-empty string")
-    tasks = frozenset(tasks)
-    if obj["task"] not in tasks:
-        raise DataError(*where, "task", f"unknown task {obj['task']!r} (known: {', '.join(sorted(tasks))})")
+    task = obj["task"]
+    if not isinstance(task, str) or not task:
+        raise DataError(*where, "task", "must be a non-empty string")
+    if tasks is not None and task not in tasks:
+        raise DataError(*where, "task", f"unknown task {task!r}: no reward route for it (routed: "
+                                        f"{', '.join(sorted(tasks))}); route it under {route_key}.{task}")
     _check_messages(obj["messages"], where, "messages")
     images = obj.get("images", [])
     if not isinstance(images, list) or not all(isinstance(p, str) for p in images):
@@ -200,17 +203,24 @@ def _iter_hf_dataset(path: Path):
         yield i + 1, {k: v for k, v in row.items() if v is not None}
 
 
-def load_records(path: str | Path, *, tasks: Iterable[str] = KNOWN_TASKS, check_images: bool = True,
-                 max_pixels: int = MAX_IMAGE_PIXELS, require: str | None = None) -> list[Record]:
+def load_records(path: str | Path, *, tasks: Iterable[str] | None = None, route_key: str = "reward.tasks",
+                 check_images: bool = True, max_pixels: int = MAX_IMAGE_PIXELS,
+                 require: str | None = None) -> list[Record]:
     """Read and validate every line of a JSONL file.
+
+    tasks: the task names a record may have: the routed tasks of the run's reward config
+    (`rewards.config.RewardConfig.known_tasks`); None accepts any name. A record of another task
+    stops with `file:line: task: ...`, naming the config key that would route it (`route_key`.TASK).
 
     require: "target" (SFT: last message is the assistant's), "prompt" (RL/eval: last message is
     not the assistant's) or "preference" (chosen and rejected present).
     """
     path = Path(path)
+    tasks = None if tasks is None else frozenset(tasks)
     records, ids = [], {}
     for line_no, obj in iter_jsonl(path):
-        rec = parse_record(obj, path, line_no, tasks=tasks, check_images=check_images, max_pixels=max_pixels)
+        rec = parse_record(obj, path, line_no, tasks=tasks, route_key=route_key, check_images=check_images,
+                           max_pixels=max_pixels)
         if rec.id in ids:
             raise DataError(path, line_no, "id", f"duplicate id {rec.id!r} (first on line {ids[rec.id]})")
         ids[rec.id] = line_no

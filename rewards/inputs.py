@@ -1,7 +1,8 @@
-"""Bridges from prompt records and sampled completions to the hybrid reward's inputs, and the one
-definition of a "correct" sample, shared by the RL driver, the difficulty filter and RFT."""
+"""Bridges from prompt records and sampled responses to the hybrid reward's inputs, and the test of
+a "correct" sample shared by the RL driver, the difficulty filter, RFT and held-out evaluation."""
 from __future__ import annotations
 
+from functools import lru_cache
 from typing import Sequence
 
 from PIL import Image
@@ -9,33 +10,33 @@ from PIL import Image
 from records import message_text
 from rewards.hybrid import RewardInput, combine
 
-# Parts of a RewardResult that are not a verifier's verdict.
-NON_VERIFIER_PARTS = frozenset({"format", "rm", "timeout", "error", "abstained"})
+
+def reward_input(record, response: str, *, group: int | None = None) -> RewardInput:
+    """The RewardInput of one response to a prompt record."""
+    return RewardInput(task=record.task, response=response, answer=record.answer,
+                       prompt="\n".join(message_text(m) for m in record.prompt_messages),
+                       images=tuple(str(p) for p in record.images),
+                       image_sizes=tuple(image_size(p) for p in record.images), meta=record.meta, group=group)
 
 
 def reward_inputs(records, completions) -> list:
-    """One RewardInput per completion, prompt-major: completions[i][j] answers records[i]."""
-    out = []
-    for rec, group in zip(records, completions):
-        sizes = tuple(image_size(p) for p in rec.images)
-        prompt = "\n".join(message_text(m) for m in rec.prompt_messages)
-        for c in group:
-            out.append(RewardInput(task=rec.task, response=c.text, answer=rec.answer, prompt=prompt,
-                                   images=tuple(str(p) for p in rec.images), image_sizes=sizes, meta=rec.meta))
-    return out
+    """One RewardInput per completion, prompt-major: completions[i][j] answers records[i] (a
+    completion is a string or has `.text`); the samples of records[i] form group i."""
+    return [reward_input(rec, c if isinstance(c, str) else c.text, group=i)
+            for i, (rec, group) in enumerate(zip(records, completions)) for c in group]
 
 
+@lru_cache(maxsize=4096)
 def image_size(path) -> tuple[int, int]:
-    """(width, height), from the file header."""
+    """(width, height), from the file header (cached: avg@k scores each record's images k times)."""
     with Image.open(path) as im:
         return im.size
 
 
 def is_correct(result) -> bool:
-    """A verifier judged the sample fully right (format gate passed, reward 1). RM-only scores never
-    count: with no verifier part there is no rule answer to be right about."""
-    verifier_parts = [v for k, v in result.parts.items() if k not in NON_VERIFIER_PARTS]
-    return bool(verifier_parts) and result.reward >= 1.0 - 1e-6
+    """The verifiers judged the sample fully right (`RewardResult.correct`). RM and judge scores
+    never count: with no verifier there is no rule answer to be right about."""
+    return result.correct is True
 
 
 def verifier_score(parts: dict[str, float], verifiers: Sequence[tuple[str, float]]) -> float | None:

@@ -3,8 +3,11 @@ better ("A" or "B"). The verdict is read from the log-probs of the two letter to
 answer position (no sampling), and every pair is asked in both orders and averaged
 (`rewards.preference.both_order_preference`), so a judge's preference for a position cancels out.
 
-Two ways to use it:
+Three ways to use it:
   judge.compare([(images, prompt, x, y), ...])  -> P(x better than y) per pair, in [0, 1]
+  a route's `use_judge: true`                   -> the hybrid reward's judge component (`judge=` of
+      rewards.hybrid.score_batch, set up by `load_judge(RewardConfig.judge)`): each sample against
+      its reference answer or against the other samples of its prompt
   ReferenceJudge(judge, reference)              -> the hybrid reward's `rm=` callable: a solution's
       score is P(solution better than the reference answer) for its prompt, so 0.5 means "as good as
       the reference". The reference is a callable (images, prompt) -> str: e.g. the SFT policy's greedy
@@ -13,6 +16,7 @@ Two ways to use it:
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -21,6 +25,7 @@ import torch
 from model.load import load_vlm
 from model.reward import as_images
 from records import message_text
+from rewards.config import JudgeConfig
 from rewards.preference import both_order_preference
 
 JUDGE_TEMPLATE = ("Question: {question}\n"
@@ -114,3 +119,30 @@ class ReferenceJudge:
 
     def __call__(self, items: Sequence[tuple[Sequence[Any], Any, str]]) -> list[float]:
         return self.judge.compare([(ims, p, sol, self.reference(ims, p)) for ims, p, sol in items])
+
+
+def load_judge(cfg: JudgeConfig, *, device: str = "cpu") -> PairwiseJudge:
+    """The judge of a reward config's `judge` section."""
+    return PairwiseJudge.from_pretrained(cfg.model, dtype=cfg.dtype, device=device, batch_size=cfg.batch_size,
+                                         answer_prefix=cfg.answer_prefix)
+
+
+class TimedJudge:
+    """A judge as the hybrid reward calls it (pairs -> P(x better than y)), counting its cost: seconds
+    spent and calls (each pair is asked twice, once in each order)."""
+
+    def __init__(self, judge: PairwiseJudge):
+        self.judge, self.seconds, self.calls = judge, 0.0, 0
+
+    def __call__(self, pairs: Sequence[PairItem]) -> list[float]:
+        t0 = time.perf_counter()
+        out = self.judge.compare(pairs)
+        self.seconds += time.perf_counter() - t0
+        self.calls += 2 * len(pairs)
+        return out
+
+    def take(self) -> dict[str, float]:
+        """{judge/seconds, judge/calls} since the previous take, and reset."""
+        out = {"judge/seconds": self.seconds, "judge/calls": float(self.calls)}
+        self.seconds, self.calls = 0.0, 0
+        return out

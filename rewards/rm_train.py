@@ -22,7 +22,7 @@ from records import DataError, load_images, load_records, message_text
 from records.mixture import batch_indices
 from rewards.preference import bradley_terry_loss
 from training.atomic import atomic_dir, write_json
-from training.config import ConfigError
+from training.config import ConfigError, check_input
 from training.distributed import (FSDPConfig, all_reduce_floats, full_state_dict, gather_dicts, is_sharded, padded_chunks,
                                   rank, shard_rows, world_size)
 from training.optim import OptimConfig
@@ -34,9 +34,9 @@ from verifiers.think_format import split_think
 
 @dataclass(frozen=True)
 class RMConfig:
-    model: str = "runs/tiny/sft/final"    # folder to start from: a policy (fresh head) or an RM
-    data: str = "runs/tiny/prefs/prefs_train.jsonl"        # preference records (chosen, rejected)
-    eval_data: str | None = "runs/tiny/prefs/prefs_heldout.jsonl"  # held-out preference records
+    model: str = ""                       # folder to start from: a policy (fresh head) or an RM (required)
+    data: str = ""                        # preference records, chosen and rejected (required)
+    eval_data: str | None = None          # held-out preference records
     out: str = "runs/tiny/rm"             # run folder: checkpoints/, final/, metrics.jsonl, tb/, eval.json
     steps: int = 300                      # optimizer steps
     batch_size: int = 16                  # pairs per micro-batch (2x sequences per forward)
@@ -194,6 +194,9 @@ class RMWorker(Trainer):
 def train_rm(cfg: RMConfig, *, resume: bool = True, progress: bool = True) -> Path:
     """Train the RM; returns the final RM folder (`out/final`). Held-out results go to `out/eval.json`.
     With `workers` > 1 the RM is sharded over a group of Ray actors."""
+    check_input("model", cfg.model, kind="model")
+    check_input("data", cfg.data, kind="data")
+    check_input("eval_data", cfg.eval_data, kind="data", required=False)
     out = Path(cfg.out)
     load_pairs(cfg.data)   # a bad record stops the run before any worker starts
     eval_records = load_pairs(cfg.eval_data) if cfg.eval_data else []

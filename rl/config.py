@@ -7,7 +7,7 @@ from typing import Literal
 from records.mixture import check_task_weights
 from rewards.config import RewardConfig
 from rollout.types import EngineConfig, Sampling
-from training.config import ConfigError
+from training.config import ConfigError, check_input
 from training.distributed import FSDPConfig
 from training.optim import OptimConfig
 
@@ -117,11 +117,11 @@ class PlanConfig:
 @dataclass(frozen=True)
 class RLConfig:
     algo: Literal["ppo", "grpo"] = "ppo"
-    policy: str = "runs/tiny/sft/final"        # the SFT model (HF folder); also the reference policy
+    policy: str = ""                           # the SFT model (HF folder); also the reference policy (required)
     critic: str | None = None                  # critic folder; default: start from the policy
     reward_model: str | None = None            # RM folder for tasks routed to it (caption, general)
-    data: str = "runs/tiny/data/rl.jsonl"      # prompt records (mixed tasks)
-    eval_data: str | None = "runs/tiny/data/heldout.jsonl"
+    data: str = ""                             # prompt records (mixed tasks; required)
+    eval_data: str | None = None               # held-out prompt records (none: no held-out eval)
     out: str = "runs/tiny/rl"
     steps: int = 100                           # RL steps (rollout + update)
     prompts_per_step: int = 16
@@ -157,6 +157,10 @@ class RLConfig:
 
     def __post_init__(self):
         check_task_weights(self.task_weights)   # at load time, with the config file's name
+        for key, tasks in (("task_weights", self.task_weights), ("kl.coefs", self.kl.coefs)):
+            unrouted = sorted(set(tasks) - self.reward.known_tasks)
+            if unrouted:
+                raise ConfigError(f"{key}: task(s) {unrouted} have no reward route (route them under reward.tasks)")
         if self.ray.placement == "colocated" and self.rollout.tensor_parallel_size > 1:
             raise ConfigError("rollout.tensor_parallel_size: with ray.placement colocated each replica runs on one "
                               "GPU it shares with the trainers (tensor_parallel_size 1)")
@@ -167,3 +171,22 @@ class RLConfig:
         if self.ppo.old_logp == "engine" and self.rollout.temperature != 1.0:
             raise ConfigError("ppo.old_logp: 'engine' needs rollout.temperature 1 (the engine returns the raw "
                               f"policy's log-probs, the trainer optimises softmax(logits/T)); got {self.rollout.temperature}")
+
+    def check_inputs(self) -> None:
+        """ConfigError naming the key of an input that is not set or does not exist (before any
+        worker starts)."""
+        check_input("policy", self.policy, kind="model")
+        check_input("critic", self.critic, kind="model", required=False)
+        check_input("reward_model", self.reward_model, kind="model", required=False)
+        check_input("reward.judge.model", self.reward.judge.model, kind="model", required=self.reward.uses_judge)
+        check_input("data", self.data, kind="data")
+        check_input("eval_data", self.eval_data, kind="data", required=False)
+
+    def check_sources(self, tasks) -> None:
+        """ConfigError when `tasks` (those in the run's data) are routed to the reward model but no
+        `reward_model` is set."""
+        needs_rm = sorted(t for t in set(tasks) if self.reward.route(t).use_rm)
+        if needs_rm and not self.reward_model:
+            raise ConfigError(f"reward_model: not set, but tasks {needs_rm} in the data are routed to the reward "
+                              "model (use_rm); set reward_model to an RM folder, or route them to verifiers "
+                              f"under reward.tasks.{needs_rm[0]}")

@@ -25,7 +25,7 @@ from tqdm import tqdm
 from model.load import load_processor
 from records import Record, load_images, load_records
 from records.mixture import batch_indices, weighted_records
-from rewards.evaluate import add_rm_scores, add_sampled_scores, eval_subset, format_table, judge, summarize, write_eval
+from rewards.evaluate import add_sampled_scores, eval_subset, format_table, judge, summarize, write_eval
 from rewards.hybrid import RewardResult
 from rewards.inputs import is_correct, reward_inputs
 from rl.algos import (decoupled_gae, dynamic_sampling_mask, group_advantages, kl_coefs, kl_penalty_rewards,
@@ -104,7 +104,7 @@ def uses_kl(kl_cfg: KLConfig) -> bool:
 def prompt_pool(cfg: RLConfig) -> list[Record]:
     """The records the steps draw prompts from: `cfg.data` with each record of task t repeated
     `cfg.task_weights[t]` times (the prompt mixture)."""
-    return weighted_records(load_records(cfg.data, require="prompt"), cfg.task_weights)
+    return weighted_records(load_records(cfg.data, tasks=cfg.reward.known_tasks, require="prompt"), cfg.task_weights)
 
 
 def step_metrics(batch: RolloutBatch, results: list[RewardResult]) -> dict[str, float]:
@@ -166,7 +166,9 @@ class RLRun:
     def __init__(self, cfg: RLConfig, *, resume_from: Path | None = None):
         self.cfg = cfg
         self.records = prompt_pool(cfg)
-        self.eval_records = load_records(cfg.eval_data, require="prompt") if cfg.eval_data else []
+        self.eval_records = (load_records(cfg.eval_data, tasks=cfg.reward.known_tasks, require="prompt")
+                             if cfg.eval_data else [])
+        cfg.check_sources({r.task for r in self.records + self.eval_records})   # before any worker starts
         r, ro = cfg.ray, cfg.rollout
         self.own_ray = False   # whether this run started Ray (and so shuts it down in close())
         if cfg.use_ray:
@@ -226,6 +228,14 @@ class RLRun:
         total: dict[str, float] = defaultdict(float)
         for h in self.rewards.handles:
             for k, v in h.stats().result().items():
+                total[k] += v
+        return dict(total)
+
+    def take_cost(self) -> dict[str, float]:
+        """The judge's cost over the reward workers since the last call ({} without a judge)."""
+        total: dict[str, float] = defaultdict(float)
+        for h in self.rewards.handles:
+            for k, v in h.take_cost().result().items():
                 total[k] += v
         return dict(total)
 
@@ -376,6 +386,7 @@ def train_step(run: RLRun, step: int) -> tuple[dict[str, float], list[dict]]:
     if engine_gap is not None:  # the engine runs the weights the trainer has: ~1e-5 after a sync
         metrics["rollout/logp_gap_max"] = engine_gap
     metrics.update({f"verifier_pool/{k}": float(v) for k, v in run.verifier_stats().items()})
+    metrics.update(run.take_cost())   # the judge's seconds and calls since the last step
     samples = [{"id": records[p].id, "task": records[p].task, "response": completions[p][j].text,
                 "reward": results[p * ro.n + j].reward}
                for p in range(min(cfg.log_samples, len(records))) for j in range(ro.n)]
@@ -386,6 +397,7 @@ def fit(cfg: RLConfig, *, resume: bool = True, progress: bool = True) -> Path:
     """Run RL; returns the final policy folder (`out/final`). A dead trainer rank (or any worker
     that cannot be restarted alone) restarts every worker from the last checkpoint, at most
     `ray.max_restarts` times; the steps after that checkpoint run again and are logged once."""
+    cfg.check_inputs()
     out = Path(cfg.out)
     log = MetricsLog(out)
     samples_log = MetricsLog(out, name="rollouts.jsonl", tensorboard=False)
@@ -463,19 +475,18 @@ def _eval_metrics(table: dict) -> dict[str, float]:
 
 
 def evaluate_run(run: RLRun, limit: int = 0) -> tuple[dict, list]:
-    """(table, greedy generations): held-out accuracy per task (greedy); where a reward model is
-    loaded, its mean score on the greedy solutions of RM-routed prompts (`rm_score`); with
-    `eval_samples` = k, the mean accuracy of k samples per prompt at the rollout temperature
-    (`sampled_accuracy`) and the RM's mean score of those samples (`sampled_rm_score`)."""
+    """(table, greedy generations): per task, the training reward's mean and the verifiers' accuracy
+    of the greedy answers, scored by the reward worker (the training route: verifiers, reward model,
+    judge); the RM's mean score of RM-routed prompts (`rm_score`); with `eval_samples` = k, the same
+    over k samples per prompt at the rollout temperature (`sampled_accuracy`, `sampled_rm_score`)."""
     records = eval_subset(run.eval_records, limit)
     responses = run.greedy(records)   # with the token budget the rollouts have
-    gens = judge(records, responses)
+    gens = judge(records, responses, run.cfg.reward, scorer=run.score)
     table = summarize(gens)
-    table = add_rm_scores(table, records, responses, run.cfg.reward, run.rm_scores)
     k, ro = run.cfg.eval_samples, run.cfg.rollout
     if k:  # avg@k with the rollout engine at the training temperature; one fixed seed for every eval
         prompts = [Prompt(r.prompt_messages, load_images(r)) for r in records]
         groups = run.rollouts.generate(prompts, SamplingConfig.of(ro, n=k, seed=run.cfg.seed + 7))
         table = add_sampled_scores(table, records, [[c.text for c in g] for g in groups], run.cfg.reward,
-                                   run.rm_scores)
+                                   scorer=run.score)
     return table, gens

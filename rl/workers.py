@@ -22,6 +22,7 @@ from model.load import load_vlm, write_vlm
 from model.logprobs import entropy_from_logits, logp_and_entropy, token_logp
 from rewards.config import RewardConfig
 from rewards.hybrid import RewardInput, RewardResult, score_batch
+from rewards.judge import TimedJudge, load_judge
 from rewards.pool import VerifierPool
 from rewards.rm import RewardModelScorer
 from rl.algos import kl_loss, policy_loss, positive_lm_loss, value_loss
@@ -277,7 +278,8 @@ def _gather_part(part: dict[str, float], world: int, *, scaled: tuple[str, ...])
 
 
 class RewardWorker:
-    """The hybrid reward: verifier process pool + (optional) reward model, scoring rollouts."""
+    """The hybrid reward: verifier process pool + (optional) reward model and pairwise judge, scoring
+    rollouts. The judge's cost (seconds, pairs judged in both orders) is counted until `take_cost`."""
 
     def __init__(self, cfg: RewardConfig, *, reward_model: str | None = None):
         set_threads()
@@ -286,9 +288,10 @@ class RewardWorker:
         self.rm = None
         if reward_model:
             self.rm = RewardModelScorer(reward_model, device=str(device()))
+        self.judge = TimedJudge(load_judge(cfg.judge)) if cfg.uses_judge else None
 
     def score(self, samples: Sequence[RewardInput]) -> list[RewardResult]:
-        return score_batch(samples, self.cfg, rm=self.rm, pool=self.pool)
+        return score_batch(samples, self.cfg, rm=self.rm, pool=self.pool, judge=self.judge)
 
     def rm_scores(self, items) -> list[float]:
         return list(self.rm(items)) if self.rm is not None else []
@@ -296,6 +299,9 @@ class RewardWorker:
     def stats(self) -> dict:
         return dict(self.pool.stats)
 
+    def take_cost(self) -> dict[str, float]:
+        """{judge/seconds, judge/calls} since the previous call (empty without a judge)."""
+        return self.judge.take() if self.judge is not None else {}
+
     def close(self) -> None:
         self.pool.close()
-

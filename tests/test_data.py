@@ -8,6 +8,9 @@ import pytest
 from PIL import Image
 
 from records import DataError, load_records, write_records
+from rewards.config import RewardConfig
+
+ROUTED = RewardConfig().known_tasks   # the built-in routes
 
 GOOD = {"id": "a", "task": "counting", "images": ["img.png"],
         "messages": [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "How many?"}]}],
@@ -35,7 +38,7 @@ def other(**changes):
 CASES = [
     ("bad json", '{"id": "b", "task": ', "json", "not valid JSON"),
     ("missing field", other(task=None), "task", "missing required field"),
-    ("unknown task", other(task="juggling"), "task", "unknown task 'juggling'"),
+    ("unknown task", other(task="juggling"), "task", "unknown task 'juggling': no reward route for it"),
     ("missing image", other(images=["nope.png"]), "images[0]", "image file not found"),
     ("corrupt image", other(images=["corrupt.png"]), "images[0]", "cannot decode image"),
     ("image count", other(images=[]), "images", "0 image(s) listed but the messages hold 1"),
@@ -52,7 +55,7 @@ CASES = [
 def test_bad_record_names_file_line_field(folder, name, bad, field, needle):
     f = write(folder, GOOD, bad)
     with pytest.raises(DataError) as e:
-        load_records(f)
+        load_records(f, tasks=ROUTED)
     assert (e.value.path, e.value.line, e.value.field) == (str(f), 2, field)
     assert str(e.value).startswith(f"{f}:2: {field}: ") and needle in str(e.value)
 
@@ -83,7 +86,7 @@ def test_cli_check_exits_2_with_location(folder):
     f = write(folder, GOOD, other(task="juggling"))
     r = subprocess.run([sys.executable, "-m", "recipe.cli", "data", "check", str(f)], capture_output=True, text=True)
     assert r.returncode == 2
-    assert f"{f}:2: task: unknown task 'juggling'" in r.stderr
+    assert f"{f}:2: task: unknown task 'juggling'" in r.stderr and "reward.tasks.juggling" in r.stderr
     ok = write(folder, GOOD)
     r = subprocess.run([sys.executable, "-m", "recipe.cli", "data", "check", str(ok)], capture_output=True, text=True)
     assert r.returncode == 0 and "1 records ok" in r.stdout
@@ -102,4 +105,4 @@ def test_hf_datasets_folder_and_parquet(folder):
     bad = datasets.Dataset.from_list([{**GOOD, "id": "x", "task": "juggling"}])
     bad.to_parquet(str(folder / "bad.parquet"))
     with pytest.raises(DataError, match=r"bad.parquet:1: task: unknown task 'juggling'"):
-        load_records(folder / "bad.parquet")
+        load_records(folder / "bad.parquet", tasks=ROUTED)

@@ -11,8 +11,8 @@ from recipe.rft import accept_samples, run_rft, sft_record
 from rollout.types import EngineConfig
 from recipe.sft import SFTConfig
 from records import Record, load_records
-from rewards.config import PoolConfig, RewardConfig
-from rewards.hybrid import RewardInput, RewardResult, score_batch
+from rewards.config import DEFAULT_ROUTES, PoolConfig, RewardConfig
+from rewards.hybrid import RewardInput, RewardResult, score_batch, verdict
 
 
 def vlrl(*argv) -> int:
@@ -20,7 +20,9 @@ def vlrl(*argv) -> int:
 
 
 def _res(reward, fmt=1.0, **parts):
-    return RewardResult(reward, {"format": fmt, **parts})
+    """A result as the counting route scores it (its `correct` is the route's verifiers' verdict)."""
+    parts = {"format": fmt, **parts}
+    return RewardResult(reward, parts, verdict(parts, DEFAULT_ROUTES["counting"]))
 
 
 def test_accepts_only_correct_well_formatted_samples():

@@ -10,6 +10,7 @@ from safetensors.torch import load_file
 import rl.driver
 from records import load_images, load_records, write_records
 from rewards.config import PoolConfig, RewardConfig
+from rewards.hybrid import score_batch
 from rl.algos import kl as kl_estimate
 from rl.batch import RolloutBatch
 from rl.config import GRPOConfig, KLConfig, PPOConfig, RLConfig, RolloutConfig
@@ -304,9 +305,16 @@ def test_greedy_eval_gets_the_rollouts_token_budget(sft_run, tmp_path):
             calls.append(("generate_greedy", kw))
             return Future([f"<think>x</think>{r.answer}" for r in recs])
 
+    class Reward:   # the reward worker: the training route scores the eval
+        def score(self, inputs):
+            calls.append(("score", len(inputs)))
+            return Future(score_batch(inputs, cfg.reward))
+
     cfg = _cfg(sft_run, tmp_path / "run", rollout=RolloutConfig(backend="hf", n=2, max_tokens=56))
-    run = SimpleNamespace(cfg=cfg, eval_records=records, actor=Actor(), rm_scores=lambda items: [])
+    run = SimpleNamespace(cfg=cfg, eval_records=records, actor=Actor())
     run.greedy = lambda recs: rl.driver.RLRun.greedy(run, recs)
+    run.score = lambda inputs: Reward().score(inputs).result()
     table, gens = evaluate_run(run)
-    assert calls == [("generate_greedy", {"max_new_tokens": 56})]
-    assert table["all"]["accuracy"] == 1.0 and [g.id for g in gens] == [r.id for r in records]
+    assert calls == [("generate_greedy", {"max_new_tokens": 56}), ("score", 4)]
+    assert table["all"]["accuracy"] == 1.0 and table["all"]["reward"] == 1.0
+    assert [g.id for g in gens] == [r.id for r in records]

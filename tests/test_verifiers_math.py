@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from bench.math_verify_agreement import DEFAULT_CASES, agreement
+from bench.math_verify_agreement import DEFAULT_CASES, agreement, math_verify_own, read_cases
 from verifiers import Sample, load
 
 MATH = load("math")
@@ -21,7 +21,7 @@ def score(response, answer, **settings):
     ("\\boxed{7}", "7", 1.0),
     ("4 + 3 = 7, so \\boxed{7}.", "7", 1.0),
     ("\\boxed{8}", "7", 0.0),
-    ("First \\boxed{3}, no wait: \\boxed{7}", "7", 1.0),          # the last box counts
+    ("First \\boxed{3}, no wait: \\boxed{7}", "7", 0.0),          # two boxes answer together: {3, 7}
     ("\\boxed{\\frac{14}{2}}", "7", 1.0),
     ("\\boxed{\\frac{1}{2}}", "0.5", 1.0),
     ("\\boxed{0.5}", "\\frac12", 1.0),
@@ -78,11 +78,37 @@ def test_math_hostile_inputs_are_handled(response, expected, tmp_path):
     assert not os.path.exists("/tmp/vlrl_pwned")
 
 
-def test_math_agreement_with_math_verify_labels():
+def test_math_agreement_with_math_verify_labels_reaches_math_verify_own():
     if not Path(DEFAULT_CASES).is_file():
         pytest.skip(f"{DEFAULT_CASES} not present")
-    rate, wrong = agreement(DEFAULT_CASES)
-    assert rate >= 0.95, wrong
+    cases = read_cases(DEFAULT_CASES)
+    rate, wrong = agreement(cases)
+    own, _ = agreement(cases, math_verify_own)
+    assert rate >= own, wrong
+
+
+@pytest.mark.parametrize("response, answer, expected", [
+    # sets of solutions: one box holding them, or one box each, in any order
+    ("\\boxed{x = \\frac{1}{2}, x = \\frac{-1 \\pm \\sqrt{13}}{4}}", "x = \\frac{1}{2}, x = \\frac{-1 \\pm \\sqrt{13}}{4}", 1.0),
+    ("\\boxed{x = \\frac{1}{2}}", "x = \\frac{1}{2}, x = \\frac{-1 \\pm \\sqrt{13}}{4}", 0.0),
+    ("\\boxed{2}, \\boxed{5}", "2, 5", 1.0),
+    ("\\boxed{5, 2}", "2, 5", 1.0),
+    ("$x=2$ and $x=5$", "\\{2, 5\\}", 1.0),
+    ("\\boxed{5} \\text{ and } \\boxed{2}", "$2$ and $5$", 1.0),
+    ("\\boxed{2}", "2, 5", 0.0),                                   # a part missing
+    ("\\boxed{2, 5, 7}", "2, 5", 0.0),                             # a part too many
+    # tuples, several of them, as one box or several
+    ("\\boxed{(3, 3)} and \\boxed{(1, 1)}", "(3, 3), (1, 1)", 1.0),
+    ("\\boxed{(1, 1)}, \\boxed{(3, 3)}", "(3, 3), (1, 1)", 1.0),
+    ("\\boxed{(1, 1)}", "(3, 3), (1, 1)", 0.0),
+    ("\\boxed{(2, 3)}", "(2, 3)", 1.0),
+    ("\\boxed{(3, 2)}", "(2, 3)", 0.0),                            # order matters inside a tuple
+    # several named parts
+    ("\\boxed{x = 2}, \\boxed{y = 3}", "x = 2, y = 3", 1.0),
+    ("x = 2, y = 3", "(2, 3)", 1.0),
+])
+def test_math_answers_with_several_parts(response, answer, expected):
+    assert score(response, answer) == expected
 
 
 def test_math_in_a_worker_thread_disables_the_signal_alarm():

@@ -26,9 +26,12 @@ def test_shipped_verifiers_are_registered():
     ("[0, 0, 10, 10]", {}, 0.0),
     ("[32, 4, 51, 23]", {"iou_threshold": 1.0}, 1.0),
     ("[32, 4, 45, 23]", {"iou_threshold": 0.9}, 0.0),
-    ("(40, 10)", {}, 1.0),                                                # a point: hit test
-    ("(70, 70)", {}, 0.0),
-    ("[30, 2, 60, 30]", {"mode": "hit"}, 1.0),                            # box centre inside
+    ("(40, 10)", {}, 0.0),                                                # a point for a box question
+    ("(40, 10)", {"mode": "hit"}, 1.0),                                   # a point question: hit test
+    ("(70, 70)", {"mode": "hit"}, 0.0),
+    ("[33, 5, 50, 22]", {"mode": "hit"}, 1.0),                            # a box inside the target
+    ("[30, 2, 60, 30]", {"mode": "hit"}, 0.0),                            # a box larger than the target
+    ("(40, 10)", {"mode": "hit", "accept": ["box"]}, 0.0),                # the route takes boxes only
     ("[60, 60, 80, 80]", {"mode": "hit"}, 0.0),
     ("no box here", {}, 0.0),
 ] + [(h, {}, 0.0) for h in HOSTILE])
@@ -51,17 +54,25 @@ def test_grounding_norm1000_needs_image_size():
 @pytest.mark.parametrize("response, expected", [
     ("3", 1.0), ("There are 3 shapes.", 1.0), ("three", 1.0), ("There are Three shapes.", 1.0),
     ("\\boxed{3}", 1.0), ("3.0", 1.0), ("4", 0.0), ("33", 0.0), ("3.5", 0.0), ("twenty-three", 0.0),
-    ("I count 4, no: 3.", 1.0), ("none", 0.0),
+    ("I count 4, no: 3.", 0.0), ("none", 0.0),
 ] + [(h, 0.0) for h in HOSTILE])
 def test_counting_table(response, expected):
     assert load("counting")(Sample("counting", response, "3")).value == expected
 
 
-def test_counting_unique_refuses_hedging():
-    v = load("counting", pick="unique")
+def test_counting_refuses_hedging_unless_told_to_pick():
+    v = load("counting")
     assert v(Sample("counting", "2 or 3", "3")).value == 0.0
     assert v(Sample("counting", "3, yes 3", "3")).value == 1.0
-    assert load("counting")(Sample("counting", "twenty-one", "21")).value == 1.0
+    assert v(Sample("counting", "twenty-one", "21")).value == 1.0
+    assert load("counting", pick="last")(Sample("counting", "2 or 3", "3")).value == 1.0   # opt-in: pays hedges
+
+
+def test_grounding_settings_are_checked():
+    with pytest.raises(ValueError, match="no IoU"):
+        load("grounding", accept=["box", "point"])
+    with pytest.raises(ValueError, match="accept"):
+        load("grounding", mode="hit", accept=["polygon"])
 
 
 OPTIONS = {"options": ["London", "Paris", "Rome"]}
@@ -70,7 +81,7 @@ OPTIONS = {"options": ["London", "Paris", "Rome"]}
 @pytest.mark.parametrize("response, expected", [
     ("B", 1.0), ("(B)", 1.0), ("B.", 1.0), ("B) Paris", 1.0), ("\\boxed{B}", 1.0), ("**B**", 1.0),
     ("The answer is B", 1.0), ("Answer: (B)", 1.0), ("Paris", 1.0), ("It is Paris.", 1.0),
-    ("A", 0.0), ("(C) Rome", 0.0), ("I think A or B... the answer is B", 1.0), ("London or Paris", 0.0),
+    ("A", 0.0), ("(C) Rome", 0.0), ("I think A or B... the answer is B", 0.0), ("London or Paris", 0.0),
 ] + [(h, 0.0) for h in HOSTILE])
 def test_multiple_choice_table(response, expected):
     assert load("multiple_choice")(Sample("multiple_choice", response, "B", meta=OPTIONS)).value == expected

@@ -10,7 +10,7 @@ import dataclasses
 import types
 import typing
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 
 import yaml
 
@@ -117,20 +117,25 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     return key.strip().split("."), value
 
 
+def _read_yaml(path: str | Path) -> dict:
+    try:
+        data = yaml.safe_load(Path(path).read_text()) or {}
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: config file not found") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: top level must be a mapping")
+    return data
+
+
 def load_config(cls: type[T], path: str | Path | None = None, overrides: list[str] = ()) -> T:
     """Read YAML at `path` (optional), apply dotted overrides, build and return a frozen `cls`."""
     data: dict = {}
     where = ""
     if path is not None:
         where = str(path)
-        try:
-            data = yaml.safe_load(Path(path).read_text()) or {}
-        except FileNotFoundError:
-            raise ConfigError(f"{path}: config file not found") from None
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{path}: not valid YAML: {e}") from None
-        if not isinstance(data, dict):
-            raise ConfigError(f"{path}: top level must be a mapping")
+        data = _read_yaml(path)
     for o in overrides:
         keys, value = parse_override(o)
         _merge(data, keys, value)
@@ -138,6 +143,44 @@ def load_config(cls: type[T], path: str | Path | None = None, overrides: list[st
         return _build(cls, data, "")
     except ConfigError as e:
         raise ConfigError(f"{where}: {e}" if where else str(e)) from None
+
+
+def load_section(cls: type[T], path: str | Path | None, overrides: list[str] = (),
+                 sections: tuple[str, ...] = ()) -> tuple[T, str]:
+    """(`cls` built from one section of the YAML at `path`, the section's dotted key): the first of
+    `sections` the file holds (e.g. "reward" of an RL config, "rl.reward" of a pipeline config), else
+    the whole file ("" ). Overrides are relative to the section; errors name the section's keys."""
+    data, key = (_read_yaml(path) if path is not None else {}), ""
+    for dotted in sections:
+        node: Any = data
+        for part in dotted.split("."):
+            node = node.get(part) if isinstance(node, dict) else None
+        if node is not None:
+            if not isinstance(node, dict):
+                raise ConfigError(f"{path}: {dotted}: expected a mapping, got {type(node).__name__}")
+            data, key = node, dotted
+            break
+    for o in overrides:
+        keys, value = parse_override(o)
+        _merge(data, keys, value)
+    try:
+        return _build(cls, data, key), key
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}" if path is not None else str(e)) from None
+
+
+def check_input(key: str, path: str | None, *, kind: Literal["model", "data"], required: bool = True) -> None:
+    """ConfigError naming `key` when an input path is required but not set, or set but missing: a
+    model folder must hold config.json; data is a file or a folder (a saved dataset)."""
+    if not path:
+        if required:
+            raise ConfigError(f"{key}: not set (the {'model folder' if kind == 'model' else 'data file'} to read)")
+        return
+    p = Path(path)
+    if kind == "model" and not (p / "config.json").is_file():
+        raise ConfigError(f"{key}: {path}: " + ("not a model folder (no config.json)" if p.exists() else "not found"))
+    if kind == "data" and not p.exists():
+        raise ConfigError(f"{key}: {path}: not found")
 
 
 def to_dict(cfg: Any) -> Any:

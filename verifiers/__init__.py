@@ -2,6 +2,6 @@
 # Importing the shipped verifiers registers them (think_format, math, grounding, counting, ...).
 from verifiers import counting, grounding, instruction, math_answer, multiple_choice, think_format  # noqa: F401
 from verifiers.base import Sample, Score, Verifier, load, register, registered, resolve
-from verifiers.think_format import split_think
+from verifiers.think_format import split_think, strip_think
 
-__all__ = ["Sample", "Score", "Verifier", "load", "register", "registered", "resolve", "split_think"]
+__all__ = ["Sample", "Score", "Verifier", "load", "register", "registered", "resolve", "split_think", "strip_think"]

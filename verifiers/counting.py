@@ -1,5 +1,10 @@
-"""Counting (registered as `counting`): the integer in the solution equals the reference count.
-Reads digits ("3", "3.0", "\\boxed{3}") and English number words ("three", "twenty-one")."""
+"""Counting (registered as `counting`): the solution states one count, equal to the reference.
+Reads digits ("3", "3.0", "\\boxed{3}") and English number words ("three", "twenty-one").
+
+A solution that mentions two different counts ("2 or 3", "\\boxed{3} 4", "3, one of them red")
+or qualifies its count ("at least 3", "3 or more", "~3") is a hedge and scores 0 (the default
+`pick: unique`); the reasoning belongs in the think block, which the verifier never sees.
+"""
 from __future__ import annotations
 
 import re
@@ -7,6 +12,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from verifiers.base import Sample, Score, register
+from verifiers.hedging import distinct, qualified
 
 MAX_CHARS = 20_000
 _UNITS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten",
@@ -20,29 +26,36 @@ _TOKEN = re.compile(
 _BOXED = re.compile(r"\\boxed\{([^{}]{0,100})\}")
 
 
-def read_counts(text: str) -> list[int]:
-    """Every count mentioned in `text`, in order of appearance."""
+def count_mentions(text: str) -> list[tuple[int, int, int]]:
+    """(count, start, end) of every count mentioned in `text`, in order of appearance."""
     out = []
-    for m in _TOKEN.finditer(text[-MAX_CHARS:]):
+    for m in _TOKEN.finditer(text):
         if m.group("num") is not None:
-            out.append(int(float(m.group("num"))))
+            out.append((int(float(m.group("num"))), m.start(), m.end()))
             continue
         word = m.group("word").lower().replace("-", " ")
         if " " in word and word != "a dozen":
             tens, unit = word.split()
-            out.append(_TENS[tens] + WORDS[unit])
+            value = _TENS[tens] + WORDS[unit]
         else:
-            out.append(WORDS[word])
+            value = WORDS[word]
+        out.append((value, m.start(), m.end()))
     return out
+
+
+def read_counts(text: str) -> list[int]:
+    """Every count mentioned in `text`, in order of appearance."""
+    return [c for c, _, _ in count_mentions(text)]
 
 
 @register("counting")
 @dataclass(frozen=True)
 class Counting:
-    """pick: which count in the solution is the answer: "last" (default), "first", or "unique"
-    (every count mentioned must agree, so hedging "2 or 3" scores 0). A `\\boxed{}` wins."""
+    """pick: "unique" (default): every count the solution mentions must be the same number and none
+    may be qualified, else the hedge scores 0. "last" / "first": take that count and ignore the rest
+    (a `\\boxed{}` wins): for free text that mentions other numbers; these two pay hedges."""
 
-    pick: Literal["last", "first", "unique"] = "last"
+    pick: Literal["last", "first", "unique"] = "unique"
 
     def __call__(self, sample: Sample) -> Score:
         if sample.answer is None:
@@ -50,13 +63,19 @@ class Counting:
         ref = read_counts(str(sample.answer))
         if len(ref) != 1:
             raise ValueError(f"counting: reference {str(sample.answer)[:80]!r} is not one count")
-        boxed = _BOXED.findall(sample.response[-MAX_CHARS:])
-        counts = read_counts(boxed[-1]) if boxed else read_counts(sample.response)
-        if not counts:
-            return Score(0.0, {"parsed": 0.0})
+        text = sample.response[-MAX_CHARS:]
         if self.pick == "unique":
-            got = counts[0] if len(set(counts)) == 1 else None
+            mentions = count_mentions(text)
+            if not mentions:
+                return Score(0.0, {"parsed": 0.0})
+            if len(distinct(c for c, _, _ in mentions)) > 1 or any(qualified(text, s, e) for _, s, e in mentions):
+                return Score(0.0, {"parsed": 1.0, "hedged": 1.0})
+            got = mentions[0][0]
         else:
+            boxed = _BOXED.findall(text)
+            counts = read_counts(boxed[-1]) if boxed else read_counts(text)
+            if not counts:
+                return Score(0.0, {"parsed": 0.0})
             got = counts[-1] if self.pick == "last" else counts[0]
         ok = float(got == ref[0])
         return Score(ok, {"parsed": 1.0, "count": ok})

@@ -1,9 +1,11 @@
 """Visual grounding (registered as `grounding`): box IoU against the reference box, or a hit test
-(the predicted point, or the predicted box's centre, inside the reference box).
+(the predicted point, or the whole predicted box, inside the reference box).
 
-Box forms read from the response (the last one wins): `[x1, y1, x2, y2]`, `(x1,y1),(x2,y2)`,
-`<box>...</box>`, `<|box_start|>(x1,y1),(x2,y2)<|box_end|>`; points: `(x, y)`, `[x, y]`,
-`<point>x y</point>`. Coordinates are pixels (inclusive corners, as synth.suite writes them) or
+Box forms read from the response: `[x1, y1, x2, y2]`, `(x1,y1),(x2,y2)`, `<box>...</box>`,
+`<|box_start|>(x1,y1),(x2,y2)<|box_end|>`; points: `(x, y)`, `[x, y]`, `<point>x y</point>`.
+The answer is the one region written. Two different regions (two boxes, a box and a point, the
+whole image and then a point) are a hedge and score 0; a region of a type the route does not
+accept (`accept`: a point for a box question) scores 0 as well. Coordinates are pixels (inclusive corners, as synth.suite writes them) or
 0-1000 normalised (Seed1.5-VL / Qwen2-VL / InternVL style), converted with `Sample.image_sizes[0]`.
 """
 from __future__ import annotations
@@ -13,6 +15,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from verifiers.base import Sample, Score, register
+from verifiers.hedging import distinct
 
 MAX_CHARS = 20_000   # only the tail of a longer response is searched
 _N = r"\s*(-?\d{1,6}(?:\.\d{1,6})?)\s*"
@@ -28,26 +31,35 @@ _NUMBER = re.compile(r"-?\d{1,6}(?:\.\d{1,6})?")
 Box = tuple[float, float, float, float]
 
 
-def parse_region(text: str) -> tuple[str, tuple[float, ...]] | None:
-    """("box", (x1, y1, x2, y2)) or ("point", (x, y)) from the last region in `text`; None if none."""
+Region = tuple[str, tuple[float, ...]]   # ("box", (x1, y1, x2, y2)) or ("point", (x, y))
+
+
+def find_regions(text: str) -> list[tuple[Region, int, int]]:
+    """Every region written in `text` with its span, in order: tagged regions, then untagged boxes,
+    then untagged points, each outside the spans already taken (the corners of "(x1,y1),(x2,y2)"
+    are one box, not two points)."""
     text = text[-MAX_CHARS:]
-    tagged = None
-    for tagged in _TAGGED.finditer(text):
-        pass
-    if tagged is not None:
-        nums = tuple(float(n) for n in _NUMBER.findall(tagged.group(2)))
-        if len(nums) == 4:
-            return "box", nums
-        if len(nums) == 2:
-            return "point", nums
-    best = None
+    found: list[tuple[Region, int, int]] = []
+
+    def free(start: int, end: int) -> bool:
+        return all(end <= s or start >= e for _, s, e in found)
+
+    for m in _TAGGED.finditer(text):
+        nums = tuple(float(n) for n in _NUMBER.findall(m.group(2)))
+        if len(nums) in (2, 4):
+            found.append((("box" if len(nums) == 4 else "point", nums), m.start(), m.end()))
     for kind, patterns in (("box", _BOX_PATTERNS), ("point", _POINT_PATTERNS)):
         for pattern in patterns:
             for m in pattern.finditer(text):
-                # the rightmost region wins; at the same end a box beats the point inside it
-                if best is None or m.end() > best[0]:
-                    best = (m.end(), kind, tuple(float(g) for g in m.groups()))
-    return (best[1], best[2]) if best else None
+                if free(m.start(), m.end()):
+                    found.append(((kind, tuple(float(g) for g in m.groups())), m.start(), m.end()))
+    return sorted(found, key=lambda r: r[1])
+
+
+def parse_region(text: str) -> Region | None:
+    """The last region written in `text`; None if none."""
+    regions = find_regions(text)
+    return regions[-1][0] if regions else None
 
 
 def iou(a: Box, b: Box) -> float:
@@ -79,8 +91,9 @@ def _continuous(box: tuple[float, ...], coords: str) -> Box:
 @register("grounding")
 @dataclass(frozen=True)
 class Grounding:
-    """mode "iou": 1 when IoU >= iou_threshold (or the IoU itself when soft); a predicted point
-    scores by the hit test. mode "hit": 1 when the point / the box centre lies in the reference box.
+    """mode "iou": 1 when the box's IoU >= iou_threshold (or the IoU itself when soft). mode "hit":
+    1 when the point, or the whole box, lies in the reference box. accept: the answer types the
+    question asks for; another type scores 0 (part `wrong_type`); iou mode accepts boxes only.
     coords: the response's coordinates; "auto" reads 0-1000 when a value lies outside the image
     but within 1000, else pixels. answer_coords: the reference's coordinates."""
 
@@ -89,6 +102,20 @@ class Grounding:
     soft: bool = False
     coords: Literal["pixel", "norm1000", "auto"] = "auto"
     answer_coords: Literal["pixel", "norm1000"] = "pixel"
+    accept: tuple[Literal["box", "point"], ...] | None = None   # answer types; None: (box,) for iou, (point, box) for hit
+
+    def __post_init__(self):
+        kinds = self.accepted
+        if not kinds or set(kinds) - {"box", "point"}:
+            raise ValueError(f"grounding: accept must list 'box' and/or 'point', got {self.accept!r}")
+        if self.mode == "iou" and "point" in kinds:
+            raise ValueError("grounding: a point has no IoU: mode 'iou' accepts only boxes (use mode 'hit' for points)")
+
+    @property
+    def accepted(self) -> tuple[str, ...]:
+        if self.accept is None:
+            return ("box",) if self.mode == "iou" else ("point", "box")
+        return tuple(self.accept)
 
     def __call__(self, sample: Sample) -> Score:
         if sample.answer is None:
@@ -98,20 +125,25 @@ class Grounding:
         if ref is None or ref[0] != "box":
             raise ValueError(f"grounding: reference {str(sample.answer)[:80]!r} is not a box")
         ref_box = _continuous(_to_pixels(ref[1], self.answer_coords, size), self.answer_coords)
-        pred = parse_region(sample.response)
-        if pred is None:
+        regions = distinct(region for region, _, _ in find_regions(sample.response))
+        if not regions:
             return Score(0.0, {"parsed": 0.0})
-        kind, values = pred
+        if len(regions) > 1:
+            return Score(0.0, {"parsed": 1.0, "hedged": 1.0})
+        kind, values = regions[0]
+        if kind not in self.accepted:
+            return Score(0.0, {"parsed": 1.0, "wrong_type": 1.0})
         coords = self._coords(values, size)
         pixels = _to_pixels(values, coords, size)
-        if kind == "point" or self.mode == "hit":
-            if kind == "box":
-                box = _continuous(pixels, coords)
-                pixels = ((box[0] + box[2]) / 2, (box[1] + box[3]) / 2)
+        if kind == "point":
             x, y = pixels[0] + (0.5 if coords == "pixel" else 0.0), pixels[1] + (0.5 if coords == "pixel" else 0.0)
             hit = float(ref_box[0] <= x <= ref_box[2] and ref_box[1] <= y <= ref_box[3])
             return Score(hit, {"parsed": 1.0, "hit": hit})
-        overlap = iou(_continuous(pixels, coords), ref_box)
+        box = _continuous(pixels, coords)
+        if self.mode == "hit":   # a box answers a point question when all of it lies in the reference box
+            hit = float(ref_box[0] <= box[0] and ref_box[1] <= box[1] and box[2] <= ref_box[2] and box[3] <= ref_box[3])
+            return Score(hit, {"parsed": 1.0, "hit": hit})
+        overlap = iou(box, ref_box)
         value = overlap if self.soft else float(overlap >= self.iou_threshold)
         return Score(value, {"parsed": 1.0, "iou": overlap})
 

@@ -21,6 +21,7 @@ import threading
 from dataclasses import dataclass
 
 from verifiers.base import Sample, Score, register
+from verifiers.hedging import distinct, qualified
 
 # math-verify logs a warning with the whole input on a timeout; a verifier does not print.
 logging.getLogger("math_verify").addHandler(logging.NullHandler())
@@ -31,7 +32,7 @@ MAX_EXPONENT = 10_000   # a literal exponent above this is refused (its power ha
 MAX_FACTORIAL = 1_000
 MAX_DIGITS = 1_000      # a literal with more digits is refused
 
-_SEP = r"(?:,\\!\s?|\\,|\{,\}|\\\s|[,\u00a0\u202f\u2009 ])"   # thousands separators
+_SEP = r"(?:,\\!\s?|\\,|\s?\{\s?,\s?\}|\\\s|[,\u00a0\u202f\u2009 ])"   # thousands separators
 _NUM = (r"(?P<sign>[-\u2212])?\s?[$€£¥₹]?\s?"
         rf"(?:(?P<int>[1-9][0-9]{{0,2}}(?:{_SEP}[0-9]{{3}})+(?![0-9])|[0-9]+)(?P<frac>[.,][0-9]+)?"
         r"|(?P<bare>\.[0-9]+))"
@@ -50,11 +51,16 @@ _CHAIN = re.compile(r"[0-9]+(?:\s*(?:\^|\*\*)\s*[0-9]+){2,}")   # unbraced 9^9^9
 _DIGIT_RUN = re.compile(r"[0-9]{%d,}" % (MAX_DIGITS + 1))
 _FINAL_PHRASE = re.compile(r"(?i:final answer)")
 _DELIMITER = re.compile(r"\$|\\\[|\\\(")
+_MATH_ENV = re.compile(r"\$\$.*?\$\$|\$[^$]*\$|\\\(.*?\\\)|\\\[.*?\\\]", re.S)
 _LATEX_ANCHOR = re.compile(r"\$|\\\[|\\\(|\\boxed|\\fbox|\\frac")
 
 
 class _Refused(Exception):
     """The text holds something sympy must not evaluate (a power tower, a huge factorial...)."""
+
+
+class _Hedged(Exception):
+    """The solution gives several different final answers, or qualifies its answer."""
 
 
 def last_boxed(text: str) -> tuple[int, int, str] | None:
@@ -78,6 +84,23 @@ def last_boxed(text: str) -> tuple[int, int, str] | None:
 
 
 _BOX_JOINER = re.compile(r"(?:\s|[,;.$]|\\[\[\]()]|\\q?quad|\\text\{\s*(?:and|or)?\s*\}|\band\b|\bor\b)*")
+
+
+def all_boxes(text: str) -> list[tuple[int, int, str]]:
+    """(start, end, content) of every closed `\\boxed{...}` / `\\fbox{...}`, in order."""
+    out = []
+    end = len(text)
+    while True:
+        box = last_boxed(text[:end])
+        if box is None:
+            # an unclosed box hides the ones before it from last_boxed: look left of it
+            start = max(text.rfind("\\boxed", 0, end), text.rfind("\\fbox", 0, end))
+            if start < 0:
+                return out[::-1]
+            end = start
+            continue
+        out.append(box)
+        end = box[0]
 
 
 def final_boxes(text: str) -> tuple[int, int] | None:
@@ -234,6 +257,8 @@ class MathAnswer:
             pred = self.extract(sample.response, reference=False)
         except _Refused:
             return Score(0.0, {"math": 0.0, "refused": 1.0})
+        except _Hedged:
+            return Score(0.0, {"math": 0.0, "hedged": 1.0})
         if not gold or not pred:
             return Score(0.0, {"math": 0.0, "extracted": float(bool(pred))})
         from math_verify import verify  # heavy, as sympy
@@ -269,14 +294,25 @@ class MathAnswer:
         boxed = final_boxes(text)
         final_at = max((m.start() for m in _FINAL_PHRASE.finditer(text)), default=-1)
         if boxed is not None and boxed[1] > final_at:
-            # A solution is judged by its final box(es) (plus a short tail for "\\boxed{28} pct");
-            # a reference keeps math-verify's reading of all its boxes ("\\boxed{1}\\boxed{2}").
-            found = self._latex(text if reference else text[boxed[0]:boxed[1] + 20])
+            if reference:   # a reference keeps math-verify's reading of all its boxes ("\\boxed{1}\\boxed{2}")
+                found = self._latex(text)
+            else:
+                contents = distinct(" ".join(c.split()) for _, _, c in all_boxes(text))
+                if len(contents) > 1:
+                    # Several different boxes answer together, as math-verify reads them: one set
+                    # ("\\boxed{(3, 3)} and \\boxed{(1, 1)}"), so a hedge between values is not the value.
+                    found = self._latex("$" + ", ".join(contents) + "$") or [", ".join(contents)]
+                    _check_beside_boxes(text[:all_boxes(text)[0][0]], text[boxed[1]:], found)
+                    return found
+                # one box (maybe repeated), plus a short tail for "\\boxed{28} pct"
+                found = self._latex(text[boxed[0]:boxed[1] + 20])
+                if _parsed(found):
+                    _check_beside_boxes(text[:all_boxes(text)[0][0]], text[boxed[1]:], found)
             if _parsed(found):
                 return found
-        final = _last(_FINAL_NUMBER, text) or _last(_ANSWER_NUMBER, text)
-        if final is not None:
-            return [_number(final)]
+        finals = list(_FINAL_NUMBER.finditer(text)) or list(_ANSWER_NUMBER.finditer(text))
+        if finals:
+            return [self._plain(finals, text, reference=reference)]
         if boxed is not None:   # "final answer" stated after the last box, in LaTeX
             found = self._latex(text, boxed_first=False)
             if _parsed(found):
@@ -284,15 +320,18 @@ class MathAnswer:
         if (reference or len(text) <= 200) and not delimited:
             # a bare expression ("10/9", "x = 2", "\\{1, 2\\}" without $): read it as LaTeX
             wrapped = self._latex(f"${text}$")
-            if _parsed(wrapped):
-                return wrapped
+            if _parsed(wrapped) or (reference and wrapped and _well_formed_latex(text)):
+                return wrapped   # a LaTeX reference math-verify reads as a string compares as one
         # Otherwise the rightmost of: the last math environment, a plain arithmetic expression,
         # a plain number ("... there are 12 sequences.", "... increases by 100%.").
         math_end = max(text.rfind("$"), text.rfind("\\)"), text.rfind("\\]"))
-        arith, number = _last(_ARITH, text), _last(_NUMBER, text)
+        plain = _MATH_ENV.sub(lambda m: " " * len(m.group(0)), text)   # what LaTeX did not read is not math
+        arith, number = _last(_ARITH, plain), _last(_NUMBER, plain)
         found = self._latex(text) if anchored else []
         plain_last = max(arith.end() if arith else -1, number.end() if number else -1) > math_end
         if _parsed(found) and not plain_last:
+            return found
+        if reference and found and not plain_last:   # math-verify reads this reference as a string: keep it
             return found
         if arith is not None and (number is None or arith.end() >= number.end()):
             expr = arith.group(0).replace("×", "\\times ").replace("÷", "\\div ")
@@ -300,8 +339,59 @@ class MathAnswer:
             if _parsed(wrapped):
                 return wrapped
         if number is not None:
-            return [_number(number)]
+            return [self._plain([number], text, reference=reference)]
         return found
+
+    def _plain(self, matches: list[re.Match], text: str, *, reference: bool):
+        """The number stated by the last of `matches` (plain-text final answers); in a solution, two
+        different stated numbers or a qualified one ("at least 7") are a hedge."""
+        values = [_number(m) for m in matches]
+        if not reference:
+            if any(v != values[-1] for v in values):
+                raise _Hedged("different final answers")
+            m = matches[-1]
+            start = min(m.start(g) for g in ("sign", "int", "bare") if m.group(g) is not None)
+            if qualified(text, start, m.end()):
+                raise _Hedged("a qualified final answer")
+        return values[-1]
+
+
+# What may stand between a box and a second value offered beside it: punctuation, LaTeX spacing and
+# the words of a disjunction ("\\boxed{7}, 8", "\\boxed{7} (or 8)", "8 or \\boxed{7}"); after the box
+# also the words that offer another answer ("\\boxed{7}; it could also be 8"). Before a box, "is"
+# and the like introduce it ("the sum of 3 and 4 is \\boxed{7}"), so they do not connect there.
+_PUNCT = r"[\s$.,;:!?()\[\]/|&~-]|\\[,;:! ]|\\q?quad"
+_OR = r"or|either|nor|maybe|perhaps|possibly|probably|alternatively|otherwise|else"
+_BEFORE_BOX = re.compile(rf"(?:{_PUNCT}|\b(?:{_OR})\b)*", re.I)
+_AFTER_BOX = re.compile(rf"(?:{_PUNCT}|\b(?:{_OR}|also|could|might|would|be|it|is|was|the|answer|and)\b)*", re.I)
+_TEXT = re.compile(r"\\text\{([^{}]*)\}")
+
+
+def _check_beside_boxes(before: str, after: str, found: list) -> None:
+    """Raise _Hedged when a plain number offered beside the boxes, with nothing but punctuation and
+    words of a disjunction between, is none of the boxed values. Other numbers around the boxes are
+    work or context ("4 + 3 = 7, so", "after 5 years"); numbers inside a command's braces or an
+    exponent ("\\pmod{11}", "cm^2") are not plain."""
+    import sympy  # heavy, as in _number
+
+    values = [v for v in found if not isinstance(v, str)]
+    before, after = _TEXT.sub(r" \1 ", before), _TEXT.sub(r" \1 ", after)
+    # only the number closest to the boxes on each side can have nothing but connectors in between
+    last, first = _last(_NUMBER, before), _NUMBER.search(after)
+    beside = ([last] if last and _BEFORE_BOX.fullmatch(before[last.end():]) else []) + \
+             ([first] if first and _AFTER_BOX.fullmatch(after[:first.start()]) else [])
+    for m in beside:
+        if not any(_same_number(_number(m), v, sympy) for v in values):
+            raise _Hedged("a second value beside the boxes")
+
+
+def _same_number(n, v, sympy) -> bool:
+    try:
+        if isinstance(v, sympy.Set):
+            return bool(v.contains(n) == sympy.true)
+        return abs(float(n) - float(v)) <= 1e-9 * max(1.0, abs(float(v)))
+    except (TypeError, ValueError, AttributeError):
+        return False
 
 
 def _last(pattern: re.Pattern, text: str) -> re.Match | None:
@@ -309,6 +399,11 @@ def _last(pattern: re.Pattern, text: str) -> re.Match | None:
     for m in pattern.finditer(text):
         pass
     return m
+
+
+def _well_formed_latex(text: str) -> bool:
+    """LaTeX with balanced braces (a reference, not a fragment of one)."""
+    return bool(_LATEX_ANCHOR.search(text)) and text.count("{") == text.count("}")
 
 
 def _parsed(found: list) -> bool:

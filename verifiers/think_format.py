@@ -1,6 +1,7 @@
 """The `<think>{thought}</think>{solution}` format check (the reward's format gate)."""
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 from verifiers.base import Sample, Score, register
@@ -19,6 +20,21 @@ def split_think(response: str) -> tuple[str, str] | None:
     if not solution:
         return None
     return thought.strip(), solution
+
+
+_BLOCK = re.compile(re.escape(OPEN) + ".*?" + re.escape(CLOSE), re.S)
+
+
+def strip_think(response: str) -> str:
+    """The response without its thoughts, whatever its form: every `<think>..</think>` block goes,
+    text before a stray `</think>` is thought (a template that opens the block in the prompt), and
+    an unclosed `<think>` takes the rest. Numbers inside a thought never reach a verifier."""
+    text = _BLOCK.sub(" ", response)
+    if CLOSE in text:
+        text = text[text.rfind(CLOSE) + len(CLOSE):]
+    if OPEN in text:
+        text = text[:text.find(OPEN)]
+    return text.strip()
 
 
 @register("think_format")

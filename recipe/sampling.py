@@ -6,9 +6,10 @@ import time
 from dataclasses import dataclass
 from typing import Sequence
 
+from model.load import load_processor
 from records import DataError, load_images
 from rewards.hybrid import score_batch
-from rewards.inputs import reward_inputs
+from rewards.inputs import for_model, reward_inputs
 from rewards.pool import VerifierPool
 from rewards.rm import RewardModelScorer
 from rollout import make_engine
@@ -55,6 +56,7 @@ def sample_and_score(model_dir: str, records: Sequence, *, k: int, backend: str,
         raise ValueError(f"k must be >= 1, got {k}")
     unseeded = seed is None
     chunk = chunk or (512 if backend == "vllm" else 32)
+    reward_cfg = for_model(reward_cfg, load_processor(model_dir))   # the model family's conventions
     t0 = time.perf_counter()
     engine = make_engine(str(model_dir), EngineConfig(backend=backend, dtype=dtype), seed=seed or 0)
     t_engine = time.perf_counter() - t0

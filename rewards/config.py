@@ -11,8 +11,9 @@ adds tasks or replaces a built-in route task by task. YAML:
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, Mapping
 
 
 @dataclass(frozen=True)
@@ -71,3 +72,17 @@ class RewardConfig:
             return DEFAULT_ROUTES[task]
         known = sorted(set(self.tasks) | (set(DEFAULT_ROUTES) if self.builtin_routes else set()))
         raise KeyError(f"no reward route for task {task!r} (known: {', '.join(known)})")
+
+    def with_verifier_settings(self, settings: Mapping[str, Mapping[str, Any]]) -> RewardConfig:
+        """This config with `settings` ({verifier name: settings}) added to every route that uses
+        that verifier, the built-in routes included, wherever the route does not set them itself:
+        how a model's output conventions (its family's grounding coordinates) reach the verifiers
+        without overriding what the config says."""
+        routes = {**(DEFAULT_ROUTES if self.builtin_routes else {}), **self.tasks}
+        changed = {}
+        for task, route in routes.items():
+            vrs = tuple(dataclasses.replace(vr, settings={**settings[vr.verifier], **vr.settings})
+                        if vr.verifier in settings else vr for vr in route.verifiers)
+            if vrs != route.verifiers:
+                changed[task] = dataclasses.replace(route, verifiers=vrs)
+        return dataclasses.replace(self, tasks={**self.tasks, **changed}) if changed else self

@@ -13,11 +13,12 @@ from collections import defaultdict
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Mapping, Sequence
 
 from PIL import Image
 
 import verifiers
+from model.families import verifier_settings
 from records import message_text, prompt_key
 from rollout.greedy import generate_greedy
 from training.atomic import write_json, write_jsonl
@@ -51,14 +52,15 @@ def eval_subset(records: Sequence, limit: int) -> list:
     return [records[i * len(records) // limit] for i in range(limit)]
 
 
-def add_sampled_scores(table: dict, records, samples: Sequence[Sequence[str]], reward_cfg, score=None) -> dict:
+def add_sampled_scores(table: dict, records, samples: Sequence[Sequence[str]], reward_cfg, score=None, *,
+                       settings: Mapping[str, Mapping[str, Any]] = {}) -> dict:
     """Add avg@k over every record's k sampled responses to `table`'s rows: `sampled_accuracy` for
     tasks with a rule answer and, given an RM `score` callable (see add_rm_scores),
     `sampled_rm_score` for RM-routed tasks. The sampled RM score is what RL maximises; the greedy
-    one can swing on choices the policy makes near 50/50."""
+    one can swing on choices the policy makes near 50/50. `settings` as in `judge`."""
     flat_records = [r for r, group in zip(records, samples) for _ in group]
     flat = [s for group in samples for s in group]
-    sampled = summarize(judge(flat_records, flat))
+    sampled = summarize(judge(flat_records, flat, settings=settings))
     if score is not None:
         sampled = add_rm_scores(sampled, flat_records, flat, reward_cfg, score)
     for task, row in sampled.items():
@@ -69,8 +71,10 @@ def add_sampled_scores(table: dict, records, samples: Sequence[Sequence[str]], r
     return table
 
 
-def judge(records, responses: Sequence[str]) -> list[Generation]:
-    """Format and correctness of each response (pure: no model involved)."""
+def judge(records, responses: Sequence[str], *, settings: Mapping[str, Mapping[str, Any]] = {}) -> list[Generation]:
+    """Format and correctness of each response (pure: no model involved). `settings`: {verifier name:
+    settings} of the responding model's conventions (model.families.verifier_settings), added to
+    the accuracy checks' own."""
     checks = {}
     gens = []
     for rec, resp in zip(records, responses):
@@ -78,8 +82,8 @@ def judge(records, responses: Sequence[str]) -> list[Generation]:
         correct = None
         if rec.task in ACCURACY_CHECKS and rec.answer is not None:
             if rec.task not in checks:
-                name, settings = ACCURACY_CHECKS[rec.task]
-                checks[rec.task] = verifiers.load(name, **settings)
+                name, own = ACCURACY_CHECKS[rec.task]
+                checks[rec.task] = verifiers.load(name, **{**settings.get(name, {}), **own})
             if parts is None:
                 correct = False
             else:
@@ -181,7 +185,7 @@ def add_rm_scores(table: dict, records, responses: Sequence[str], reward_cfg, sc
 def evaluate(model, processor, records, *, batch_size: int = 64, max_new_tokens: int = 48):
     """(table, generations) for prompt records."""
     responses = generate_greedy(model, processor, records, batch_size=batch_size, max_new_tokens=max_new_tokens)
-    gens = judge(records, responses)
+    gens = judge(records, responses, settings=verifier_settings(processor))
     return summarize(gens), gens
 
 

@@ -6,7 +6,9 @@ from typing import Sequence
 
 from PIL import Image
 
+from model.families import verifier_settings
 from records import message_text
+from rewards.config import RewardConfig
 from rewards.hybrid import RewardInput, combine
 
 # Parts of a RewardResult that are not a verifier's verdict.
@@ -23,6 +25,12 @@ def reward_inputs(records, completions) -> list:
             out.append(RewardInput(task=rec.task, response=c.text, answer=rec.answer, prompt=prompt,
                                    images=tuple(str(p) for p in rec.images), image_sizes=sizes, meta=rec.meta))
     return out
+
+
+def for_model(cfg: RewardConfig, processor) -> RewardConfig:
+    """`cfg` for responses of the model whose processor this is: its family's conventions (grounding
+    coordinates) filled into the verifiers' settings wherever a route does not set them."""
+    return cfg.with_verifier_settings(verifier_settings(processor))
 
 
 def image_size(path) -> tuple[int, int]:

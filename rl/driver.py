@@ -21,6 +21,7 @@ import torch
 from torch import Tensor
 from tqdm import tqdm
 
+from model.families import verifier_settings
 from model.load import load_processor
 from records import Record, load_images, load_records
 from records.mixture import batch_indices, weighted_records
@@ -165,6 +166,9 @@ class RLRun:
         self.records = prompt_pool(cfg)
         self.eval_records = load_records(cfg.eval_data, require="prompt") if cfg.eval_data else []
         self.policy_dir = str(start_from or cfg.policy)
+        self.processor = load_processor(self.policy_dir)
+        # the policy family's output conventions (grounding coordinates) for its verifiers
+        self.verifier_settings = verifier_settings(self.processor)
         r = cfg.ray
         self.own_ray = False   # whether this run started Ray (and so shuts it down in close())
         if r.enabled:
@@ -187,10 +191,10 @@ class RLRun:
             critic_dir = str(start_from / "critic") if start_from else (cfg.critic or cfg.policy)
             self.critic = spawn(CriticWorker, critic_dir, optim=cfg.critic_optim, total_steps=cfg.steps,
                                 dtype=cfg.dtype, seed=cfg.seed, num_gpus=r.actor_gpus, name="critic", **common)
-        self.reward: Handle[RewardWorker] = spawn(RewardWorker, cfg.reward, reward_model=cfg.reward_model,
+        reward_cfg = cfg.reward.with_verifier_settings(self.verifier_settings)
+        self.reward: Handle[RewardWorker] = spawn(RewardWorker, reward_cfg, reward_model=cfg.reward_model,
                                                   name="reward", **common)
         self.rollout: Handle[RolloutWorker] = self._start_rollout()
-        self.processor = load_processor(self.policy_dir)
 
     def _start_rollout(self) -> Handle[RolloutWorker]:
         ro = self.cfg.rollout
@@ -389,7 +393,7 @@ def evaluate_run(run: RLRun, limit: int = 0) -> tuple[dict, list]:
     records = eval_subset(run.eval_records, limit)
     # greedy answers get the token budget the rollouts had
     responses = run.actor.generate_greedy(records, max_new_tokens=run.cfg.rollout.max_tokens).result()
-    gens = judge(records, responses)
+    gens = judge(records, responses, settings=run.verifier_settings)
     table = summarize(gens)
 
     def rm_score(items):
@@ -400,5 +404,6 @@ def evaluate_run(run: RLRun, limit: int = 0) -> tuple[dict, list]:
     if k:  # avg@k with the rollout engine at the training temperature; one fixed seed for every eval
         prompts = [Prompt(r.prompt_messages, load_images(r)) for r in records]
         groups = run.generate(prompts, SamplingConfig.of(ro, n=k, seed=run.cfg.seed + 7))
-        table = add_sampled_scores(table, records, [[c.text for c in g] for g in groups], run.cfg.reward, rm_score)
+        table = add_sampled_scores(table, records, [[c.text for c in g] for g in groups], run.cfg.reward, rm_score,
+                                   settings=run.verifier_settings)
     return table, gens

@@ -3,8 +3,10 @@
 
 Box forms read from the response (the last one wins): `[x1, y1, x2, y2]`, `(x1,y1),(x2,y2)`,
 `<box>...</box>`, `<|box_start|>(x1,y1),(x2,y2)<|box_end|>`; points: `(x, y)`, `[x, y]`,
-`<point>x y</point>`. Coordinates are pixels (inclusive corners, as synth.suite writes them) or
-0-1000 normalised (Seed1.5-VL / Qwen2-VL / InternVL style), converted with `Sample.image_sizes[0]`.
+`<point>x y</point>`. Coordinates are pixels (inclusive corners, as synth.suite's answers are),
+0-1000 normalised (Seed1.5-VL / Qwen2-VL / Qwen3-VL / InternVL style), converted with
+`Sample.image_sizes[0]`, or pixels of the image as the processor resized it (Qwen2.5-VL; see
+verifiers.coords): the reference is then taken through that resize and compared there.
 """
 from __future__ import annotations
 
@@ -13,6 +15,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from verifiers.base import Sample, Score, register
+from verifiers.coords import resized_size
 
 MAX_CHARS = 20_000   # only the tail of a longer response is searched
 _N = r"\s*(-?\d{1,6}(?:\.\d{1,6})?)\s*"
@@ -82,13 +85,18 @@ class Grounding:
     """mode "iou": 1 when IoU >= iou_threshold (or the IoU itself when soft); a predicted point
     scores by the hit test. mode "hit": 1 when the point / the box centre lies in the reference box.
     coords: the response's coordinates; "auto" reads 0-1000 when a value lies outside the image
-    but within 1000, else pixels. answer_coords: the reference's coordinates."""
+    but within 1000, else pixels; "resized" reads pixels of the image resized by the processor
+    whose settings are resize_factor (patch x merge), min_pixels and max_pixels.
+    answer_coords: the reference's coordinates."""
 
     mode: Literal["iou", "hit"] = "iou"
     iou_threshold: float = 0.5
     soft: bool = False
-    coords: Literal["pixel", "norm1000", "auto"] = "auto"
+    coords: Literal["pixel", "norm1000", "auto", "resized"] = "auto"
     answer_coords: Literal["pixel", "norm1000"] = "pixel"
+    resize_factor: int = 28
+    min_pixels: int = 56 * 56
+    max_pixels: int = 28 * 28 * 1280
 
     def __call__(self, sample: Sample) -> Score:
         if sample.answer is None:
@@ -103,6 +111,9 @@ class Grounding:
             return Score(0.0, {"parsed": 0.0})
         kind, values = pred
         coords = self._coords(values, size)
+        if coords == "resized":
+            # IoU and the hit test are invariant under scaling each axis: compare in the resized frame
+            ref_box, coords = self._resized_frame(ref_box, size), "pixel"
         pixels = _to_pixels(values, coords, size)
         if kind == "point" or self.mode == "hit":
             if kind == "box":
@@ -114,6 +125,15 @@ class Grounding:
         overlap = iou(_continuous(pixels, coords), ref_box)
         value = overlap if self.soft else float(overlap >= self.iou_threshold)
         return Score(value, {"parsed": 1.0, "iou": overlap})
+
+    def _resized_frame(self, box: Box, size: tuple[int, int] | None) -> Box:
+        """A continuous box of the original image mapped onto the image the processor resized."""
+        if size is None:
+            raise ValueError("grounding: resized coordinates need Sample.image_sizes")
+        w, h = size
+        rw, rh = resized_size(w, h, factor=self.resize_factor, min_pixels=self.min_pixels, max_pixels=self.max_pixels)
+        sx, sy = rw / w, rh / h
+        return box[0] * sx, box[1] * sy, box[2] * sx, box[3] * sy
 
     def _coords(self, values: tuple[float, ...], size: tuple[int, int] | None) -> str:
         if self.coords != "auto":

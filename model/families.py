@@ -38,45 +38,41 @@ from transformers import (Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, 
 from verifiers.coords import Convention
 
 
-def _content(video: str) -> str:
-    """The template loop over one message's content: text, images and videos (numbered as
-    'Picture k: ' / 'Video k: ' when the caller passes add_vision_id=True)."""
-    return (
-        "{% if message['content'] is string %}{{ message['content'] }}"
-        "{% else %}{% for part in message['content'] %}"
-        "{% if part['type'] == 'image' or 'image' in part or 'image_url' in part %}"
-        "{% set image_count.value = image_count.value + 1 %}"
-        "{% if add_vision_id %}Picture {{ image_count.value }}: {% endif %}"
-        "<|vision_start|><|image_pad|><|vision_end|>"
-        "{% elif part['type'] == 'video' or 'video' in part %}"
-        "{% set video_count.value = video_count.value + 1 %}"
-        "{% if add_vision_id %}Video {{ video_count.value }}: {% endif %}" + video +
-        "{% elif 'text' in part %}{{ part['text'] }}{% endif %}"
-        "{% endfor %}{% endif %}"
-    )
-
-
+# The template loop over one message's content: text, images and videos, numbered 'Picture k: ' /
+# 'Video k: ' when the caller passes add_vision_id=True (the Qwen families' option).
+_CONTENT = (
+    "{% if message['content'] is string %}{{ message['content'] }}"
+    "{% else %}{% for part in message['content'] %}"
+    "{% if part['type'] == 'image' or 'image' in part or 'image_url' in part %}"
+    "{% set image_count.value = image_count.value + 1 %}"
+    "{% if add_vision_id %}Picture {{ image_count.value }}: {% endif %}"
+    "<|vision_start|><|image_pad|><|vision_end|>"
+    "{% elif part['type'] == 'video' or 'video' in part %}"
+    "{% set video_count.value = video_count.value + 1 %}"
+    "{% if add_vision_id %}Video {{ video_count.value }}: {% endif %}"
+    "<|vision_start|><|video_pad|><|vision_end|>"
+    "{% elif 'text' in part %}{{ part['text'] }}{% endif %}"
+    "{% endfor %}{% endif %}")
 _COUNTERS = "{% set image_count = namespace(value=0) %}{% set video_count = namespace(value=0) %}"
-_VIDEO = "<|vision_start|><|video_pad|><|vision_end|>"
 _GENERATION = "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 
 # Qwen2-VL's layout without its default system prompt: the tiny default keeps its sequences short.
 QWEN2_VL_TEMPLATE = (
-    _COUNTERS + "{% for message in messages %}<|im_start|>{{ message['role'] }}\n" + _content(_VIDEO)
+    _COUNTERS + "{% for message in messages %}<|im_start|>{{ message['role'] }}\n" + _CONTENT
     + "<|im_end|>\n{% endfor %}" + _GENERATION)
 # Qwen2.5-VL: a conversation that does not open with a system turn gets the family's default one.
 QWEN2_5_VL_TEMPLATE = (
     _COUNTERS + "{% for message in messages %}"
     "{% if loop.first and message['role'] != 'system' %}"
     "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n{% endif %}"
-    "<|im_start|>{{ message['role'] }}\n" + _content(_VIDEO) + "<|im_end|>\n{% endfor %}" + _GENERATION)
+    "<|im_start|>{{ message['role'] }}\n" + _CONTENT + "<|im_end|>\n{% endfor %}" + _GENERATION)
 # Qwen3-VL (Instruct): no default system prompt; a system turn keeps its text parts only. The
 # processor, not the template, puts a video's frame timestamps around its tokens.
 QWEN3_VL_TEMPLATE = (
     _COUNTERS + "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
     "{% if message['role'] == 'system' and message['content'] is not string %}"
     "{% for part in message['content'] %}{% if 'text' in part %}{{ part['text'] }}{% endif %}{% endfor %}"
-    "{% else %}" + _content(_VIDEO) + "{% endif %}<|im_end|>\n{% endfor %}" + _GENERATION)
+    "{% else %}" + _CONTENT + "{% endif %}<|im_end|>\n{% endfor %}" + _GENERATION)
 
 
 def mrope_section(head_dim: int, *, interleaved: bool = False) -> list[int]:

@@ -51,7 +51,7 @@ class SceneSpec:
     that trains on it (model.families.grounding_settings); the record's answer stays in pixels."""
     resize_factor: int = 28
     min_pixels: int = 56 * 56
-    max_pixels: int = 28 * 28 * 1280
+    max_pixels: int = 12_845_056
     """The processor's resize, for coords 'resized' (as the grounding verifier's settings of that name)."""
 
     @property

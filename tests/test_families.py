@@ -22,8 +22,9 @@ from recipe.filter import run_filter
 from recipe.rft import run_rft
 from recipe.sft import SFTConfig, train_sft
 from records import load_images, load_records, write_records
-from rewards.config import PoolConfig, RewardConfig
+from rewards.config import PoolConfig, RewardConfig, TaskRoute, VerifierRoute
 from rewards.evaluate import judge
+from rewards.inputs import for_model
 from rewards.rm import RewardModelScorer
 from rewards.rm_train import RMConfig, train_rm
 from rl.config import GRPOConfig, KLConfig, PPOConfig, RLConfig, RolloutConfig
@@ -129,6 +130,20 @@ def test_each_family_writes_and_scores_its_own_coordinates(family_dirs):
     assert norm["messages"][1]["content"][0]["text"].split("</think>")[1] != norm["answer"]
 
 
+def test_data_synth_writes_the_coordinates_of_the_model(tmp_path, family_dirs):
+    """`vlrl data synth --model DIR`: targets in that model's coordinates (Qwen2.5-VL's resized pixels
+    equal the pixels of an 84x84 board, which its processor leaves as it is); without it, Qwen2-VL's 0-1000."""
+    def targets(out):
+        recs = [r for r in load_records(out / "sft.jsonl") if r.task == "grounding"]
+        return [(r.target.split("</think>")[1], r.answer) for r in recs]
+
+    assert vlrl("data", "synth", tmp_path / "a", "--n", 3, "--n-heldout", 1, "--n-rl", 1,
+                "--model", family_dirs["qwen2_5_vl"]) == 0
+    assert all(t == a for t, a in targets(tmp_path / "a"))
+    assert vlrl("data", "synth", tmp_path / "b", "--n", 3, "--n-heldout", 1, "--n-rl", 1) == 0
+    assert all(json.loads(t) == encode_box(json.loads(a), "norm1000", (84, 84)) for t, a in targets(tmp_path / "b"))
+
+
 @pytest.mark.parametrize("name", FAMILY_NAMES)
 def test_short_sft_lowers_the_loss_and_evaluates(tmp_path, family_dirs, small_data, name):
     final = train_sft(_sft_cfg(family_dirs[name], small_data["sft"], tmp_path / "run",
@@ -224,10 +239,10 @@ def test_qwen3_vl_sft_learns_counting(tmp_path_factory):
     shapes on held-out scenes well above chance (1 in 6)."""
     root = tmp_path_factory.mktemp("qwen3_learn")
     model = build_tiny_vlm(root / "hf", corpus_texts(), TinySpec(), family="qwen3_vl")
-    data = write_suite(root / "data", seed=1, n=600, n_heldout=40, n_rl=4, tasks=("counting", "math"),
+    data = write_suite(root / "data", seed=1, n=600, n_heldout=60, n_rl=4, tasks=("counting", "math"),
                        spec=SceneSpec(color_questions=0.0))
     cfg = SFTConfig(model=str(model), data=str(data["sft"]), eval_data=str(data["heldout"]), out=str(root / "run"),
-                    steps=160, batch_size=16, save_every=0, log_every=20, optim=OptimConfig(lr=3e-4, warmup_steps=20))
+                    steps=300, batch_size=16, save_every=0, log_every=20, optim=OptimConfig(lr=3e-4, warmup_steps=20))
     train_sft(cfg, progress=False)
     after = json.loads((root / "run" / "eval.json").read_text())
     assert after["all"]["format"] >= 0.9 and after["counting"]["accuracy"] >= 0.5, after
@@ -242,3 +257,17 @@ def test_judge_reads_responses_in_the_models_coordinates(family_dirs, small_data
     settings = {"grounding": grounding_settings(load_processor(family_dirs["qwen3_vl"]))}
     assert [g.correct for g in judge([rec], [norm], settings=settings)] == [True]
     assert [g.correct for g in judge([rec], [norm], settings={"grounding": {"coords": "pixel"}})] == [False]
+
+
+def test_model_conventions_fill_grounding_routes_without_overriding_them(family_dirs):
+    own = TaskRoute(verifiers=(VerifierRoute("grounding", settings={"coords": "pixel"}),))
+    cfg = RewardConfig(tasks={"ui": own})
+    out = for_model(cfg, load_processor(family_dirs["qwen2_5_vl"]))
+    resize = {"resize_factor": 28, "min_pixels": 56 * 56, "max_pixels": 112 * 112}
+    assert out.route("grounding").verifiers[0].settings == {"mode": "iou", "iou_threshold": 0.5,
+                                                           "coords": "resized", **resize}
+    assert out.route("ui").verifiers[0].settings == {"coords": "pixel", **resize}   # the config's own coords win
+    assert out.route("counting") == cfg.route("counting")
+    qwen3 = for_model(cfg, load_processor(family_dirs["qwen3_vl"]))
+    assert qwen3.route("grounding").verifiers[0].settings["coords"] == "norm1000"
+    assert cfg.with_verifier_settings({}) is cfg

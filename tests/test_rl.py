@@ -305,6 +305,7 @@ def test_greedy_eval_gets_the_rollouts_token_budget(sft_run, tmp_path):
             return Future([f"<think>x</think>{r.answer}" for r in recs])
 
     cfg = _cfg(sft_run, tmp_path / "run", rollout=RolloutConfig(backend="hf", n=2, max_tokens=56))
-    table, gens = evaluate_run(SimpleNamespace(cfg=cfg, eval_records=records, actor=Actor(), reward=None))
+    table, gens = evaluate_run(SimpleNamespace(cfg=cfg, eval_records=records, actor=Actor(), reward=None,
+                                               verifier_settings={}))
     assert calls == [("generate_greedy", {"max_new_tokens": 56})]
     assert table["all"]["accuracy"] == 1.0 and [g.id for g in gens] == [r.id for r in records]

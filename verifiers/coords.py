@@ -37,7 +37,7 @@ def resized_size(width: int, height: int, *, factor: int, min_pixels: int, max_p
 
 
 def encode_box(box: Sequence[int], convention: Convention, size: tuple[int, int], *, factor: int = 28,
-               min_pixels: int = 56 * 56, max_pixels: int = 28 * 28 * 1280) -> list[int]:
+               min_pixels: int = 56 * 56, max_pixels: int = 12_845_056) -> list[int]:
     """A box given in inclusive pixel corners of an image of `size` (width, height), written in
     `convention` (integers, as a model would write it). The resize settings apply to 'resized'.
 

@@ -96,7 +96,7 @@ class Grounding:
     answer_coords: Literal["pixel", "norm1000"] = "pixel"
     resize_factor: int = 28
     min_pixels: int = 56 * 56
-    max_pixels: int = 28 * 28 * 1280
+    max_pixels: int = 12_845_056
 
     def __call__(self, sample: Sample) -> Score:
         if sample.answer is None:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 
 from model.families import DEFAULT_FAMILY, FAMILIES, get_family, grounding_settings
 from model.info import describe, format_info
@@ -25,7 +26,11 @@ def cmd_init_tiny(args) -> int:
 
 
 def cmd_info(args) -> int:
-    print(format_info(describe(args.dir)))
+    try:
+        print(format_info(describe(args.dir)))
+    except FileNotFoundError as e:   # the first thing users run on a folder: one line, no traceback
+        print(f"vlrl model info: error: {e}", file=sys.stderr)
+        return 2
     return 0
 
 

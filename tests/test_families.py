@@ -271,3 +271,8 @@ def test_model_conventions_fill_grounding_routes_without_overriding_them(family_
     qwen3 = for_model(cfg, load_processor(family_dirs["qwen3_vl"]))
     assert qwen3.route("grounding").verifiers[0].settings["coords"] == "norm1000"
     assert cfg.with_verifier_settings({}) is cfg
+
+
+def test_model_info_refuses_a_folder_without_a_model(tmp_path, capsys):
+    assert vlrl("model", "info", tmp_path) == 2
+    assert "not a model folder (no config.json)" in capsys.readouterr().err

@@ -1,7 +1,8 @@
 """Turning chat conversations + images into model inputs, with loss labels on assistant tokens only.
 
 Works with any chat template that renders a conversation as a prefix-stable string (each message
-appended after the previous ones), which holds for the Qwen2/2.5-VL templates: the assistant spans
+appended after the previous ones), which holds for the Qwen2-VL, Qwen2.5-VL (its default system
+prompt included) and Qwen3-VL Instruct templates: the assistant spans
 are found by rendering growing prefixes, then mapped onto tokens with the tokenizer's offsets.
 """
 from __future__ import annotations
@@ -9,6 +10,8 @@ from __future__ import annotations
 from typing import Sequence
 
 import torch
+
+from model.families import image_token_counts
 
 IGNORE = -100
 
@@ -56,8 +59,7 @@ def encode_sft(processor, conversations: Sequence[list[dict]], images: Sequence[
         processor.tokenizer.padding_side = side
     offsets = batch.pop("offset_mapping")  # (B, L, 2) in the pad-expanded text
     pad = getattr(processor, "image_token", "<|image_pad|>")
-    merge = getattr(processor.image_processor, "merge_size", 2)
-    counts_all = (batch["image_grid_thw"].prod(-1) // (merge * merge)).tolist() if "image_grid_thw" in batch else []
+    counts_all = image_token_counts(processor, batch["image_grid_thw"]).tolist() if "image_grid_thw" in batch else []
     labels = torch.full_like(batch["input_ids"], IGNORE)
     k = 0
     for b, (text, sp) in enumerate(zip(texts, spans)):

@@ -1,7 +1,10 @@
-"""The embedded default model: a tiny Qwen2-VL built locally (tokenizer trained here, random init).
+"""The embedded tiny models: a Qwen2-VL (the default), Qwen2.5-VL or Qwen3-VL built locally
+(tokenizer trained here, random init).
 
-It has the real architecture (vision tower, 2x2 patch merger, M-RoPE decoder), so transformers and
-vLLM load it like any Qwen2-VL folder; it is only small. Deterministic for a seed.
+Each has its family's real architecture (vision tower, 2x2 patch merger, M-RoPE decoder; Qwen2.5-VL's
+window attention, Qwen3-VL's DeepStack and interleaved M-RoPE), processor and chat template
+(model.families), so transformers and vLLM load it like any folder of that family; it is only small.
+Deterministic for a seed and a family.
 """
 from __future__ import annotations
 
@@ -14,8 +17,9 @@ from pathlib import Path
 
 import torch
 from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
-from transformers import (GenerationConfig, PreTrainedTokenizerFast, Qwen2VLConfig, Qwen2VLForConditionalGeneration,
-                          Qwen2VLImageProcessor, Qwen2VLProcessor, Qwen2VLVideoProcessor)
+from transformers import GenerationConfig, PreTrainedTokenizerFast
+
+from model.families import DEFAULT_FAMILY, QWEN2_VL_TEMPLATE, get_family
 
 # The Qwen2-VL chat/vision special tokens, in Qwen's order.
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
@@ -23,19 +27,7 @@ SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start
 # Reasoning tags are ordinary added tokens (not special), so decoding keeps them.
 THINK_TOKENS = ["<think>", "</think>"]
 
-# Qwen2-VL's chat template, without the default system prompt (it would double the tiny sequences).
-CHAT_TEMPLATE = (
-    "{% for message in messages %}"
-    "<|im_start|>{{ message['role'] }}\n"
-    "{% if message['content'] is string %}{{ message['content'] }}"
-    "{% else %}{% for part in message['content'] %}"
-    "{% if part['type'] == 'image' or 'image' in part %}<|vision_start|><|image_pad|><|vision_end|>"
-    "{% elif part['type'] == 'video' or 'video' in part %}<|vision_start|><|video_pad|><|vision_end|>"
-    "{% elif 'text' in part %}{{ part['text'] }}{% endif %}"
-    "{% endfor %}{% endif %}<|im_end|>\n"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-)
+CHAT_TEMPLATE = QWEN2_VL_TEMPLATE   # the default family's; each family's processor gets its own
 # Qwen2's pre-tokenizer split: digits one by one, which suits counts and coordinates.
 SPLIT_REGEX = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
                r"|\s*[\r\n]+|\s+(?!\S)|\s+")
@@ -63,13 +55,6 @@ class TinySpec:
         return self.hidden_size // self.num_heads
 
 
-def mrope_section(head_dim: int) -> list[int]:
-    """Split head_dim/2 rotary frequencies over (time, height, width) roughly 1:1.5:1.5 as Qwen2-VL does."""
-    half = head_dim // 2
-    hw = (half * 3) // 8
-    return [half - 2 * hw, hw, hw]
-
-
 def train_tokenizer(texts: list[str], vocab_size: int):
     """Byte-level BPE trained on `texts`, wrapped as a Qwen2 tokenizer with the chat template."""
     bpe = Tokenizer(models.BPE())
@@ -92,35 +77,21 @@ def train_tokenizer(texts: list[str], vocab_size: int):
     return tok
 
 
-def build_tiny_vlm(out: str | os.PathLike, texts: list[str], spec: TinySpec = TinySpec()) -> Path:
-    """Write a complete HF folder (weights, config, tokenizer, processor) for a tiny Qwen2-VL.
+def build_tiny_vlm(out: str | os.PathLike, texts: list[str], spec: TinySpec = TinySpec(),
+                   family: str = DEFAULT_FAMILY) -> Path:
+    """Write a complete HF folder (weights, config, tokenizer, processor) for a tiny VLM of `family`
+    (model.families: qwen2_vl, qwen2_5_vl, qwen3_vl).
 
     `texts` is the tokenizer's training corpus. The folder appears atomically: it is built in a
     temporary sibling and renamed into place.
     """
+    fam = get_family(family)
     torch.manual_seed(spec.seed)
     tok = train_tokenizer(texts, spec.vocab_size)
+    tok.chat_template = fam.chat_template
     ids = {t: tok.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
-    pixel_kw = dict(min_pixels=spec.min_pixels, max_pixels=spec.max_pixels, patch_size=14,
-                    temporal_patch_size=2, merge_size=2)
-    processor = Qwen2VLProcessor(image_processor=Qwen2VLImageProcessor(**pixel_kw), tokenizer=tok,
-                                 video_processor=Qwen2VLVideoProcessor(**pixel_kw), chat_template=CHAT_TEMPLATE)
-    cfg = Qwen2VLConfig(
-        text_config=dict(
-            vocab_size=len(tok), hidden_size=spec.hidden_size, intermediate_size=spec.intermediate_size,
-            num_hidden_layers=spec.num_layers, num_attention_heads=spec.num_heads,
-            num_key_value_heads=spec.num_kv_heads, max_position_embeddings=4096, rms_norm_eps=1e-6,
-            rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
-                             "mrope_section": mrope_section(spec.head_dim)},
-            bos_token_id=None, eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|endoftext|>"],
-            tie_word_embeddings=False),
-        vision_config=dict(depth=spec.vision_depth, embed_dim=spec.vision_embed, num_heads=spec.vision_heads,
-                           mlp_ratio=2, hidden_size=spec.hidden_size, in_channels=3, patch_size=14,
-                           spatial_merge_size=2, temporal_patch_size=2),
-        image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
-        vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
-        tie_word_embeddings=False, eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|endoftext|>"])
-    model = Qwen2VLForConditionalGeneration(cfg)
+    processor = fam.tiny_processor(tok, spec)
+    model = fam.model_cls(fam.tiny_config(spec, vocab_size=len(tok), ids=ids))
     model.generation_config = GenerationConfig(
         eos_token_id=[ids["<|im_end|>"], ids["<|endoftext|>"]], pad_token_id=ids["<|endoftext|>"], bos_token_id=None)
 
@@ -130,7 +101,7 @@ def build_tiny_vlm(out: str | os.PathLike, texts: list[str], spec: TinySpec = Ti
     try:
         model.save_pretrained(tmp)
         processor.save_pretrained(tmp)
-        info = {"family": "qwen2_vl", "builder": "vlrl tiny", **asdict(spec),
+        info = {"family": fam.name, "builder": "vlrl tiny", **asdict(spec),
                 "params": sum(p.numel() for p in model.parameters())}
         (tmp / "vlrl_tiny.json").write_text(json.dumps(info, indent=1))
         if out.exists():

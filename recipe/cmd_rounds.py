@@ -6,9 +6,9 @@ import argparse
 
 from recipe.filter import run_filter
 from recipe.report import write_report
+from recipe.reward_config import load_reward_config
 from recipe.rft import run_rft
 from recipe.sft import SFTConfig
-from recipe.reward_config import load_reward_config
 from rl.algos.difficulty import parse_band
 from rollout.types import EngineConfig
 from training.config import load_config

@@ -1,33 +1,50 @@
-"""CLI commands of the training side: model init-tiny, data synth/check, sft, eval."""
+"""CLI commands of the training side: model init-tiny/info, data synth/check, sft, eval."""
 from __future__ import annotations
 
 import argparse
+import sys
 
-from model.load import load_vlm
+from model.families import DEFAULT_FAMILY, FAMILIES, get_family, grounding_settings
+from model.info import describe, format_info
+from model.load import load_processor, load_vlm
 from model.tiny import TinySpec, build_tiny_vlm
 from recipe.pipeline import PipelineConfig, run_pipeline
-from recipe.sft import SFTConfig, train_sft
 from recipe.reward_config import load_reward_config
+from recipe.sft import SFTConfig, train_sft
 from records import load_records
 from rewards.evaluate import evaluate, format_table, local_scorer, write_eval
+from rewards.inputs import for_model
 from rewards.judge import load_judge
 from rewards.pool import VerifierPool
 from rewards.rm import RewardModelScorer
 from rl.config import RLConfig
 from rl.driver import fit
-from synth.suite import corpus_texts, write_suite
+from synth.suite import SceneSpec, corpus_texts, write_suite
 from training.config import load_config
 
 
 def cmd_init_tiny(args) -> int:
     spec = TinySpec(seed=args.seed)
-    out = build_tiny_vlm(args.out, corpus_texts(seed=args.seed), spec)
-    print(f"tiny VLM written to {out}")
+    out = build_tiny_vlm(args.out, corpus_texts(seed=args.seed), spec, family=args.family)
+    print(f"tiny {get_family(args.family).title} written to {out}")
+    return 0
+
+
+def cmd_info(args) -> int:
+    try:
+        print(format_info(describe(args.dir)))
+    except FileNotFoundError as e:   # the first thing users run on a folder: one line, no traceback
+        print(f"vlrl model info: error: {e}", file=sys.stderr)
+        return 2
     return 0
 
 
 def cmd_synth(args) -> int:
-    paths = write_suite(args.out, seed=args.seed, n=args.n, n_heldout=args.n_heldout, n_rl=args.n_rl)
+    # grounding targets in the coordinates of the model that will train on them
+    coords = grounding_settings(load_processor(args.model)) if args.model else {
+        "coords": get_family(DEFAULT_FAMILY).coords}
+    paths = write_suite(args.out, seed=args.seed, n=args.n, n_heldout=args.n_heldout, n_rl=args.n_rl,
+                        spec=SceneSpec(**coords))
     for name, p in paths.items():
         print(f"{name:8s} {p}")
     return 0
@@ -57,6 +74,7 @@ def cmd_eval(args) -> int:
     if args.limit:
         records = records[: args.limit]
     model, processor = load_vlm(args.model)
+    reward_cfg = for_model(reward_cfg, processor)   # the model family's conventions (grounding coordinates)
     rm = RewardModelScorer(args.rm) if args.rm else None
     judge = load_judge(reward_cfg.judge) if reward_cfg.uses_judge else None
     with VerifierPool.from_config(reward_cfg.pool) as pool:
@@ -86,10 +104,14 @@ def cmd_rl(args) -> int:
 def add_commands(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("model", help="model utilities")
     msub = p.add_subparsers(dest="model_command", required=True)
-    q = msub.add_parser("init-tiny", help="build the embedded tiny Qwen2-VL (local tokenizer, random init)")
+    q = msub.add_parser("init-tiny", help="build a tiny VLM of a family (local tokenizer, random init)")
     q.add_argument("out")
+    q.add_argument("--family", choices=list(FAMILIES), default=DEFAULT_FAMILY)
     q.add_argument("--seed", type=int, default=0)
     q.set_defaults(func=cmd_init_tiny)
+    q = msub.add_parser("info", help="family, parameter counts, image token budget and chat template of a folder")
+    q.add_argument("dir")
+    q.set_defaults(func=cmd_info)
 
     p = sub.add_parser("data", help="synthetic data and validation")
     dsub = p.add_subparsers(dest="data_command", required=True)
@@ -99,6 +121,8 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     q.add_argument("--n", type=int, default=2000, help="SFT records per task")
     q.add_argument("--n-heldout", type=int, default=100, help="held-out records per task")
     q.add_argument("--n-rl", type=int, default=None, help="RL prompt records per task (default n/2)")
+    q.add_argument("--model", help="write grounding targets in this model folder's coordinates "
+                                   f"(default: {DEFAULT_FAMILY}'s, 0-1000)")
     q.set_defaults(func=cmd_synth)
     q = dsub.add_parser("check", help="validate JSONL files (exit 2 with file:line: field: message)")
     q.add_argument("files", nargs="+")

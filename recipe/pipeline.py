@@ -15,6 +15,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from model.families import DEFAULT_FAMILY, FAMILIES, grounding_settings
+from model.load import load_processor
 from model.tiny import TinySpec, build_tiny_vlm
 from recipe.filter import run_filter
 from recipe.report import write_report
@@ -32,7 +34,6 @@ from synth.suite import SceneSpec, corpus_texts, write_suite
 from training.atomic import write_json
 from training.config import ConfigError, check_input
 from training.optim import OptimConfig
-
 
 ROUTE_KEY = "rl.reward.tasks"   # every stage scores with the RL stage's reward routes
 
@@ -89,6 +90,8 @@ class RoundConfig:
 class PipelineConfig:
     run_dir: str = "runs/tiny"            # every stage writes a sub-folder here
     model: str = "tiny"                   # "tiny" builds the embedded default; else an HF folder
+    family: str = DEFAULT_FAMILY          # the tiny model's family: qwen2_vl, qwen2_5_vl, qwen3_vl (an HF folder
+                                          # brings its own, from its config.json)
     seed: int = 0
     data: DataConfig = field(default_factory=DataConfig)
     sft: SFTConfig = field(default_factory=SFTConfig)   # its model/data/out/reward are filled in by the pipeline
@@ -97,6 +100,10 @@ class PipelineConfig:
     run_rl: bool = True
     rounds: int = 1                       # filter -> RFT -> RL rounds after the first RL
     round: RoundConfig = field(default_factory=RoundConfig)
+
+    def __post_init__(self):              # at load time, with the config file's name
+        if self.family not in FAMILIES:
+            raise ConfigError(f"family: {self.family!r} is not one of {', '.join(FAMILIES)}")
 
 
 def _done(stage_dir: Path) -> dict | None:
@@ -126,7 +133,8 @@ def run_pipeline(cfg: PipelineConfig) -> dict:
     def stage_model() -> dict:
         if cfg.model != "tiny":
             return {"model": str(Path(cfg.model).resolve())}
-        path = build_tiny_vlm(run / "model" / "hf", corpus_texts(seed=cfg.seed), TinySpec(seed=cfg.seed))
+        path = build_tiny_vlm(run / "model" / "hf", corpus_texts(seed=cfg.seed), TinySpec(seed=cfg.seed),
+                              family=cfg.family)
         return {"model": str(path.resolve())}
 
     def stage_data() -> dict:
@@ -136,8 +144,9 @@ def run_pipeline(cfg: PipelineConfig) -> dict:
                 check_input(f"data.{key}", getattr(d, key), kind="data")
                 load_records(getattr(d, key), tasks=cfg.rl.reward.known_tasks, route_key=ROUTE_KEY)
             return {"sft": d.sft, "rl": d.rl, "heldout": d.heldout}
-        paths = write_suite(run / "data", seed=d.seed, n=d.n, n_heldout=d.n_heldout, n_rl=d.n_rl,
-                            spec=SceneSpec(color_questions=d.color_questions))
+        # grounding targets in the coordinates of the model's family
+        spec = SceneSpec(color_questions=d.color_questions, **grounding_settings(load_processor(base)))
+        paths = write_suite(run / "data", seed=d.seed, n=d.n, n_heldout=d.n_heldout, n_rl=d.n_rl, spec=spec)
         return {k: str(v.resolve()) for k, v in paths.items()}
 
     base = run_stage("model", run / "model", stage_model)["model"]

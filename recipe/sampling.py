@@ -6,9 +6,10 @@ import time
 from dataclasses import dataclass
 from typing import Sequence
 
+from model.load import load_processor
 from records import load_images
 from rewards.hybrid import score_batch
-from rewards.inputs import reward_inputs
+from rewards.inputs import for_model, reward_inputs
 from rewards.judge import TimedJudge, load_judge
 from rewards.pool import VerifierPool
 from rewards.rm import RewardModelScorer
@@ -57,6 +58,7 @@ def sample_and_score(model_dir: str, records: Sequence, *, k: int, reward_cfg, e
         if not ray.is_initialized():
             start_local_ray()
             own_ray = True
+    reward_cfg = for_model(reward_cfg, load_processor(model_dir))   # the model family's conventions
     t0 = time.perf_counter()
     judge = TimedJudge(load_judge(reward_cfg.judge)) if reward_cfg.uses_judge else None
     rollouts = Rollouts(str(model_dir), engine, replicas=replicas, seed=seed or 0, use_ray=use_ray)

@@ -16,11 +16,12 @@ import torch
 from tqdm import tqdm
 
 from model.inputs import IGNORE, encode_sft
-from model.load import load_vlm, write_vlm
+from model.load import load_processor, load_vlm, write_vlm
 from records import load_images, load_records
 from records.mixture import batch_indices, check_task_weights, weighted_records
 from rewards.config import RewardConfig
 from rewards.evaluate import eval_subset, format_table, judge, local_scorer, summarize, write_eval
+from rewards.inputs import for_model
 from rewards.pool import VerifierPool
 from rollout.greedy import generate_greedy
 from training.atomic import atomic_dir
@@ -155,15 +156,17 @@ def train_sft(cfg: SFTConfig, *, resume: bool = True, progress: bool = True) -> 
         save_checkpoint(out, at, lambda d: {"model": worker.save_state(str(d / "model")).result()},
                         keep=cfg.keep_checkpoints)
 
-    # the held-out eval's verifiers run in their pool (timeouts), started on the first eval
+    # the held-out eval's verifiers run in their pool (timeouts), started on the first eval; they read
+    # answers in the model family's conventions (grounding coordinates)
     pool: list[VerifierPool] = []
+    reward_cfg = for_model(cfg.reward, load_processor(cfg.model))
 
     def run_eval(at: int, limit: int) -> tuple[dict, list]:
         recs = eval_subset(eval_records, limit)
         if not pool:
             pool.append(VerifierPool.from_config(cfg.reward.pool))
         responses = worker.greedy(recs, cfg.eval_max_new_tokens).result()
-        gens = judge(recs, responses, cfg.reward, scorer=local_scorer(cfg.reward, pool=pool[0]))
+        gens = judge(recs, responses, reward_cfg, scorer=local_scorer(reward_cfg, pool=pool[0]))
         table = summarize(gens)
         log.log(at, {f"eval/{t}/{k}": v for t, row in table.items() for k, v in row.items()
                      if k != "n" and v is not None})

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, Mapping
 
 from training.config import ConfigError
 from verifiers.base import resolve
@@ -137,3 +137,17 @@ class RewardConfig:
         if self.builtin_routes and task in DEFAULT_ROUTES:
             return DEFAULT_ROUTES[task]
         raise KeyError(f"no reward route for task {task!r} (routed: {', '.join(sorted(self.known_tasks))})")
+
+    def with_verifier_settings(self, settings: Mapping[str, Mapping[str, Any]]) -> RewardConfig:
+        """This config with `settings` ({verifier name: settings}) added to every route that uses
+        that verifier, the built-in routes included, wherever the route does not set them itself:
+        how a model's output conventions (its family's grounding coordinates) reach the verifiers
+        without overriding what the config says."""
+        routes = {**(DEFAULT_ROUTES if self.builtin_routes else {}), **self.tasks}
+        changed = {}
+        for task, route in routes.items():
+            vrs = tuple(dataclasses.replace(vr, settings={**settings[vr.verifier], **vr.settings})
+                        if vr.verifier in settings else vr for vr in route.verifiers)
+            if vrs != route.verifiers:
+                changed[task] = dataclasses.replace(route, verifiers=vrs)
+        return dataclasses.replace(self, tasks={**self.tasks, **changed}) if changed else self

@@ -7,7 +7,9 @@ from typing import Sequence
 
 from PIL import Image
 
+from model.families import verifier_settings
 from records import message_text
+from rewards.config import RewardConfig
 from rewards.hybrid import RewardInput, combine
 
 
@@ -24,6 +26,12 @@ def reward_inputs(records, completions) -> list:
     completion is a string or has `.text`); the samples of records[i] form group i."""
     return [reward_input(rec, c if isinstance(c, str) else c.text, group=i)
             for i, (rec, group) in enumerate(zip(records, completions)) for c in group]
+
+
+def for_model(cfg: RewardConfig, processor) -> RewardConfig:
+    """`cfg` for responses of the model whose processor this is: its family's conventions (grounding
+    coordinates) filled into the verifiers' settings wherever a route does not set them."""
+    return cfg.with_verifier_settings(verifier_settings(processor))
 
 
 @lru_cache(maxsize=4096)

@@ -22,6 +22,7 @@ import torch
 from torch import Tensor
 from tqdm import tqdm
 
+from model.families import verifier_settings
 from model.load import load_processor
 from records import Record, load_images, load_records
 from records.mixture import batch_indices, weighted_records
@@ -170,6 +171,10 @@ class RLRun:
                              if cfg.eval_data else [])
         cfg.check_sources({r.task for r in self.records + self.eval_records})   # before any worker starts
         r, ro = cfg.ray, cfg.rollout
+        self.processor = load_processor(cfg.policy)
+        # the policy family's output conventions (grounding coordinates) for its verifiers
+        self.verifier_settings = verifier_settings(self.processor)
+        self.reward_cfg = cfg.reward.with_verifier_settings(self.verifier_settings)
         self.own_ray = False   # whether this run started Ray (and so shuts it down in close())
         if cfg.use_ray:
             import ray  # optional: only Ray placement needs it
@@ -193,7 +198,7 @@ class RLRun:
             self.critic = spawn(CriticWorker, cfg.critic or cfg.policy, optim=cfg.critic_optim, total_steps=cfg.steps,
                                 dtype=cfg.dtype, seed=cfg.seed, workers=r.critic_workers, name="critic", **common)
         self.rewards: Replicas[RewardWorker] = Replicas(
-            lambda i: spawn(RewardWorker, cfg.reward, reward_model=cfg.reward_model, use_ray=cfg.use_ray,
+            lambda i: spawn(RewardWorker, self.reward_cfg, reward_model=cfg.reward_model, use_ray=cfg.use_ray,
                             timeout=r.timeout_s, num_gpus=r.reward_gpus, name=f"reward-{i}",
                             placement=None if place.reward is None else (lambda _: place.reward(i))),
             r.reward_workers, retries=ro.retries, name="reward worker")
@@ -203,7 +208,6 @@ class RLRun:
         self.rollouts = Rollouts(cfg.policy, engine, replicas=ro.replicas, seed=cfg.seed, use_ray=cfg.use_ray,
                                  retries=ro.retries, timeout=r.timeout_s, num_gpus=r.rollout_gpus,
                                  on_restart=lambda h: self.push_weights([h]), placement=place.replica)
-        self.processor = load_processor(cfg.policy)
         self.step = 0
         self.wrote_checkpoint = False
         if resume_from is not None:
@@ -481,12 +485,12 @@ def evaluate_run(run: RLRun, limit: int = 0) -> tuple[dict, list]:
     over k samples per prompt at the rollout temperature (`sampled_accuracy`, `sampled_rm_score`)."""
     records = eval_subset(run.eval_records, limit)
     responses = run.greedy(records)   # with the token budget the rollouts have
-    gens = judge(records, responses, run.cfg.reward, scorer=run.score)
+    gens = judge(records, responses, run.reward_cfg, scorer=run.score)
     table = summarize(gens)
     k, ro = run.cfg.eval_samples, run.cfg.rollout
     if k:  # avg@k with the rollout engine at the training temperature; one fixed seed for every eval
         prompts = [Prompt(r.prompt_messages, load_images(r)) for r in records]
         groups = run.rollouts.generate(prompts, SamplingConfig.of(ro, n=k, seed=run.cfg.seed + 7))
-        table = add_sampled_scores(table, records, [[c.text for c in g] for g in groups], run.cfg.reward,
+        table = add_sampled_scores(table, records, [[c.text for c in g] for g in groups], run.reward_cfg,
                                    scorer=run.score)
     return table, gens

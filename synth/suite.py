@@ -7,6 +7,7 @@ patches merged 2x2, each cell is exactly one vision token, which keeps the tasks
 Tasks (record field `task`):
   counting   "How many shapes are there?" / "How many red shapes are there?"    answer "3"
   grounding  "Where is the red shape? ..."                        answer "[32, 4, 51, 23]" (pixels)
+             the target writes the box in the model family's coordinates (SceneSpec.coords)
   math       "Add 4 to the number of (red) shapes. ..."           answer "7" (any equivalent form scores)
   caption    "Describe the image."                                no answer: judged by the reward model
 
@@ -26,6 +27,7 @@ from typing import Callable
 from PIL import Image, ImageDraw
 
 from training.atomic import write_lines
+from verifiers.coords import Convention, encode_box
 
 TASKS = ("counting", "grounding", "math", "caption")
 COLORS = {"red": (230, 40, 40), "green": (40, 200, 60), "blue": (50, 90, 240), "yellow": (240, 220, 30)}
@@ -44,6 +46,13 @@ class SceneSpec:
     color_questions: float = 0.5
     """Share of counting and math questions about the shapes of one colour ("How many red shapes
     ..."): they need colour binding, as grounding does, and leave RL headroom after SFT."""
+    coords: Convention = "pixel"
+    """How a grounding target writes its box (verifiers.coords): the convention of the model family
+    that trains on it (model.families.grounding_settings); the record's answer stays in pixels."""
+    resize_factor: int = 28
+    min_pixels: int = 56 * 56
+    max_pixels: int = 12_845_056
+    """The processor's resize, for coords 'resized' (as the grounding verifier's settings of that name)."""
 
     @property
     def side(self) -> int:
@@ -124,7 +133,10 @@ def make_example(task: str, rng: random.Random, spec: SceneSpec) -> dict:
         row, col = divmod(target["cell"], spec.grid)
         question = f"Where is the {target['color']} shape? Give its box."
         answer = "[{}, {}, {}, {}]".format(*target["box"])
-        thought, solution = f"The {target['color']} shape is in row {row + 1}, column {col + 1}.", answer
+        solution = "[{}, {}, {}, {}]".format(*encode_box(
+            target["box"], spec.coords, (spec.side, spec.side), factor=spec.resize_factor,
+            min_pixels=spec.min_pixels, max_pixels=spec.max_pixels))
+        thought = f"The {target['color']} shape is in row {row + 1}, column {col + 1}."
     elif task == "math":
         objs = random_objects(rng, rng.randint(1, spec.max_count - 1), spec)
         (what, n), k = counted(rng, objs, spec), rng.randint(1, 4)

@@ -311,7 +311,7 @@ def test_greedy_eval_gets_the_rollouts_token_budget(sft_run, tmp_path):
             return Future(score_batch(inputs, cfg.reward))
 
     cfg = _cfg(sft_run, tmp_path / "run", rollout=RolloutConfig(backend="hf", n=2, max_tokens=56))
-    run = SimpleNamespace(cfg=cfg, eval_records=records, actor=Actor())
+    run = SimpleNamespace(cfg=cfg, eval_records=records, actor=Actor(), reward_cfg=cfg.reward)
     run.greedy = lambda recs: rl.driver.RLRun.greedy(run, recs)
     run.score = lambda inputs: Reward().score(inputs).result()
     table, gens = evaluate_run(run)

@@ -5,6 +5,7 @@ import sys
 import pytest
 
 from verifiers import Sample, load, registered
+from verifiers.coords import CONVENTIONS, encode_box, resized_size
 
 BOX = "[32, 4, 51, 23]"          # rl.synth: pixel box, inclusive corners, 84x84 image
 SIZE = ((84, 84),)
@@ -126,3 +127,34 @@ def test_verifiers_import_no_heavy_runtime():
             "bad = [m for m in ('torch', 'ray', 'vllm') if m in sys.modules]; assert not bad, bad")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stderr
+
+
+# One box of a 300x300 image, [90, 60, 179, 149] in inclusive pixel corners, as each convention
+# writes it. 'resized' with the tiny models' processor (factor 28, 3,136-12,544 pixels): 300x300 -> 84x84.
+RESIZE = {"resize_factor": 28, "min_pixels": 56 * 56, "max_pixels": 112 * 112}
+WRITTEN = {"pixel": [90, 60, 179, 149], "norm1000": [300, 200, 600, 500], "resized": [25, 17, 49, 41]}
+
+
+def test_one_box_written_in_each_convention():
+    box, size = WRITTEN["pixel"], (300, 300)
+    kw = dict(factor=28, min_pixels=56 * 56, max_pixels=112 * 112)
+    assert resized_size(*size, **kw) == (84, 84)   # 112x112 exactly at the cap; the rounding floors to 3 tokens
+    assert {c: encode_box(box, c, size, **kw) for c in CONVENTIONS} == WRITTEN
+    # the resize rounds each side to the factor, caps the area and lifts a small image to min_pixels
+    assert resized_size(100, 60, **kw) == (112, 56) and resized_size(20, 20, **kw) == (56, 56)
+
+
+@pytest.mark.parametrize("convention", CONVENTIONS)
+def test_the_same_box_scores_in_its_own_convention_only(convention):
+    """The box as `convention` writes it scores 1 (IoU > 0.9) read in that convention and 0 read in
+    either other one; its centre as a point hits in that convention only."""
+    ref, size = "[90, 60, 179, 149]", ((300, 300),)
+    x1, y1, x2, y2 = WRITTEN[convention]
+    for reader in CONVENTIONS:
+        settings = {"coords": reader, **RESIZE}
+        box = load("grounding", soft=True, **settings)(Sample("grounding", str(WRITTEN[convention]), ref, size))
+        point = load("grounding", **settings)(Sample("grounding", f"({(x1 + x2) // 2}, {(y1 + y2) // 2})", ref, size))
+        if reader == convention:
+            assert box.value > 0.9 and point.value == 1.0, reader
+        else:
+            assert box.value == 0.0 and point.value == 0.0, reader

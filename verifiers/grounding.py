@@ -5,8 +5,11 @@ Box forms read from the response: `[x1, y1, x2, y2]`, `(x1,y1),(x2,y2)`, `<box>.
 `<|box_start|>(x1,y1),(x2,y2)<|box_end|>`; points: `(x, y)`, `[x, y]`, `<point>x y</point>`.
 The answer is the one region written. Two different regions (two boxes, a box and a point, the
 whole image and then a point) are a hedge and score 0; a region of a type the route does not
-accept (`accept`: a point for a box question) scores 0 as well. Coordinates are pixels (inclusive corners, as synth.suite writes them) or
-0-1000 normalised (Seed1.5-VL / Qwen2-VL / InternVL style), converted with `Sample.image_sizes[0]`.
+accept (`accept`: a point for a box question) scores 0 as well. Coordinates are pixels (inclusive
+corners, as synth.suite's answers are), 0-1000 normalised (Seed1.5-VL / Qwen2-VL / Qwen3-VL /
+InternVL style), converted with `Sample.image_sizes[0]`, or pixels of the image as the processor
+resized it (Qwen2.5-VL; see verifiers.coords): the reference is then taken through that resize and
+compared there.
 """
 from __future__ import annotations
 
@@ -16,6 +19,7 @@ from typing import Literal
 
 from verifiers.base import Sample, Score, register
 from verifiers.hedging import distinct
+from verifiers.coords import resized_size
 
 MAX_CHARS = 20_000   # only the tail of a longer response is searched
 _N = r"\s*(-?\d{1,6}(?:\.\d{1,6})?)\s*"
@@ -95,13 +99,18 @@ class Grounding:
     1 when the point, or the whole box, lies in the reference box. accept: the answer types the
     question asks for; another type scores 0 (part `wrong_type`); iou mode accepts boxes only.
     coords: the response's coordinates; "auto" reads 0-1000 when a value lies outside the image
-    but within 1000, else pixels. answer_coords: the reference's coordinates."""
+    but within 1000, else pixels; "resized" reads pixels of the image resized by the processor
+    whose settings are resize_factor (patch x merge), min_pixels and max_pixels.
+    answer_coords: the reference's coordinates."""
 
     mode: Literal["iou", "hit"] = "iou"
     iou_threshold: float = 0.5
     soft: bool = False
-    coords: Literal["pixel", "norm1000", "auto"] = "auto"
+    coords: Literal["pixel", "norm1000", "auto", "resized"] = "auto"
     answer_coords: Literal["pixel", "norm1000"] = "pixel"
+    resize_factor: int = 28
+    min_pixels: int = 56 * 56
+    max_pixels: int = 12_845_056
     accept: tuple[Literal["box", "point"], ...] | None = None   # answer types; None: (box,) for iou, (point, box) for hit
 
     def __post_init__(self):
@@ -134,6 +143,9 @@ class Grounding:
         if kind not in self.accepted:
             return Score(0.0, {"parsed": 1.0, "wrong_type": 1.0})
         coords = self._coords(values, size)
+        if coords == "resized":
+            # IoU and the hit test are invariant under scaling each axis: compare in the resized frame
+            ref_box, coords = self._resized_frame(ref_box, size), "pixel"
         pixels = _to_pixels(values, coords, size)
         if kind == "point":
             x, y = pixels[0] + (0.5 if coords == "pixel" else 0.0), pixels[1] + (0.5 if coords == "pixel" else 0.0)
@@ -146,6 +158,15 @@ class Grounding:
         overlap = iou(box, ref_box)
         value = overlap if self.soft else float(overlap >= self.iou_threshold)
         return Score(value, {"parsed": 1.0, "iou": overlap})
+
+    def _resized_frame(self, box: Box, size: tuple[int, int] | None) -> Box:
+        """A continuous box of the original image mapped onto the image the processor resized."""
+        if size is None:
+            raise ValueError("grounding: resized coordinates need Sample.image_sizes")
+        w, h = size
+        rw, rh = resized_size(w, h, factor=self.resize_factor, min_pixels=self.min_pixels, max_pixels=self.max_pixels)
+        sx, sy = rw / w, rh / h
+        return box[0] * sx, box[1] * sy, box[2] * sx, box[3] * sy
 
     def _coords(self, values: tuple[float, ...], size: tuple[int, int] | None) -> str:
         if self.coords != "auto":

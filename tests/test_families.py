@@ -175,10 +175,11 @@ def test_filter_and_rft_sample_and_score(tmp_path, family_dirs, small_data, name
     write_records(data, load_records(small_data["rules"])[:6])
     reward = RewardConfig(pool=PoolConfig(workers=0))
     summary = run_filter(str(family_dirs[name]), str(data), str(tmp_path / "filter" / "kept.jsonl"), k=2,
-                         band=(0.0, 1.0), reward_cfg=reward, backend="hf", max_tokens=12, progress=False)
+                         band=(0.0, 1.0), reward_cfg=reward, engine=EngineConfig(backend="hf"), max_tokens=12,
+                         progress=False)
     assert summary["counts"]["total"] == 6 and sum(summary["histogram"]["before"]) == 6
-    rft = run_rft(str(family_dirs[name]), str(data), str(tmp_path / "rft"), k=2, reward_cfg=reward, backend="hf",
-                  max_tokens=12, progress=False)
+    rft = run_rft(str(family_dirs[name]), str(data), str(tmp_path / "rft"), k=2, reward_cfg=reward,
+                  engine=EngineConfig(backend="hf"), max_tokens=12, progress=False)
     assert rft["counts"]["samples"] == 12 and (tmp_path / "rft" / "rft_sft.jsonl").is_file()
 
 
@@ -254,9 +255,9 @@ def test_judge_reads_responses_in_the_models_coordinates(family_dirs, small_data
     rec = next(r for r in load_records(small_data["heldout"]) if r.task == "grounding")
     box = json.loads(rec.answer)
     norm = "<think>x</think>{}".format(encode_box(box, "norm1000", (84, 84)))
-    settings = {"grounding": grounding_settings(load_processor(family_dirs["qwen3_vl"]))}
-    assert [g.correct for g in judge([rec], [norm], settings=settings)] == [True]
-    assert [g.correct for g in judge([rec], [norm], settings={"grounding": {"coords": "pixel"}})] == [False]
+    cfg = RewardConfig(pool=PoolConfig(workers=0))
+    assert [g.correct for g in judge([rec], [norm], for_model(cfg, load_processor(family_dirs["qwen3_vl"])))] == [True]
+    assert [g.correct for g in judge([rec], [norm], cfg.with_verifier_settings({"grounding": {"coords": "pixel"}}))] == [False]
 
 
 def test_model_conventions_fill_grounding_routes_without_overriding_them(family_dirs):
@@ -264,7 +265,7 @@ def test_model_conventions_fill_grounding_routes_without_overriding_them(family_
     cfg = RewardConfig(tasks={"ui": own})
     out = for_model(cfg, load_processor(family_dirs["qwen2_5_vl"]))
     resize = {"resize_factor": 28, "min_pixels": 56 * 56, "max_pixels": 112 * 112}
-    assert out.route("grounding").verifiers[0].settings == {"mode": "iou", "iou_threshold": 0.5,
+    assert out.route("grounding").verifiers[0].settings == {"mode": "iou", "iou_threshold": 0.5, "accept": ("box",),
                                                            "coords": "resized", **resize}
     assert out.route("ui").verifiers[0].settings == {"coords": "pixel", **resize}   # the config's own coords win
     assert out.route("counting") == cfg.route("counting")

@@ -15,6 +15,7 @@ from recipe.reward_config import load_reward_config
 from recipe.rft import run_rft
 from recipe.sft import SFTConfig, train_sft
 from records import DataError, load_records
+from rollout.types import EngineConfig
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -127,10 +128,11 @@ def test_sft_eval_filter_and_rft_accept_the_routed_task(user_dir, tiny_model_dir
     assert row["n"] == 4 and row["accuracy"] is not None and "reward" in row   # eval scored by the new route
 
     summary = run_filter(str(final), "data/parity.jsonl", str(user_dir / "f" / "kept.jsonl"), k=2, band=(0.0, 1.0),
-                         reward_cfg=routes, backend="hf", max_tokens=8, progress=False, route_key=key)
+                         reward_cfg=routes, engine=EngineConfig(backend="hf"), max_tokens=8, progress=False,
+                         route_key=key)
     assert summary["tasks"]["shape_parity"]["total"] == 4
     kept = load_records(user_dir / "f" / "kept.jsonl", tasks=routes.known_tasks)
     assert all(r.meta["pass_rate"] is not None for r in kept)
-    rft = run_rft(str(final), "data/parity.jsonl", str(user_dir / "rft"), k=2, reward_cfg=routes, backend="hf",
-                  max_tokens=8, progress=False, route_key=key)
+    rft = run_rft(str(final), "data/parity.jsonl", str(user_dir / "rft"), k=2, reward_cfg=routes,
+                  engine=EngineConfig(backend="hf"), max_tokens=8, progress=False, route_key=key)
     assert rft["tasks"]["shape_parity"]["samples"] == 8

@@ -153,7 +153,8 @@ def test_the_same_box_scores_in_its_own_convention_only(convention):
     for reader in CONVENTIONS:
         settings = {"coords": reader, **RESIZE}
         box = load("grounding", soft=True, **settings)(Sample("grounding", str(WRITTEN[convention]), ref, size))
-        point = load("grounding", **settings)(Sample("grounding", f"({(x1 + x2) // 2}, {(y1 + y2) // 2})", ref, size))
+        point = load("grounding", mode="hit", **settings)(   # a point answers a point question (hit mode)
+            Sample("grounding", f"({(x1 + x2) // 2}, {(y1 + y2) // 2})", ref, size))
         if reader == convention:
             assert box.value > 0.9 and point.value == 1.0, reader
         else:

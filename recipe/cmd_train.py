@@ -11,19 +11,21 @@ from records import KNOWN_TASKS, load_records
 from rewards.evaluate import evaluate, format_table, write_eval
 from rl.config import RLConfig
 from rl.driver import fit
-from synth.suite import corpus_texts, write_suite
+from synth.extra import ALL_TASKS, full_corpus_texts, write_full_suite
+from synth.suite import TASKS
 from training.config import load_config
 
 
 def cmd_init_tiny(args) -> int:
     spec = TinySpec(seed=args.seed)
-    out = build_tiny_vlm(args.out, corpus_texts(seed=args.seed), spec)
+    out = build_tiny_vlm(args.out, full_corpus_texts(seed=args.seed), spec)
     print(f"tiny VLM written to {out}")
     return 0
 
 
 def cmd_synth(args) -> int:
-    paths = write_suite(args.out, seed=args.seed, n=args.n, n_heldout=args.n_heldout, n_rl=args.n_rl)
+    paths = write_full_suite(args.out, seed=args.seed, n=args.n, n_heldout=args.n_heldout, n_rl=args.n_rl,
+                             tasks=TASKS if args.core_only else ALL_TASKS)
     for name, p in paths.items():
         print(f"{name:8s} {p}")
     return 0
@@ -31,7 +33,7 @@ def cmd_synth(args) -> int:
 
 def cmd_check(args) -> int:
     for f in args.files:
-        recs = load_records(f, tasks=_tasks(args))
+        recs = load_records(f, tasks=_tasks(args), decode_videos=True)
         by_task: dict[str, int] = {}
         for r in recs:
             by_task[r.task] = by_task.get(r.task, 0) + 1
@@ -92,8 +94,11 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     q.add_argument("--n", type=int, default=2000, help="SFT records per task")
     q.add_argument("--n-heldout", type=int, default=100, help="held-out records per task")
     q.add_argument("--n-rl", type=int, default=None, help="RL prompt records per task (default n/2)")
+    q.add_argument("--core-only", action="store_true",
+                   help="only the image tasks counting, grounding, math, caption (no video or multi-image tasks)")
     q.set_defaults(func=cmd_synth)
-    q = dsub.add_parser("check", help="validate JSONL files (exit 2 with file:line: field: message)")
+    q = dsub.add_parser("check", help="validate JSONL files, decoding every image and video "
+                                      "(exit 2 with file:line: field: message)")
     q.add_argument("files", nargs="+")
     q.add_argument("--task", action="append", help="accept an extra task type")
     q.set_defaults(func=cmd_check)

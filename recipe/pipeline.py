@@ -27,7 +27,8 @@ from rewards.rm_train import RMConfig, train_rm
 from rl.config import RLConfig
 from rl.driver import fit
 from synth.prefs import write_preference_pairs
-from synth.suite import SceneSpec, corpus_texts, write_suite
+from synth.extra import ALL_TASKS, full_corpus_texts, write_full_suite
+from synth.suite import SceneSpec
 from training.atomic import write_json
 from training.config import ConfigError
 from training.optim import OptimConfig
@@ -41,9 +42,15 @@ class DataConfig:
     n_heldout: int = 100                  # synthetic held-out records per task
     n_rl: int = 1000                      # synthetic RL prompt records per task
     color_questions: float = 0.5          # share of counting/math questions about one colour (SceneSpec)
+    tasks: tuple[str, ...] = ALL_TASKS    # synthetic tasks drawn (the image, video and multi-image ones)
     sft: str = ""                         # SFT records (synth: false)
     rl: str = ""                          # RL prompt records (synth: false)
     heldout: str = ""                     # held-out prompt records (synth: false)
+
+    def __post_init__(self):              # at load time, with the config file's name
+        unknown = [t for t in self.tasks if t not in ALL_TASKS]
+        if unknown:
+            raise ConfigError(f"tasks: unknown synthetic task(s) {unknown} (known: {', '.join(ALL_TASKS)})")
 
 
 @dataclass(frozen=True)
@@ -122,7 +129,7 @@ def run_pipeline(cfg: PipelineConfig) -> dict:
     def stage_model() -> dict:
         if cfg.model != "tiny":
             return {"model": str(Path(cfg.model).resolve())}
-        path = build_tiny_vlm(run / "model" / "hf", corpus_texts(seed=cfg.seed), TinySpec(seed=cfg.seed))
+        path = build_tiny_vlm(run / "model" / "hf", full_corpus_texts(seed=cfg.seed), TinySpec(seed=cfg.seed))
         return {"model": str(path.resolve())}
 
     def stage_data() -> dict:
@@ -131,8 +138,8 @@ def run_pipeline(cfg: PipelineConfig) -> dict:
             for p in (d.sft, d.rl, d.heldout):
                 load_records(p)  # validate now, not halfway through a stage
             return {"sft": d.sft, "rl": d.rl, "heldout": d.heldout}
-        paths = write_suite(run / "data", seed=d.seed, n=d.n, n_heldout=d.n_heldout, n_rl=d.n_rl,
-                            spec=SceneSpec(color_questions=d.color_questions))
+        paths = write_full_suite(run / "data", seed=d.seed, n=d.n, n_heldout=d.n_heldout, n_rl=d.n_rl,
+                                 tasks=d.tasks, spec=SceneSpec(color_questions=d.color_questions))
         return {k: str(v.resolve()) for k, v in paths.items()}
 
     base = run_stage("model", run / "model", stage_model)["model"]

@@ -6,13 +6,15 @@ import time
 from dataclasses import dataclass
 from typing import Sequence
 
-from records import DataError, load_images
+from model.load import load_processor
+from records import DataError, VideoGeometry, media_counts
 from rewards.hybrid import score_batch
 from rewards.inputs import reward_inputs
 from rewards.pool import VerifierPool
 from rewards.rm import RewardModelScorer
 from rollout import make_engine
-from rollout.types import EngineConfig, Prompt, SamplingConfig
+from rollout.sequences import prompt_from_record
+from rollout.types import EngineConfig, SamplingConfig
 
 
 @dataclass(frozen=True)
@@ -56,7 +58,11 @@ def sample_and_score(model_dir: str, records: Sequence, *, k: int, backend: str,
     unseeded = seed is None
     chunk = chunk or (512 if backend == "vllm" else 32)
     t0 = time.perf_counter()
-    engine = make_engine(str(model_dir), EngineConfig(backend=backend, dtype=dtype), seed=seed or 0)
+    geometry = VideoGeometry.of(load_processor(model_dir))
+    counts = [media_counts(r, geometry) for r in records]   # the engine takes the most any prompt holds
+    engine = make_engine(str(model_dir), EngineConfig(
+        backend=backend, dtype=dtype, max_images_per_prompt=max([1] + [i for i, _ in counts]),
+        max_video_clips_per_prompt=max([0] + [c for _, c in counts])), seed=seed or 0)
     t_engine = time.perf_counter() - t0
     out: list[list[Scored]] = []
     t_gen = t_score = 0.0
@@ -66,12 +72,12 @@ def sample_and_score(model_dir: str, records: Sequence, *, k: int, backend: str,
             for start in range(0, len(records), chunk):
                 part = records[start:start + chunk]
                 t1 = time.perf_counter()
-                prompts = [Prompt(r.prompt_messages, load_images(r)) for r in part]
+                prompts = [prompt_from_record(r, geometry) for r in part]
                 sampling = SamplingConfig(n=k, temperature=temperature, max_tokens=max_tokens,
                                           seed=None if unseeded else seed + start * k)
                 completions = engine.generate(prompts, sampling)
                 t2 = time.perf_counter()
-                results = score_batch(reward_inputs(part, completions), reward_cfg, rm=rm, pool=pool)
+                results = score_batch(reward_inputs(part, completions, prompts), reward_cfg, rm=rm, pool=pool)
                 t_score += time.perf_counter() - t2
                 t_gen += t2 - t1
                 for i, group in enumerate(completions):

@@ -1,4 +1,4 @@
-"""Supervised fine-tuning of a VLM on image+text chat records, loss on assistant tokens only.
+"""Supervised fine-tuning of a VLM on image/video + text chat records, loss on assistant tokens only.
 
 A compact loop of our own rather than TRL's SFTTrainer: TRL's assistant-only loss needs
 `{% generation %}` markers that real Qwen2/2.5-VL templates lack, and we want the same atomic
@@ -17,7 +17,7 @@ from tqdm import tqdm
 
 from model.inputs import encode_sft
 from model.load import load_vlm, save_vlm
-from records import load_images, load_records
+from records import VideoGeometry, load_media, load_records
 from records.mixture import batch_indices, check_task_weights, weighted_records
 from rewards.evaluate import eval_subset, evaluate, format_table, write_eval
 from training.optim import OptimConfig, make_optimizer, optimizer_step
@@ -51,6 +51,19 @@ class SFTConfig:
         check_task_weights(self.task_weights)   # at load time, with the config file's name
 
 
+def encode_by_modality(processor, records, geometry: VideoGeometry) -> list[dict]:
+    """SFT inputs of `records` (`encode_sft`), those with videos in a batch apart from the others: a
+    batch pads every row to its longest, and a video prompt is several image prompts long. The loss
+    is a token mean over the whole step, so the split changes the cost, not the result."""
+    out = []
+    for group in ([r for r in records if not r.videos], [r for r in records if r.videos]):
+        if group:
+            media = [load_media(r, r.messages, geometry=geometry) for r in group]
+            out.append(encode_sft(processor, [m.messages for m in media], [m.images for m in media],
+                                  [m.videos for m in media]))
+    return out
+
+
 def train_sft(cfg: SFTConfig, *, resume: bool = True, progress: bool = True) -> Path:
     """Run SFT; returns the folder of the final model (`out/final`)."""
     out = Path(cfg.out)
@@ -60,6 +73,7 @@ def train_sft(cfg: SFTConfig, *, resume: bool = True, progress: bool = True) -> 
     torch.manual_seed(cfg.seed)
     model, processor = load_vlm(ckpt or cfg.model, dtype=cfg.dtype, train=True)
     opt, sched = make_optimizer(model, cfg.optim, cfg.steps)
+    geometry = VideoGeometry.of(processor)
     log = MetricsLog(out)
     step = start_or_resume(out, ckpt, cfg, log, opt, sched)
 
@@ -85,7 +99,7 @@ def train_sft(cfg: SFTConfig, *, resume: bool = True, progress: bool = True) -> 
         for micro in range(cfg.grad_accum):
             recs = [records[i] for i in batch_indices(len(records), step, micro, batch_size=cfg.batch_size,
                                                        grad_accum=cfg.grad_accum, seed=cfg.seed)]
-            micro_batches.append(encode_sft(processor, [r.messages for r in recs], [load_images(r) for r in recs]))
+            micro_batches += encode_by_modality(processor, recs, geometry)
         total_tok = sum(int((b["labels"] != -100).sum()) for b in micro_batches)
         for batch in micro_batches:
             labels = batch.pop("labels")

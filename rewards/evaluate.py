@@ -18,7 +18,8 @@ from typing import Sequence
 from PIL import Image
 
 import verifiers
-from records import message_text, prompt_key
+from records import prompt_key
+from rewards.inputs import rm_prompt
 from rollout.greedy import generate_greedy
 from training.atomic import write_json, write_jsonl
 from verifiers import Sample, split_think
@@ -29,6 +30,11 @@ ACCURACY_CHECKS: dict[str, tuple[str, dict]] = {
     "grounding": ("grounding", {"mode": "hit", "iou_threshold": 0.5}),
     "math": ("math", {}),
     "multiple_choice": ("multiple_choice", {}),
+    "instruction": ("instruction", {}),
+    "video_temporal": ("temporal_grounding", {"mode": "threshold", "iou_threshold": 0.5}),
+    "video_count": ("counting", {}),
+    "spot_difference": ("grid_cell", {}),
+    "puzzle": ("multiple_choice", {}),
 }
 
 
@@ -166,8 +172,8 @@ def add_rm_scores(table: dict, records, responses: Sequence[str], reward_cfg, sc
             continue
         if route.use_rm:
             parts = split_think(resp)
-            prompt = "\n".join(message_text(m) for m in rec.prompt_messages)
-            items.append(([str(p) for p in rec.images], prompt, parts[1] if parts else resp))
+            media, prompt = rm_prompt(rec)
+            items.append((list(media), prompt, parts[1] if parts else resp))
             owners.append((rec.task, parts is not None))
     scores = list(score(items)) if items else []
     by = defaultdict(list)

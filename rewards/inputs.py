@@ -6,23 +6,37 @@ from typing import Sequence
 
 from PIL import Image
 
-from records import message_text
+from records import load_media, message_text
 from rewards.hybrid import RewardInput, combine
 
 # Parts of a RewardResult that are not a verifier's verdict.
 NON_VERIFIER_PARTS = frozenset({"format", "rm", "timeout", "error", "abstained"})
 
 
-def reward_inputs(records, completions) -> list:
-    """One RewardInput per completion, prompt-major: completions[i][j] answers records[i]."""
+def reward_inputs(records, completions, prompts=None) -> list:
+    """One RewardInput per completion, prompt-major: completions[i][j] answers records[i]. A record
+    with videos goes to the reward model as `prompts[i]` (its `rollout.Prompt`: the messages with the
+    timestamped clips, the images and the clips), else loaded with `records.load_media`."""
     out = []
-    for rec, group in zip(records, completions):
+    for i, (rec, group) in enumerate(zip(records, completions)):
         sizes = tuple(image_size(p) for p in rec.images)
-        prompt = "\n".join(message_text(m) for m in rec.prompt_messages)
+        media, prompt = rm_prompt(rec, None if prompts is None else prompts[i])
         for c in group:
             out.append(RewardInput(task=rec.task, response=c.text, answer=rec.answer, prompt=prompt,
-                                   images=tuple(str(p) for p in rec.images), image_sizes=sizes, meta=rec.meta))
+                                   images=media, image_sizes=sizes, meta=rec.meta))
     return out
+
+
+def rm_prompt(rec, prompt=None) -> tuple[tuple, str | list[dict]]:
+    """(media, prompt) of a record for the reward model: image paths and the prompt's text, or for a
+    record with videos its images, its clips and its expanded messages (from `prompt`, a
+    `rollout.Prompt` of the record, when given)."""
+    if not getattr(rec, "videos", None):
+        return tuple(str(p) for p in rec.images), "\n".join(message_text(m) for m in rec.prompt_messages)
+    if prompt is None:
+        media = load_media(rec)
+        return tuple(media.images) + tuple(media.videos), media.messages
+    return tuple(prompt.images) + tuple(prompt.videos), prompt.messages
 
 
 def image_size(path) -> tuple[int, int]:

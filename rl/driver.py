@@ -22,7 +22,7 @@ from torch import Tensor
 from tqdm import tqdm
 
 from model.load import load_processor
-from records import Record, load_images, load_records
+from records import Record, VideoGeometry, load_records, media_counts
 from records.mixture import batch_indices, weighted_records
 from rewards.evaluate import add_rm_scores, add_sampled_scores, eval_subset, format_table, judge, summarize, write_eval
 from rewards.hybrid import RewardResult
@@ -34,11 +34,11 @@ from rl.batch import RolloutBatch
 from rl.config import GRPOConfig, KLConfig, PPOConfig, RLConfig
 from rl.placement import Handle, spawn, start_local_ray
 from rl.workers import CriticWorker, PolicyWorker, RewardWorker
-from rollout.sequences import build_sequences, engine_logp
-from rollout.types import Completion, Prompt, SamplingConfig
+from rollout.sequences import build_sequences, engine_logp, prompt_from_record
+from rollout.types import Completion, EngineConfig, Prompt, SamplingConfig
 from rollout.worker import RolloutWorker
 from training.atomic import atomic_dir, write_json
-from training.config import to_dict
+from training.config import ConfigError, to_dict
 from training.runlog import (MetricsLog, latest_checkpoint, load_trainer_state, over_budget, periodic, save_checkpoint,
                              set_rng_state)
 
@@ -105,6 +105,21 @@ def prompt_pool(cfg: RLConfig) -> list[Record]:
     return weighted_records(load_records(cfg.data, require="prompt"), cfg.task_weights)
 
 
+def check_media_limits(records: list[Record], engine: EngineConfig, geometry: VideoGeometry) -> None:
+    """ConfigError naming the rollout setting when a prompt holds more images or video clips than the
+    vLLM engine is started for (`rollout.max_images_per_prompt`, `rollout.max_video_clips_per_prompt`)."""
+    if engine.backend != "vllm":
+        return
+    for rec in records:
+        if not rec.videos and len(rec.images) <= engine.max_images_per_prompt:
+            continue
+        images, clips = media_counts(rec, geometry)
+        for n, key in ((images, "max_images_per_prompt"), (clips, "max_video_clips_per_prompt")):
+            if n > getattr(engine, key):
+                raise ConfigError(f"rollout.{key}: {getattr(engine, key)}, but the prompt at {rec.source} "
+                                  f"({rec.id}) takes {n}")
+
+
 def step_metrics(batch: RolloutBatch, results: list[RewardResult]) -> dict[str, float]:
     """Reward per task and component, KL per task (when a reference policy runs), the critic's value
     bias per task (PPO), response lengths."""
@@ -165,6 +180,9 @@ class RLRun:
         self.records = prompt_pool(cfg)
         self.eval_records = load_records(cfg.eval_data, require="prompt") if cfg.eval_data else []
         self.policy_dir = str(start_from or cfg.policy)
+        self.processor = load_processor(self.policy_dir)
+        self.geometry = VideoGeometry.of(self.processor)
+        check_media_limits(self.records + self.eval_records, cfg.rollout, self.geometry)
         r = cfg.ray
         self.own_ray = False   # whether this run started Ray (and so shuts it down in close())
         if r.enabled:
@@ -190,7 +208,6 @@ class RLRun:
         self.reward: Handle[RewardWorker] = spawn(RewardWorker, cfg.reward, reward_model=cfg.reward_model,
                                                   name="reward", **common)
         self.rollout: Handle[RolloutWorker] = self._start_rollout()
-        self.processor = load_processor(self.policy_dir)
 
     def _start_rollout(self) -> Handle[RolloutWorker]:
         ro = self.cfg.rollout
@@ -256,12 +273,12 @@ def rollout_step(run: RLRun, step: int) -> tuple[list[Record], list[list[Complet
     with tm("sample"):
         idx = batch_indices(len(run.records), step, 0, batch_size=cfg.prompts_per_step, grad_accum=1, seed=cfg.seed)
         records = [run.records[i] for i in idx]
-        prompts = [Prompt(r.prompt_messages, load_images(r)) for r in records]
+        prompts = [prompt_from_record(r, run.geometry) for r in records]
         sampling = SamplingConfig.of(ro, seed=cfg.seed * 1_000_003 + step)
     with tm("rollout"):
         completions = run.generate(prompts, sampling)
     with tm("reward"):
-        results = run.reward.score(reward_inputs(records, completions)).result()
+        results = run.reward.score(reward_inputs(records, completions, prompts)).result()
     with tm("prepare"):
         seq = build_sequences(run.processor, prompts, completions)
         tasks = [records[i].task for i in seq.prompt_index.tolist()]
@@ -398,7 +415,7 @@ def evaluate_run(run: RLRun, limit: int = 0) -> tuple[dict, list]:
     table = add_rm_scores(table, records, responses, run.cfg.reward, rm_score)
     k, ro = run.cfg.eval_samples, run.cfg.rollout
     if k:  # avg@k with the rollout engine at the training temperature; one fixed seed for every eval
-        prompts = [Prompt(r.prompt_messages, load_images(r)) for r in records]
+        prompts = [prompt_from_record(r, run.geometry) for r in records]
         groups = run.generate(prompts, SamplingConfig.of(ro, n=k, seed=run.cfg.seed + 7))
         table = add_sampled_scores(table, records, [[c.text for c in g] for g in groups], run.cfg.reward, rm_score)
     return table, gens

@@ -1,11 +1,11 @@
 """Greedy decoding with a transformers model in this process: held-out evaluation after SFT and RL.
-A prompt that repeats in the records (same messages, same image bytes) is decoded once."""
+A prompt that repeats in the records (same messages, same image and video bytes) is decoded once."""
 from __future__ import annotations
 
 import torch
 
 from model.inputs import encode_prompts
-from records import load_images, unique_prompts
+from records import VideoGeometry, load_media, unique_prompts
 
 
 def generate_greedy(model, processor, records, *, batch_size: int = 64, max_new_tokens: int = 48) -> list[str]:
@@ -14,13 +14,16 @@ def generate_greedy(model, processor, records, *, batch_size: int = 64, max_new_
     distinct = [records[i] for i in first]
     tok = processor.tokenizer
     eos = [tok.convert_tokens_to_ids("<|im_end|>"), tok.pad_token_id]
+    geometry = VideoGeometry.of(processor)
     was_training = model.training
     model.eval()
     out = []
     with torch.no_grad():
         for i in range(0, len(distinct), batch_size):
             chunk = distinct[i:i + batch_size]
-            inputs = encode_prompts(processor, [r.prompt_messages for r in chunk], [load_images(r) for r in chunk])
+            media = [load_media(r, geometry=geometry) for r in chunk]
+            inputs = encode_prompts(processor, [m.messages for m in media], [m.images for m in media],
+                                    [m.videos for m in media])
             inputs = inputs.to(model.device)
             seq = model.generate(**inputs, do_sample=False, max_new_tokens=max_new_tokens,
                                  eos_token_id=eos, pad_token_id=tok.pad_token_id)

@@ -1,0 +1,122 @@
+"""The suite's multi-image, puzzle and instruction tasks, on the suite's board (`synth.suite`).
+
+  spot_difference  two boards, one cell changed: "Which cell differs ...?"          answer "row 2, column 3"
+  puzzle           each row one colour, the columns one shape sequence, the last cell
+                   empty: "Which shape completes the row pattern? A. ... D. ..."      answer "C"
+  instruction      "Describe the board in at most 5 words, naming the colours."       checked by rules
+                   (`meta.rules`: at most N words, every colour on the board named, no other colour)
+
+`meta.boards` holds the objects of each image, in order.
+"""
+from __future__ import annotations
+
+import random
+import string
+
+from PIL import Image
+
+from synth.suite import COLORS, SHAPES, SceneSpec, describe, draw_scene, object_box, random_objects
+
+BOARD_TASKS = ("spot_difference", "puzzle", "instruction")
+CHANGES = ("color", "shape", "add", "remove")
+
+
+def _cell_name(cell: int, spec: SceneSpec) -> str:
+    row, col = divmod(cell, spec.grid)
+    return f"row {row + 1}, column {col + 1}"
+
+
+def _obj(cell: int, shape: str, color: str, spec: SceneSpec) -> dict:
+    return {"cell": cell, "shape": shape, "color": color, "box": object_box(cell, spec)}
+
+
+def spot_difference(rng: random.Random, spec: SceneSpec) -> tuple[list[list[dict]], str, str, str]:
+    """(boards, question, thought, answer): the second board is the first with one cell changed."""
+    first = random_objects(rng, rng.randint(2, 4), spec)
+    change = rng.choice(CHANGES)
+    second = [dict(o) for o in first]
+    if change == "add":
+        cell = rng.choice(sorted(set(range(spec.grid * spec.grid)) - {o["cell"] for o in first}))
+        new = _obj(cell, rng.choice(SHAPES), rng.choice(list(COLORS)), spec)
+        second = sorted(second + [new], key=lambda o: o["cell"])
+        what = f"a {new['color']} {new['shape']} appears"
+    else:
+        i = rng.randrange(len(second))
+        old = second[i]
+        cell = old["cell"]
+        if change == "remove":
+            second.pop(i)
+            what = f"the {old['color']} {old['shape']} is gone"
+        elif change == "color":
+            second[i] = {**old, "color": rng.choice([c for c in COLORS if c != old["color"]])}
+            what = f"the {old['color']} {old['shape']} turns {second[i]['color']}"
+        else:
+            second[i] = {**old, "shape": next(s for s in SHAPES if s != old["shape"])}
+            what = f"the {old['color']} {old['shape']} becomes a {second[i]['shape']}"
+    answer = _cell_name(cell, spec)
+    question = "Which cell differs between the two boards? Give its row and column."
+    return [first, second], question, f"In {answer} {what}.", answer
+
+
+def puzzle(rng: random.Random, spec: SceneSpec) -> tuple[list[list[dict]], str, str, str, list[str]]:
+    """(boards, question, thought, answer letter, options): rows of one colour each, every row the
+    same shape sequence, the last cell left empty; four options, one right."""
+    colors = rng.sample(list(COLORS), spec.grid)
+    shapes = [rng.choice(SHAPES) for _ in range(spec.grid)]
+    n = spec.grid * spec.grid
+    board = [_obj(c, shapes[c % spec.grid], colors[c // spec.grid], spec) for c in range(n - 1)]
+    color, shape = colors[-1], shapes[-1]
+    other_color = rng.choice([c for c in COLORS if c != color])
+    other_shape = next(s for s in SHAPES if s != shape)
+    options = [f"a {c} {s}" for c in (color, other_color) for s in (shape, other_shape)]
+    rng.shuffle(options)
+    letter = string.ascii_uppercase[options.index(f"a {color} {shape}")]
+    listed = " ".join(f"{string.ascii_uppercase[i]}. {o}" for i, o in enumerate(options))
+    question = f"Which shape completes the row pattern? {listed}. Answer with a letter."
+    thought = f"The last row is {color} and the last column holds {shape}s: a {color} {shape}."
+    return [board], question, thought, letter, options
+
+
+def instruction(rng: random.Random, spec: SceneSpec) -> tuple[list[list[dict]], str, str, str, dict]:
+    """(boards, question, thought, solution, rules): describe the board within a word limit, naming
+    its colours. With room for two words a shape the solution lists colour and shape ("Red square,
+    blue circle."), else the colours alone ("Red, blue.")."""
+    objs = random_objects(rng, rng.randint(1, 3), spec)
+    present = list(dict.fromkeys(o["color"] for o in objs))
+    limit = rng.randint(len(present), 2 * len(objs) + 1)
+    words = [f"{o['color']} {o['shape']}" for o in objs] if limit >= 2 * len(objs) else present
+    text = ", ".join(words) + "."
+    solution = text[0].upper() + text[1:]
+    question = f"Describe the board in at most {limit} words, naming the colours."
+    rules = {"max_words": limit, "required": present, "forbidden": [c for c in COLORS if c not in present]}
+    thought = describe(objs)
+    return [objs], question, thought, solution, rules
+
+
+def make_board_example(task: str, rng: random.Random, spec: SceneSpec) -> dict:
+    """One record of a board task without id/images: task, messages, answer, meta (boards, ...)."""
+    meta: dict = {"difficulty": None}
+    if task == "spot_difference":
+        boards, question, thought, answer = spot_difference(rng, spec)
+        solution = answer
+    elif task == "puzzle":
+        boards, question, thought, answer, meta["options"] = puzzle(rng, spec)
+        solution = answer
+    elif task == "instruction":
+        boards, question, thought, solution, meta["rules"] = instruction(rng, spec)
+        answer = solution   # a reference; the rules decide
+    else:
+        raise ValueError(f"unknown board task {task!r}; choose from {BOARD_TASKS}")
+    meta["boards"] = boards
+    messages = [{"role": "user", "content": [{"type": "image"}] * len(boards) + [{"type": "text", "text": question}]},
+                {"role": "assistant", "content": [{"type": "text", "text": f"<think>{thought}</think>{solution}"}]}]
+    return {"task": task, "messages": messages, "answer": answer, "meta": meta}
+
+
+def board_key(rec: dict) -> list:
+    """What makes two board examples the same item (with the task and the question)."""
+    return [[(o["cell"], o["shape"], o["color"]) for o in board] for board in rec["meta"]["boards"]]
+
+
+def draw_boards(rec: dict, spec: SceneSpec) -> list[Image.Image]:
+    return [draw_scene(board, spec) for board in rec["meta"]["boards"]]

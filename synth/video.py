@@ -1,0 +1,140 @@
+"""The suite's video tasks: shapes that appear and disappear on the suite's board over a few seconds,
+drawn frame by frame with PIL and written as small lossless video files (PNG frames in a QuickTime
+container, through PyAV).
+
+  video_temporal  "When is the red square on screen?"            answer "[2.0, 5.0]" (seconds)
+                  2 frames a second, sampled at 2 fps: each clip the model sees is one second
+  video_count     "How many times does the red square appear?"   answer "2"
+                  1 frame a second, sampled at the default 1 fps: each clip is two seconds
+
+Every change happens on a clip boundary (whole seconds at 2 fps, even seconds at 1 fps), so the two
+frames of a clip are the same picture and a clip's timestamp ("[2.0 second]") is when it starts. A
+shape is `meta.events[i]` = {cell, shape, color, box, start, end}: on screen for start <= t < end.
+"""
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import numpy as np
+
+from synth.suite import COLORS, SHAPES, SceneSpec, draw_scene, object_box
+
+VIDEO_TASKS = ("video_temporal", "video_count")
+FPS = {"video_temporal": 2, "video_count": 1}
+"""Frames per second of each task's videos, and the rate it samples them at."""
+CLIP_SECONDS = {"video_temporal": 1, "video_count": 2}
+"""Seconds one clip (a temporal patch of 2 frames) covers at that rate."""
+TINY_LADDER = [84, 56]
+"""The resolution ladder scaled to the tiny model's 84x84 boards (Seed1.5-VL's is 640 ... 128)."""
+
+
+def sampling(task: str) -> dict:
+    """The record's `video` block: the task's fps, and a budget that fits its longest video at 84x84."""
+    block = {"max_frames": 16, "token_budget": 64, "resolutions": TINY_LADDER}
+    if FPS[task] != 1:   # 1 fps is the default: video_count leaves it out
+        block = {"fps": float(FPS[task]), **block}
+    return block
+
+
+def _pick_targets(rng: random.Random, k: int) -> list[tuple[str, str]]:
+    """k distinct (colour, shape) pairs."""
+    pairs = [(c, s) for c in COLORS for s in SHAPES]
+    return rng.sample(pairs, k)
+
+
+def _event(cell: int, color: str, shape: str, start: float, end: float, spec: SceneSpec) -> dict:
+    return {"cell": cell, "shape": shape, "color": color, "box": object_box(cell, spec), "start": start, "end": end}
+
+
+def _runs(rng: random.Random, n: int, k: int) -> list[tuple[int, int]]:
+    """k runs [a, b) of consecutive slots among n, at least one empty slot between two runs."""
+    while True:
+        on = [rng.random() < 0.5 for _ in range(n)]
+        runs, i = [], 0
+        while i < n:
+            if on[i]:
+                j = i
+                while j < n and on[j]:
+                    j += 1
+                runs.append((i, j))
+                i = j
+            else:
+                i += 1
+        if len(runs) == k:
+            return runs
+
+
+def make_video_example(task: str, rng: random.Random, spec: SceneSpec) -> dict:
+    """One record of a video task without id/videos: task, messages, answer, meta (events, duration, fps)."""
+    cells = list(range(spec.grid * spec.grid))
+    if task == "video_temporal":
+        clips = rng.randint(4, 6)                      # seconds
+        (color, shape), *others = _pick_targets(rng, 1 + rng.randint(1, 2))
+        start = rng.randint(0, clips - 2)
+        end = rng.randint(start + 1, clips - 1)        # gone before the video ends: its end is a shown timestamp
+        used = rng.sample(cells, 1 + len(others))
+        events = [_event(used[0], color, shape, float(start), float(end), spec)]
+        for cell, (c, s) in zip(used[1:], others):
+            a = rng.randint(0, clips - 1)
+            events.append(_event(cell, c, s, float(a), float(rng.randint(a + 1, clips)), spec))
+        question = f"When is the {color} {shape} on screen?"
+        answer = f"[{start:.1f}, {end:.1f}]"
+        thought = f"The {color} {shape} is on screen from {start:.1f} to {end:.1f} seconds."
+        solution = answer
+    elif task == "video_count":
+        clips, step = rng.randint(5, 6), CLIP_SECONDS[task]
+        (color, shape), *others = _pick_targets(rng, 1 + rng.randint(1, 2))
+        n = rng.randint(1, 3)
+        events = []
+        for a, b in _runs(rng, clips, n):
+            events.append(_event(rng.choice(cells), color, shape, float(a * step), float(b * step), spec))
+        taken = {e["cell"] for e in events}
+        for c, s in others:
+            a, b = rng.choice(_runs(rng, clips, 1) if rng.random() < 0.5 else [(0, clips)])
+            cell = rng.choice([x for x in cells if x not in taken])
+            taken.add(cell)
+            events.append(_event(cell, c, s, float(a * step), float(b * step), spec))
+        starts = [e["start"] for e in events[:n]]
+        question = f"How many times does the {color} {shape} appear?"
+        times = [f"{t:.1f}" for t in starts]
+        when = times[0] if n == 1 else ", ".join(times[:-1]) + " and " + times[-1]
+        thought = f"The {color} {shape} appears at {when} seconds."
+        answer = solution = str(n)
+    else:
+        raise ValueError(f"unknown video task {task!r}; choose from {VIDEO_TASKS}")
+    messages = [{"role": "user", "content": [{"type": "video"}, {"type": "text", "text": question}]},
+                {"role": "assistant", "content": [{"type": "text", "text": f"<think>{thought}</think>{solution}"}]}]
+    duration = clips * CLIP_SECONDS[task]
+    return {"task": task, "messages": messages, "answer": answer, "video": sampling(task),
+            "meta": {"difficulty": None, "events": events, "duration": duration, "fps": FPS[task]}}
+
+
+def video_key(rec: dict) -> list:
+    """What makes two video examples the same item (with the task and the question)."""
+    events = [(e["cell"], e["shape"], e["color"], e["start"], e["end"]) for e in rec["meta"]["events"]]
+    return [events, rec["meta"]["duration"]]
+
+
+def draw_frames(rec: dict, spec: SceneSpec) -> np.ndarray:
+    """(duration * fps, side, side, 3) uint8: frame k shows the events on screen at k / fps seconds."""
+    meta = rec["meta"]
+    frames = []
+    for k in range(int(meta["duration"] * meta["fps"])):
+        t = k / meta["fps"]
+        on = sorted((e for e in meta["events"] if e["start"] <= t < e["end"]), key=lambda e: e["cell"])
+        frames.append(np.asarray(draw_scene(on, spec), dtype=np.uint8))
+    return np.stack(frames)
+
+
+def write_video(path: Path, frames: np.ndarray, fps: int) -> Path:
+    """Lossless, byte-for-byte reproducible video: PNG frames in a QuickTime container, its index first."""
+    import av  # PyAV: heavy, only videos need it
+
+    with av.open(str(path), "w", format="mov", options={"movflags": "faststart"}) as container:
+        stream = container.add_stream("png", rate=fps)
+        stream.width, stream.height, stream.pix_fmt = frames.shape[2], frames.shape[1], "rgb24"
+        for f in frames:
+            container.mux(stream.encode(av.VideoFrame.from_ndarray(f, format="rgb24")))
+        container.mux(stream.encode())
+    return path

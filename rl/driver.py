@@ -94,6 +94,15 @@ def minibatch_rows(rows: list[int], *, minibatches: int, epochs: int, seed: int)
     return [r for r in out if r]
 
 
+def video_rows_last(rows: list[int], seq) -> list[int]:
+    """`rows` with the rows that hold video clips moved to the end (a stable sort): their micro-batches
+    pad to video length, the others do not. A minibatch's loss does not depend on its rows' order."""
+    vision = seq.vision
+    if vision is None or vision.videos_per_row is None:
+        return rows
+    return sorted(rows, key=lambda r: bool(vision.videos_per_row[r]))
+
+
 def uses_kl(kl_cfg: KLConfig) -> bool:
     """Whether any task has a non-zero KL coefficient (else no reference policy is needed)."""
     return kl_cfg.default != 0 or any(c != 0 for c in kl_cfg.coefs.values())
@@ -272,7 +281,8 @@ def rollout_step(run: RLRun, step: int) -> tuple[list[Record], list[list[Complet
     cfg, ro, tm = run.cfg, run.cfg.rollout, Timer()
     with tm("sample"):
         idx = batch_indices(len(run.records), step, 0, batch_size=cfg.prompts_per_step, grad_accum=1, seed=cfg.seed)
-        records = [run.records[i] for i in idx]
+        # video prompts last: a micro-batch pads its rows to the longest, and they are several image prompts long
+        records = sorted((run.records[i] for i in idx), key=lambda r: bool(r.videos))
         prompts = [prompt_from_record(r, run.geometry) for r in records]
         sampling = SamplingConfig.of(ro, seed=cfg.seed * 1_000_003 + step)
     with tm("rollout"):
@@ -331,6 +341,7 @@ def fit(cfg: RLConfig, *, resume: bool = True, progress: bool = True) -> Path:
         with tm("update"):
             rows = [i for i in range(batch.rows) if batch.keep[i]]
             mb_rows = minibatch_rows(rows, minibatches=cfg.ppo.minibatches, epochs=cfg.ppo.epochs, seed=cfg.seed + step)
+            mb_rows = [video_rows_last(r, batch.seq) for r in mb_rows]
             actor_on = cfg.algo == "grpo" or step >= cfg.ppo.value_pretrain_steps
             pending = []
             if run.critic is not None:

@@ -1,8 +1,8 @@
 """The suite's multi-image, puzzle and instruction tasks, on the suite's board (`synth.suite`).
 
   spot_difference  two boards, one cell changed: "Which cell differs ...?"          answer "row 2, column 3"
-  puzzle           each row one colour, the columns one shape sequence, the last cell
-                   empty: "Which shape completes the row pattern? A. ... D. ..."      answer "C"
+  puzzle           every row the same sequence of three shapes, the last cell empty:
+                   "Which shape completes the row pattern? A. ... D. ..."             answer "C"
   instruction      "Describe the board in at most 5 words, naming the colours."       checked by rules
                    (`meta.rules`: at most N words, every colour on the board named, no other colour)
 
@@ -31,49 +31,51 @@ def _obj(cell: int, shape: str, color: str, spec: SceneSpec) -> dict:
 
 
 def spot_difference(rng: random.Random, spec: SceneSpec) -> tuple[list[list[dict]], str, str, str]:
-    """(boards, question, thought, answer): the second board is the first with one cell changed."""
-    first = random_objects(rng, rng.randint(2, 4), spec)
+    """(boards, question, thought, answer): the second board is the first with one cell changed.
+    The thought names the changed shape first, then where it is (as grounding's does)."""
+    first = random_objects(rng, rng.randint(2, 3), spec)
     change = rng.choice(CHANGES)
     second = [dict(o) for o in first]
     if change == "add":
         cell = rng.choice(sorted(set(range(spec.grid * spec.grid)) - {o["cell"] for o in first}))
         new = _obj(cell, rng.choice(SHAPES), rng.choice(list(COLORS)), spec)
         second = sorted(second + [new], key=lambda o: o["cell"])
-        what = f"a {new['color']} {new['shape']} appears"
+        answer = _cell_name(cell, spec)
+        thought = f"A {new['color']} {new['shape']} appears in {answer}."
     else:
         i = rng.randrange(len(second))
         old = second[i]
-        cell = old["cell"]
+        answer = _cell_name(old["cell"], spec)
+        where = f"The {old['color']} {old['shape']} in {answer}"
         if change == "remove":
             second.pop(i)
-            what = f"the {old['color']} {old['shape']} is gone"
+            thought = f"{where} is gone."
         elif change == "color":
             second[i] = {**old, "color": rng.choice([c for c in COLORS if c != old["color"]])}
-            what = f"the {old['color']} {old['shape']} turns {second[i]['color']}"
+            thought = f"{where} turns {second[i]['color']}."
         else:
             second[i] = {**old, "shape": next(s for s in SHAPES if s != old["shape"])}
-            what = f"the {old['color']} {old['shape']} becomes a {second[i]['shape']}"
-    answer = _cell_name(cell, spec)
+            thought = f"{where} becomes a {second[i]['shape']}."
     question = "Which cell differs between the two boards? Give its row and column."
-    return [first, second], question, f"In {answer} {what}.", answer
+    return [first, second], question, thought, answer
 
 
 def puzzle(rng: random.Random, spec: SceneSpec) -> tuple[list[list[dict]], str, str, str, list[str]]:
-    """(boards, question, thought, answer letter, options): rows of one colour each, every row the
-    same shape sequence, the last cell left empty; four options, one right."""
-    colors = rng.sample(list(COLORS), spec.grid)
-    shapes = [rng.choice(SHAPES) for _ in range(spec.grid)]
+    """(boards, question, thought, answer letter, options): every row the same sequence of three
+    different shapes, the last cell left empty. Four options: the missing shape, another shape of
+    the sequence, and two shapes not on the board."""
+    kinds = [(c, s) for c in COLORS for s in SHAPES]
+    sequence = rng.sample(kinds, spec.grid)
     n = spec.grid * spec.grid
-    board = [_obj(c, shapes[c % spec.grid], colors[c // spec.grid], spec) for c in range(n - 1)]
-    color, shape = colors[-1], shapes[-1]
-    other_color = rng.choice([c for c in COLORS if c != color])
-    other_shape = next(s for s in SHAPES if s != shape)
-    options = [f"a {c} {s}" for c in (color, other_color) for s in (shape, other_shape)]
+    board = [_obj(cell, sequence[cell % spec.grid][1], sequence[cell % spec.grid][0], spec) for cell in range(n - 1)]
+    names = [f"a {c} {s}" for c, s in sequence]
+    absent = [f"a {c} {s}" for c, s in kinds if (c, s) not in sequence]
+    options = [names[-1], rng.choice(names[:-1]), *rng.sample(absent, 2)]
     rng.shuffle(options)
-    letter = string.ascii_uppercase[options.index(f"a {color} {shape}")]
+    letter = string.ascii_uppercase[options.index(names[-1])]
     listed = " ".join(f"{string.ascii_uppercase[i]}. {o}" for i, o in enumerate(options))
     question = f"Which shape completes the row pattern? {listed}. Answer with a letter."
-    thought = f"The last row is {color} and the last column holds {shape}s: a {color} {shape}."
+    thought = f"Each row is {', '.join(names)}."
     return [board], question, thought, letter, options
 
 

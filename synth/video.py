@@ -5,7 +5,8 @@ container, through PyAV).
   video_temporal  "When is the red square on screen?"            answer "[2.0, 5.0]" (seconds)
                   2 frames a second, sampled at 2 fps: each clip the model sees is one second
   video_count     "How many times does the red square appear?"   answer "2"
-                  1 frame a second, sampled at the default 1 fps: each clip is two seconds
+                  1 frame a second, sampled at the default 1 fps: each clip is two seconds; the
+                  shape flashes on for one clip at a time, 1-3 times
 
 Every change happens on a clip boundary (whole seconds at 2 fps, even seconds at 1 fps), so the two
 frames of a clip are the same picture and a clip's timestamp ("[2.0 second]") is when it starts. A
@@ -27,11 +28,14 @@ CLIP_SECONDS = {"video_temporal": 1, "video_count": 2}
 """Seconds one clip (a temporal patch of 2 frames) covers at that rate."""
 TINY_LADDER = [84, 56]
 """The resolution ladder scaled to the tiny model's 84x84 boards (Seed1.5-VL's is 640 ... 128)."""
+TOKEN_BUDGET = 32
+"""Vision tokens a video may take: 4 clips or more do not fit at 84x84 (9 tokens a clip), so the
+ladder steps down to 56x56 (4 a clip): what tells the shapes apart survives, and prompts stay short."""
 
 
 def sampling(task: str) -> dict:
-    """The record's `video` block: the task's fps, and a budget that fits its longest video at 84x84."""
-    block = {"max_frames": 16, "token_budget": 64, "resolutions": TINY_LADDER}
+    """The record's `video` block: the task's fps, the tiny ladder and budget."""
+    block = {"max_frames": 16, "token_budget": TOKEN_BUDGET, "resolutions": TINY_LADDER}
     if FPS[task] != 1:   # 1 fps is the default: video_count leaves it out
         block = {"fps": float(FPS[task]), **block}
     return block
@@ -45,6 +49,14 @@ def _pick_targets(rng: random.Random, k: int) -> list[tuple[str, str]]:
 
 def _event(cell: int, color: str, shape: str, start: float, end: float, spec: SceneSpec) -> dict:
     return {"cell": cell, "shape": shape, "color": color, "box": object_box(cell, spec), "start": start, "end": end}
+
+
+def _flashes(rng: random.Random, n: int, k: int) -> list[int]:
+    """k of n slots, no two adjacent (each flash is followed by a slot without it)."""
+    while True:
+        picked = sorted(rng.sample(range(n), k))
+        if all(b - a > 1 for a, b in zip(picked, picked[1:])):
+            return picked
 
 
 def _runs(rng: random.Random, n: int, k: int) -> list[tuple[int, int]]:
@@ -70,7 +82,7 @@ def make_video_example(task: str, rng: random.Random, spec: SceneSpec) -> dict:
     cells = list(range(spec.grid * spec.grid))
     if task == "video_temporal":
         clips = rng.randint(4, 6)                      # seconds
-        (color, shape), *others = _pick_targets(rng, 1 + rng.randint(1, 2))
+        (color, shape), *others = _pick_targets(rng, 2)
         start = rng.randint(0, clips - 2)
         end = rng.randint(start + 1, clips - 1)        # gone before the video ends: its end is a shown timestamp
         used = rng.sample(cells, 1 + len(others))
@@ -84,11 +96,10 @@ def make_video_example(task: str, rng: random.Random, spec: SceneSpec) -> dict:
         solution = answer
     elif task == "video_count":
         clips, step = rng.randint(5, 6), CLIP_SECONDS[task]
-        (color, shape), *others = _pick_targets(rng, 1 + rng.randint(1, 2))
+        (color, shape), *others = _pick_targets(rng, 2)
         n = rng.randint(1, 3)
-        events = []
-        for a, b in _runs(rng, clips, n):
-            events.append(_event(rng.choice(cells), color, shape, float(a * step), float(b * step), spec))
+        events = [_event(rng.choice(cells), color, shape, float(a * step), float((a + 1) * step), spec)
+                  for a in _flashes(rng, clips, n)]
         taken = {e["cell"] for e in events}
         for c, s in others:
             a, b = rng.choice(_runs(rng, clips, 1) if rng.random() < 0.5 else [(0, clips)])
@@ -99,7 +110,7 @@ def make_video_example(task: str, rng: random.Random, spec: SceneSpec) -> dict:
         question = f"How many times does the {color} {shape} appear?"
         times = [f"{t:.1f}" for t in starts]
         when = times[0] if n == 1 else ", ".join(times[:-1]) + " and " + times[-1]
-        thought = f"The {color} {shape} appears at {when} seconds."
+        thought = f"The {color} {shape} is on screen at {when} seconds."
         answer = solution = str(n)
     else:
         raise ValueError(f"unknown video task {task!r}; choose from {VIDEO_TASKS}")

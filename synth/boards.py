@@ -1,8 +1,10 @@
 """The suite's multi-image, puzzle and instruction tasks, on the suite's board (`synth.suite`).
 
-  spot_difference  two boards, one cell changed: "Which cell differs ...?"          answer "row 2, column 3"
+  spot_difference  two boards, one cell changed (a shape added, removed or recoloured; the colour
+                   that comes or goes is on no other shape): "Which cell differs ...?" answer "row 2, column 3"
   puzzle           every row the same sequence of three shapes, the last cell empty:
-                   "Which shape completes the row pattern? A. ... D. ..."             answer "C"
+                   "Which shape completes the row pattern? A. ... D. ..."             answer "a red square"
+                   (the option's text; the letter scores too)
   instruction      "Describe the board in at most 5 words, naming the colours."       checked by rules
                    (`meta.rules`: at most N words, every colour on the board named, no other colour)
 
@@ -18,7 +20,7 @@ from PIL import Image
 from synth.suite import COLORS, SHAPES, SceneSpec, describe, draw_scene, object_box, random_objects
 
 BOARD_TASKS = ("spot_difference", "puzzle", "instruction")
-CHANGES = ("color", "shape", "add", "remove")
+CHANGES = ("color", "add", "remove")
 
 
 def _cell_name(cell: int, spec: SceneSpec) -> str:
@@ -31,14 +33,16 @@ def _obj(cell: int, shape: str, color: str, spec: SceneSpec) -> dict:
 
 
 def spot_difference(rng: random.Random, spec: SceneSpec) -> tuple[list[list[dict]], str, str, str]:
-    """(boards, question, thought, answer): the second board is the first with one cell changed.
-    The thought names the changed shape first, then where it is (as grounding's does)."""
-    first = random_objects(rng, rng.randint(2, 3), spec)
+    """(boards, question, thought, answer): the second board is the first with one cell changed. The
+    colour that appears or disappears is on no other shape, and the thought names the changed shape
+    first, then where it is (as grounding's does)."""
     change = rng.choice(CHANGES)
+    first = random_objects(rng, rng.randint(1, 2) if change == "add" else rng.randint(2, 3), spec, distinct_colors=True)
     second = [dict(o) for o in first]
+    unused = [c for c in COLORS if c not in {o["color"] for o in first}]
     if change == "add":
         cell = rng.choice(sorted(set(range(spec.grid * spec.grid)) - {o["cell"] for o in first}))
-        new = _obj(cell, rng.choice(SHAPES), rng.choice(list(COLORS)), spec)
+        new = _obj(cell, rng.choice(SHAPES), rng.choice(unused), spec)
         second = sorted(second + [new], key=lambda o: o["cell"])
         answer = _cell_name(cell, spec)
         thought = f"A {new['color']} {new['shape']} appears in {answer}."
@@ -50,20 +54,17 @@ def spot_difference(rng: random.Random, spec: SceneSpec) -> tuple[list[list[dict
         if change == "remove":
             second.pop(i)
             thought = f"{where} is gone."
-        elif change == "color":
-            second[i] = {**old, "color": rng.choice([c for c in COLORS if c != old["color"]])}
-            thought = f"{where} turns {second[i]['color']}."
         else:
-            second[i] = {**old, "shape": next(s for s in SHAPES if s != old["shape"])}
-            thought = f"{where} becomes a {second[i]['shape']}."
+            second[i] = {**old, "color": rng.choice(unused)}
+            thought = f"{where} turns {second[i]['color']}."
     question = "Which cell differs between the two boards? Give its row and column."
     return [first, second], question, thought, answer
 
 
 def puzzle(rng: random.Random, spec: SceneSpec) -> tuple[list[list[dict]], str, str, str, list[str]]:
-    """(boards, question, thought, answer letter, options): every row the same sequence of three
-    different shapes, the last cell left empty. Four options: the missing shape, another shape of
-    the sequence, and two shapes not on the board."""
+    """(boards, question, thought, answer, options): every row the same sequence of three different
+    shapes, the last cell left empty. Four options: the missing shape, another shape of the
+    sequence, and two shapes not on the board. The answer is the option's text."""
     kinds = [(c, s) for c in COLORS for s in SHAPES]
     sequence = rng.sample(kinds, spec.grid)
     n = spec.grid * spec.grid
@@ -72,11 +73,10 @@ def puzzle(rng: random.Random, spec: SceneSpec) -> tuple[list[list[dict]], str, 
     absent = [f"a {c} {s}" for c, s in kinds if (c, s) not in sequence]
     options = [names[-1], rng.choice(names[:-1]), *rng.sample(absent, 2)]
     rng.shuffle(options)
-    letter = string.ascii_uppercase[options.index(names[-1])]
     listed = " ".join(f"{string.ascii_uppercase[i]}. {o}" for i, o in enumerate(options))
-    question = f"Which shape completes the row pattern? {listed}. Answer with a letter."
-    thought = f"Each row is {', '.join(names)}."
-    return [board], question, thought, letter, options
+    question = f"Which shape completes the row pattern? {listed}."
+    thought = f"The last row lacks {names[-1]}."
+    return [board], question, thought, names[-1], options
 
 
 def instruction(rng: random.Random, spec: SceneSpec) -> tuple[list[list[dict]], str, str, str, dict]:

@@ -2,8 +2,9 @@
 drawn frame by frame with PIL and written as small lossless video files (PNG frames in a QuickTime
 container, through PyAV).
 
-  video_temporal  "When is the red square on screen?"            answer "[2.0, 5.0]" (seconds)
-                  2 frames a second, sampled at 2 fps: each clip the model sees is one second
+  video_temporal  "When is the red square on screen?"            answer "[2.0, 4.0]" (seconds)
+                  2 frames a second, sampled at 2 fps: each clip the model sees is one second; the
+                  shape stays 1-2 seconds of a 6-7 second video
   video_count     "How many times does the red square appear?"   answer "2"
                   1 frame a second, sampled at the default 1 fps: each clip is two seconds; the
                   shape flashes on for one clip at a time, 1-3 times
@@ -41,10 +42,10 @@ def sampling(task: str) -> dict:
     return block
 
 
-def _pick_targets(rng: random.Random, k: int) -> list[tuple[str, str]]:
-    """k distinct (colour, shape) pairs."""
-    pairs = [(c, s) for c in COLORS for s in SHAPES]
-    return rng.sample(pairs, k)
+def _pick_targets(rng: random.Random) -> tuple[tuple[str, str], tuple[str, str]]:
+    """The asked-about (colour, shape) and a distractor of another colour."""
+    color, other = rng.sample(list(COLORS), 2)
+    return (color, rng.choice(SHAPES)), (other, rng.choice(SHAPES))
 
 
 def _event(cell: int, color: str, shape: str, start: float, end: float, spec: SceneSpec) -> dict:
@@ -81,36 +82,30 @@ def make_video_example(task: str, rng: random.Random, spec: SceneSpec) -> dict:
     """One record of a video task without id/videos: task, messages, answer, meta (events, duration, fps)."""
     cells = list(range(spec.grid * spec.grid))
     if task == "video_temporal":
-        clips = rng.randint(4, 6)                      # seconds
-        (color, shape), *others = _pick_targets(rng, 2)
-        start = rng.randint(0, clips - 2)
-        end = rng.randint(start + 1, clips - 1)        # gone before the video ends: its end is a shown timestamp
-        used = rng.sample(cells, 1 + len(others))
-        events = [_event(used[0], color, shape, float(start), float(end), spec)]
-        for cell, (c, s) in zip(used[1:], others):
-            a = rng.randint(0, clips - 1)
-            events.append(_event(cell, c, s, float(a), float(rng.randint(a + 1, clips)), spec))
+        clips = rng.randint(6, 7)                      # seconds
+        (color, shape), (c, s) = _pick_targets(rng)
+        length = rng.randint(1, 2)
+        start = rng.randint(0, clips - 1 - length)     # gone before the video ends: its end is a shown timestamp
+        end = start + length
+        cell, other_cell = rng.sample(cells, 2)
+        a = rng.randint(0, clips - 1)
+        events = [_event(cell, color, shape, float(start), float(end), spec),
+                  _event(other_cell, c, s, float(a), float(rng.randint(a + 1, clips)), spec)]
         question = f"When is the {color} {shape} on screen?"
         answer = f"[{start:.1f}, {end:.1f}]"
         thought = f"The {color} {shape} is on screen from {start:.1f} to {end:.1f} seconds."
         solution = answer
     elif task == "video_count":
         clips, step = rng.randint(5, 6), CLIP_SECONDS[task]
-        (color, shape), *others = _pick_targets(rng, 2)
+        (color, shape), (c, s) = _pick_targets(rng)
         n = rng.randint(1, 3)
         events = [_event(rng.choice(cells), color, shape, float(a * step), float((a + 1) * step), spec)
                   for a in _flashes(rng, clips, n)]
-        taken = {e["cell"] for e in events}
-        for c, s in others:
-            a, b = rng.choice(_runs(rng, clips, 1) if rng.random() < 0.5 else [(0, clips)])
-            cell = rng.choice([x for x in cells if x not in taken])
-            taken.add(cell)
-            events.append(_event(cell, c, s, float(a * step), float(b * step), spec))
-        starts = [e["start"] for e in events[:n]]
+        cell = rng.choice([x for x in cells if x not in {e["cell"] for e in events}])
+        a, b = rng.choice(_runs(rng, clips, 1) if rng.random() < 0.5 else [(0, clips)])
+        events.append(_event(cell, c, s, float(a * step), float(b * step), spec))
         question = f"How many times does the {color} {shape} appear?"
-        times = [f"{t:.1f}" for t in starts]
-        when = times[0] if n == 1 else ", ".join(times[:-1]) + " and " + times[-1]
-        thought = f"The {color} {shape} is on screen at {when} seconds."
+        thought = f"I count {n} flash{'es' if n > 1 else ''} of the {color} {shape}."
         answer = solution = str(n)
     else:
         raise ValueError(f"unknown video task {task!r}; choose from {VIDEO_TASKS}")

@@ -138,7 +138,7 @@ def _is(px, rgb) -> bool:
 def test_extra_answers_match_the_drawn_media(tmp_path):
     paths = write_full_suite(tmp_path, seed=1, n=30, n_heldout=0, n_rl=0, tasks=EXTRA_TASKS)
     recs = load_records(paths["sft"], require="target")
-    instruction = load("instruction")
+    instruction, choice = load("instruction"), load("multiple_choice")
     seen = set()
     for r in recs:
         target = r.target
@@ -161,19 +161,21 @@ def test_extra_answers_match_the_drawn_media(tmp_path):
                 assert json.loads(r.answer) == [start, end] and solution == r.answer
             else:
                 assert r.answer == solution == str(len(onsets))
-                assert all(f"{t:.1f}" in thought for t in onsets)
+                assert thought.startswith(f"I count {len(onsets)} flash")
         elif r.task == "spot_difference":
             a, b = (np.asarray(im) for im in load_media(r).images)
             rows, cols = np.nonzero((a != b).any(-1))
             cells = {(y // 28 + 1, x // 28 + 1) for y, x in zip(rows, cols)}
             assert [f"row {y}, column {x}" for y, x in cells] == [r.answer] == [solution]
         elif r.task == "puzzle":
-            options = r.meta["options"]
-            chosen = options["ABCD".index(r.answer)]
+            options, chosen = r.meta["options"], r.answer
             (board,) = r.meta["boards"]
             assert len(board) == 8 and all(o["cell"] != 8 for o in board)
             assert chosen == f"a {board[2]['color']} {board[2]['shape']}" == f"a {board[5]['color']} {board[5]['shape']}"
-            assert solution == r.answer and thought.endswith(f", {chosen}.")   # the last of the sequence
+            assert solution == chosen and thought == f"The last row lacks {chosen}."
+            letter = "ABCD"[options.index(chosen)]
+            for response, score in ((solution, 1.0), (letter, 1.0), (next(o for o in options if o != chosen), 0.0)):
+                assert choice(Sample("puzzle", response, r.answer, meta=r.meta)).value == score
         elif r.task == "instruction":
             assert instruction(Sample("instruction", solution, r.answer, meta=r.meta)).value == 1.0
             limit = int(question.split("at most ")[1].split()[0])

@@ -282,7 +282,8 @@ def accuracy_table(tables: dict[str, dict]) -> str:
     format rate) for tasks without a rule answer."""
     stages = list(tables)
     tasks = [t for t in next(iter(tables.values())) if t != "all"] + ["all"]
-    head = f"{'task':<12}" + "".join(f"{s:>14}" for s in stages)
+    w = max([12] + [len(t) for t in tasks])   # the task column fits the longest name ("spot_difference")
+    head = f"{'task':<{w}}" + "".join(f"{s:>14}" for s in stages)
     lines = ["held-out accuracy by stage (all records / distinct prompts where they differ)", head]
     for t in tasks:
         cells = []
@@ -296,5 +297,5 @@ def accuracy_table(tables: dict[str, dict]) -> str:
                 cells.append(f"rm {row['rm_score']:.3f}")
             else:
                 cells.append(f"fmt {100 * row.get('format', 0):.0f}%")
-        lines.append(f"{t:<12}" + "".join(f"{c:>14}" for c in cells))
+        lines.append(f"{t:<{w}}" + "".join(f"{c:>14}" for c in cells))
     return "\n".join(lines)

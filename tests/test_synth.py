@@ -152,7 +152,7 @@ def test_extra_answers_match_the_drawn_media(tmp_path):
                 f"[{k * step:.1f} second]" for k in range(len(frames))]
             color, shape = question.split(" the ")[1].split()[:2]
             target_events = [e for e in r.meta["events"] if (e["color"], e["shape"]) == (color, shape.rstrip("?"))]
-            assert frames.shape[1:3] == (56, 56)                  # the ladder's second level: 84x84 is over budget
+            assert frames.shape[1:3] == (84, 84)                  # within budget at the top of the ladder
             on = [any(_is(_on_screen(f, e["box"]), COLORS[color]) for e in target_events) for f in frames]
             onsets = [k * step for k in range(len(on)) if on[k] and (k == 0 or not on[k - 1])]
             if r.task == "video_temporal":
@@ -161,7 +161,7 @@ def test_extra_answers_match_the_drawn_media(tmp_path):
                 assert json.loads(r.answer) == [start, end] and solution == r.answer
             else:
                 assert r.answer == solution == str(len(onsets))
-                assert thought.startswith(f"I count {len(onsets)} flash")
+                assert thought.startswith(f"I count {len(onsets)} {color} {shape}")
         elif r.task == "spot_difference":
             a, b = (np.asarray(im) for im in load_media(r).images)
             rows, cols = np.nonzero((a != b).any(-1))

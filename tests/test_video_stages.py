@@ -97,11 +97,11 @@ def test_critic_and_reward_model_see_each_rows_own_video(tiny_model_dir, tiny, e
 def test_rl_refuses_prompts_over_the_engine_limits_at_start(extra_suite_dir):
     recs = load_records(extra_suite_dir / "rl.jsonl", require="prompt")
     geometry = VideoGeometry()
-    ok = EngineConfig(backend="vllm", max_images_per_prompt=2, max_video_clips_per_prompt=6)
+    ok = EngineConfig(backend="vllm", max_images_per_prompt=2, max_video_clips_per_prompt=7)
     check_media_limits(recs, ok, geometry)
     check_media_limits(recs, EngineConfig(backend="hf"), geometry)        # the HF engine has no such limit
     with pytest.raises(ConfigError, match=r"rollout.max_images_per_prompt: 1, but the prompt at .*rl.jsonl:\d+ "
                                           r"\(rl-spot_difference-\d+\) takes 2"):
         check_media_limits(recs, dataclasses.replace(ok, max_images_per_prompt=1), geometry)
-    with pytest.raises(ConfigError, match=r"rollout.max_video_clips_per_prompt: 3, but the prompt .* takes [4-6]"):
+    with pytest.raises(ConfigError, match=r"rollout.max_video_clips_per_prompt: 3, but the prompt .* takes [4-7]"):
         check_media_limits(recs, dataclasses.replace(ok, max_video_clips_per_prompt=3), geometry)

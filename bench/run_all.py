@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 from bench.common import RESULTS_DIR, command_line, machine_info, summary_lines
-from bench.scratch import REPO, default_scratch, sft_model, suite, tiny_model
+from bench.scratch import REPO, default_scratch, sft_model, suite, tiny_model, video_suite
 from training.atomic import write_json
 
 BENCHES = ("rollout", "train_step", "weight_sync", "e2e_vs_trl")
@@ -29,10 +29,11 @@ def bench_args(name: str, *, model: Path, sft: Path, data: dict[str, Path], scra
     """Command-line arguments of one benchmark in the CPU set (sized for ~12 minutes in all).
 
     rollout runs two models: the random-init tiny VLM (responses mostly run to max tokens) and the
-    SFT checkpoint (short answers that stop at EOS: the RL workload)."""
+    SFT checkpoint (short answers that stop at EOS: the RL workload), each on an image and a video batch."""
     if name == "rollout":
         models = [a for m in (model, sft) for a in ("--model", str(m))]
-        return [*models, "--data", str(data["rl"]), "--prompts", "32", "--n", "8", "--max-tokens", "48", "--replicas", "2"]
+        return [*models, "--data", str(data["rl"]), "--video-data", str(video_suite(scratch)), "--prompts", "32",
+                "--n", "8", "--max-tokens", "48", "--replicas", "2"]
     if name == "train_step":
         return ["--model", str(model), "--data", str(data["rl"]), "--prompts", "8", "--n", "8", "--response-tokens", "32"]
     if name == "weight_sync":

@@ -12,7 +12,9 @@ from pathlib import Path
 
 from model.tiny import TinySpec, build_tiny_vlm
 from recipe.sft import SFTConfig, train_sft
+from synth.extra import write_full_suite
 from synth.suite import corpus_texts, write_suite
+from synth.video import VIDEO_TASKS
 from training.optim import OptimConfig
 
 REPO = Path(__file__).resolve().parents[1]
@@ -33,6 +35,14 @@ def suite(scratch: Path, *, tasks=("counting",), n: int = 400, n_heldout: int = 
     if all((out / f"{s}.jsonl").is_file() for s in names):
         return {s: out / f"{s}.jsonl" for s in names}
     return write_suite(out, seed=0, n=n, n_heldout=n_heldout, n_rl=n_rl, tasks=tasks)
+
+
+def video_suite(scratch: Path, *, n_rl: int = 64) -> Path:
+    """RL prompts of the suite's video tasks (seed 0) under scratch/data_video: its rl.jsonl."""
+    out = Path(scratch) / "data_video"
+    if not (out / "rl.jsonl").is_file():
+        write_full_suite(out, seed=0, n=1, n_heldout=1, n_rl=n_rl, tasks=VIDEO_TASKS)
+    return out / "rl.jsonl"
 
 
 def sft_model(scratch: Path, model: Path, data: dict[str, Path], *, steps: int, take: int | None = None,

@@ -64,12 +64,14 @@ class ValueModel(nn.Module):
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None, *,
                 pixel_values: Tensor | None = None, image_grid_thw: Tensor | None = None,
+                pixel_values_videos: Tensor | None = None, video_grid_thw: Tensor | None = None,
                 mm_token_type_ids: Tensor | None = None, position_ids: Tensor | None = None) -> Tensor:
-        """input_ids, attention_mask: (B, L); vision inputs as the processor returns them
-        (transformers needs `mm_token_type_ids` with images for M-RoPE). Returns values (B, L) float32.
+        """input_ids, attention_mask: (B, L); image and video inputs as the processor returns them
+        (transformers needs `mm_token_type_ids` with them for M-RoPE). Returns values (B, L) float32.
         """
         out = self.backbone(input_ids=input_ids, attention_mask=attention_mask, pixel_values=pixel_values,
-                            image_grid_thw=image_grid_thw, mm_token_type_ids=mm_token_type_ids,
+                            image_grid_thw=image_grid_thw, pixel_values_videos=pixel_values_videos,
+                            video_grid_thw=video_grid_thw, mm_token_type_ids=mm_token_type_ids,
                             position_ids=position_ids, use_cache=False)
         hidden = out.last_hidden_state  # (B, L, H)
         return self.value_head(hidden.to(self.value_head.weight.dtype)).squeeze(-1).float()

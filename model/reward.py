@@ -13,6 +13,7 @@ import os
 from pathlib import Path
 from typing import Any, Literal, Sequence
 
+import numpy as np
 import torch
 from PIL import Image
 from torch import Tensor, nn
@@ -52,9 +53,11 @@ class RewardModel(nn.Module):
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor, *, response_mask: Tensor | None = None,
                 pixel_values: Tensor | None = None, image_grid_thw: Tensor | None = None,
+                pixel_values_videos: Tensor | None = None, video_grid_thw: Tensor | None = None,
                 mm_token_type_ids: Tensor | None = None) -> Tensor:
         """input_ids, attention_mask, response_mask: (B, L) -> rewards (B,) float32."""
         values = self.critic(input_ids, attention_mask, pixel_values=pixel_values, image_grid_thw=image_grid_thw,
+                             pixel_values_videos=pixel_values_videos, video_grid_thw=video_grid_thw,
                              mm_token_type_ids=mm_token_type_ids)  # (B, L)
         return pool_values(values, attention_mask, pooling=self.pooling, response_mask=response_mask)
 
@@ -102,11 +105,20 @@ def solution_only(response: str) -> str:
     return response.strip() if split is None else split[1]
 
 
-def encode_rm(processor, conversations: Sequence[list[dict]], images: Sequence[list]) -> dict[str, Any]:
-    """Model inputs of B RM conversations (right-padded), with `response_mask` (B, L) on the assistant tokens."""
-    batch = encode_sft(processor, conversations, images)
+def encode_rm(processor, conversations: Sequence[list[dict]], images: Sequence[list],
+              videos: Sequence[list] | None = None) -> dict[str, Any]:
+    """Model inputs of B RM conversations (right-padded), with `response_mask` (B, L) on the assistant
+    tokens; images and video clips per conversation as in `model.inputs.encode_sft`."""
+    batch = encode_sft(processor, conversations, images, videos)
     batch["response_mask"] = (batch.pop("labels") != IGNORE).long()
     return batch
+
+
+def split_media(media: Sequence[Any], base: Path | None = None) -> tuple[list, list]:
+    """(images, video clips) of an RM item's media: a video clip is a (frames, H, W, 3) array (as
+    `records.load_media` makes them), anything else an image for `as_images`."""
+    clips = [m for m in media if isinstance(m, np.ndarray) and m.ndim == 4]
+    return as_images([m for m in media if not (isinstance(m, np.ndarray) and m.ndim == 4)], base), clips
 
 
 def as_images(images: Sequence[Any], base: Path | None = None) -> list:

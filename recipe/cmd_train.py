@@ -19,13 +19,14 @@ from rewards.pool import VerifierPool
 from rewards.rm import RewardModelScorer
 from rl.config import RLConfig
 from rl.driver import fit
-from synth.suite import SceneSpec, corpus_texts, write_suite
+from synth.extra import ALL_TASKS, full_corpus_texts, write_full_suite
+from synth.suite import TASKS, SceneSpec
 from training.config import load_config
 
 
 def cmd_init_tiny(args) -> int:
     spec = TinySpec(seed=args.seed)
-    out = build_tiny_vlm(args.out, corpus_texts(seed=args.seed), spec, family=args.family)
+    out = build_tiny_vlm(args.out, full_corpus_texts(seed=args.seed), spec, family=args.family)
     print(f"tiny {get_family(args.family).title} written to {out}")
     return 0
 
@@ -43,8 +44,8 @@ def cmd_synth(args) -> int:
     # grounding targets in the coordinates of the model that will train on them
     coords = grounding_settings(load_processor(args.model)) if args.model else {
         "coords": get_family(DEFAULT_FAMILY).coords}
-    paths = write_suite(args.out, seed=args.seed, n=args.n, n_heldout=args.n_heldout, n_rl=args.n_rl,
-                        spec=SceneSpec(**coords))
+    paths = write_full_suite(args.out, seed=args.seed, n=args.n, n_heldout=args.n_heldout, n_rl=args.n_rl,
+                             tasks=TASKS if args.core_only else ALL_TASKS, spec=SceneSpec(**coords))
     for name, p in paths.items():
         print(f"{name:8s} {p}")
     return 0
@@ -53,7 +54,8 @@ def cmd_synth(args) -> int:
 def cmd_check(args) -> int:
     reward_cfg, route_key = load_reward_config(args.config, args.overrides)
     for f in args.files:
-        recs = load_records(f, tasks=reward_cfg.known_tasks | set(args.task or ()), route_key=route_key)
+        recs = load_records(f, tasks=reward_cfg.known_tasks | set(args.task or ()), route_key=route_key,
+                            decode_videos=True)
         by_task: dict[str, int] = {}
         for r in recs:
             by_task[r.task] = by_task.get(r.task, 0) + 1
@@ -123,8 +125,11 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     q.add_argument("--n-rl", type=int, default=None, help="RL prompt records per task (default n/2)")
     q.add_argument("--model", help="write grounding targets in this model folder's coordinates "
                                    f"(default: {DEFAULT_FAMILY}'s, 0-1000)")
+    q.add_argument("--core-only", action="store_true",
+                   help="only the image tasks counting, grounding, math, caption (no video or multi-image tasks)")
     q.set_defaults(func=cmd_synth)
-    q = dsub.add_parser("check", help="validate JSONL files (exit 2 with file:line: field: message)")
+    q = dsub.add_parser("check", help="validate JSONL files, decoding every image and video "
+                                      "(exit 2 with file:line: field: message)")
     q.add_argument("files", nargs="+")
     q.add_argument("--config", help="a config whose reward routes name the accepted tasks: a reward config, "
                                     "or an RL / SFT (reward) or pipeline (rl.reward) config")

@@ -109,12 +109,12 @@ def format_histogram(hist: dict) -> str:
 
 
 def format_counts(summary: dict) -> str:
-    lines = [f"{'task':<14} {'total':>6} {'kept':>6} {'dropped':>8} {'mean pass':>10}"]
+    lines = [f"{'task':<16} {'total':>6} {'kept':>6} {'dropped':>8} {'mean pass':>10}"]
     for task, row in summary["tasks"].items():
         mp = "-" if row["mean_pass_rate"] is None else f"{row['mean_pass_rate']:.3f}"
-        lines.append(f"{task:<14} {row['total']:>6} {row['kept']:>6} {row['dropped']:>8} {mp:>10}")
+        lines.append(f"{task:<16} {row['total']:>6} {row['kept']:>6} {row['dropped']:>8} {mp:>10}")
     c = summary["counts"]
-    lines.append(f"{'all':<14} {c['total']:>6} {c['kept']:>6} {c['dropped']:>8}")
+    lines.append(f"{'all':<16} {c['total']:>6} {c['kept']:>6} {c['dropped']:>8}")
     lines.append("dropped by reason: " + (", ".join(f"{r} {n}" for r, n in c["by_reason"].items()
                                                   if r not in ("in_band", "reward_spread")) or "none"))
     return "\n".join(lines)

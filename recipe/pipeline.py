@@ -30,7 +30,8 @@ from rewards.rm_train import RMConfig, train_rm
 from rl.config import RLConfig
 from rl.driver import fit
 from synth.prefs import write_preference_pairs
-from synth.suite import SceneSpec, corpus_texts, write_suite
+from synth.extra import ALL_TASKS, full_corpus_texts, write_full_suite
+from synth.suite import SceneSpec
 from training.atomic import write_json
 from training.config import ConfigError, check_input
 from training.optim import OptimConfig
@@ -46,9 +47,15 @@ class DataConfig:
     n_heldout: int = 100                  # synthetic held-out records per task
     n_rl: int = 1000                      # synthetic RL prompt records per task
     color_questions: float = 0.5          # share of counting/math questions about one colour (SceneSpec)
+    tasks: tuple[str, ...] = ALL_TASKS    # synthetic tasks drawn (the image, video and multi-image ones)
     sft: str = ""                         # SFT records (synth: false)
     rl: str = ""                          # RL prompt records (synth: false)
     heldout: str = ""                     # held-out prompt records (synth: false)
+
+    def __post_init__(self):              # at load time, with the config file's name
+        unknown = [t for t in self.tasks if t not in ALL_TASKS]
+        if unknown:
+            raise ConfigError(f"tasks: unknown synthetic task(s) {unknown} (known: {', '.join(ALL_TASKS)})")
 
 
 @dataclass(frozen=True)
@@ -133,7 +140,7 @@ def run_pipeline(cfg: PipelineConfig) -> dict:
     def stage_model() -> dict:
         if cfg.model != "tiny":
             return {"model": str(Path(cfg.model).resolve())}
-        path = build_tiny_vlm(run / "model" / "hf", corpus_texts(seed=cfg.seed), TinySpec(seed=cfg.seed),
+        path = build_tiny_vlm(run / "model" / "hf", full_corpus_texts(seed=cfg.seed), TinySpec(seed=cfg.seed),
                               family=cfg.family)
         return {"model": str(path.resolve())}
 
@@ -146,7 +153,8 @@ def run_pipeline(cfg: PipelineConfig) -> dict:
             return {"sft": d.sft, "rl": d.rl, "heldout": d.heldout}
         # grounding targets in the coordinates of the model's family
         spec = SceneSpec(color_questions=d.color_questions, **grounding_settings(load_processor(base)))
-        paths = write_suite(run / "data", seed=d.seed, n=d.n, n_heldout=d.n_heldout, n_rl=d.n_rl, spec=spec)
+        paths = write_full_suite(run / "data", seed=d.seed, n=d.n, n_heldout=d.n_heldout, n_rl=d.n_rl,
+                                 tasks=d.tasks, spec=spec)
         return {k: str(v.resolve()) for k, v in paths.items()}
 
     base = run_stage("model", run / "model", stage_model)["model"]
@@ -297,7 +305,8 @@ def accuracy_table(tables: dict[str, dict]) -> str:
     format rate) for tasks without a rule answer."""
     stages = list(tables)
     tasks = [t for t in next(iter(tables.values())) if t != "all"] + ["all"]
-    head = f"{'task':<12}" + "".join(f"{s:>14}" for s in stages)
+    w = max([12] + [len(t) for t in tasks])   # the task column fits the longest name ("spot_difference")
+    head = f"{'task':<{w}}" + "".join(f"{s:>14}" for s in stages)
     lines = ["held-out accuracy by stage (all records / distinct prompts where they differ)", head]
     for t in tasks:
         cells = []
@@ -311,5 +320,5 @@ def accuracy_table(tables: dict[str, dict]) -> str:
                 cells.append(f"rm {row['rm_score']:.3f}")
             else:
                 cells.append(f"fmt {100 * row.get('format', 0):.0f}%")
-        lines.append(f"{t:<12}" + "".join(f"{c:>14}" for c in cells))
+        lines.append(f"{t:<{w}}" + "".join(f"{c:>14}" for c in cells))
     return "\n".join(lines)

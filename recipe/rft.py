@@ -126,9 +126,9 @@ def run_rft(model: str, data: str, out_dir: str, *, k: int, reward_cfg, sft_cfg=
 
 
 def format_counts(summary: dict) -> str:
-    lines = [f"{'task':<14} {'prompts':>8} {'samples':>8} {'formatted':>10} {'accepted':>9} {'prompts ok':>11}"]
+    lines = [f"{'task':<16} {'prompts':>8} {'samples':>8} {'formatted':>10} {'accepted':>9} {'prompts ok':>11}"]
     for task, c in summary["tasks"].items():
-        lines.append(f"{task:<14} {c.get('prompts', 0):>8} {c.get('samples', 0):>8} {c.get('formatted', 0):>10} "
+        lines.append(f"{task:<16} {c.get('prompts', 0):>8} {c.get('samples', 0):>8} {c.get('formatted', 0):>10} "
                      f"{c.get('accepted', 0):>9} {c.get('prompts_with_accepted', 0):>11}"
                      + (f"  ({c['skipped_no_reward_model']} skipped: no --rm)" if c.get("skipped_no_reward_model") else ""))
     return "\n".join(lines)

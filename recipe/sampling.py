@@ -2,19 +2,21 @@
 sampling path behind the difficulty filter (`vlrl filter`) and rejection sampling (`vlrl rft`)."""
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass
 from typing import Sequence
 
 from model.load import load_processor
-from records import load_images
+from records import VideoGeometry, media_counts
 from rewards.hybrid import score_batch
 from rewards.inputs import for_model, reward_inputs
 from rewards.judge import TimedJudge, load_judge
 from rewards.pool import VerifierPool
 from rewards.rm import RewardModelScorer
 from rl.rollouts import Rollouts
-from rollout.types import EngineConfig, Prompt, SamplingConfig
+from rollout.sequences import prompt_from_record
+from rollout.types import EngineConfig, SamplingConfig
 from training.placement import start_local_ray
 
 
@@ -58,9 +60,15 @@ def sample_and_score(model_dir: str, records: Sequence, *, k: int, reward_cfg, e
         if not ray.is_initialized():
             start_local_ray()
             own_ray = True
-    reward_cfg = for_model(reward_cfg, load_processor(model_dir))   # the model family's conventions
+    processor = load_processor(model_dir)
+    reward_cfg = for_model(reward_cfg, processor)   # the model family's conventions
     t0 = time.perf_counter()
     judge = TimedJudge(load_judge(reward_cfg.judge)) if reward_cfg.uses_judge else None
+    geometry = VideoGeometry.of(processor)
+    counts = [media_counts(r, geometry) for r in records]   # the engine takes the most any prompt holds
+    engine = dataclasses.replace(
+        engine, max_images_per_prompt=max([engine.max_images_per_prompt] + [i for i, _ in counts]),
+        max_video_clips_per_prompt=max([engine.max_video_clips_per_prompt] + [c for _, c in counts]))
     rollouts = Rollouts(str(model_dir), engine, replicas=replicas, seed=seed or 0, use_ray=use_ray)
     t_engine = time.perf_counter() - t0
     out: list[list[Scored]] = []
@@ -71,12 +79,13 @@ def sample_and_score(model_dir: str, records: Sequence, *, k: int, reward_cfg, e
             for start in range(0, len(records), chunk):
                 part = records[start:start + chunk]
                 t1 = time.perf_counter()
-                prompts = [Prompt(r.prompt_messages, load_images(r)) for r in part]
+                prompts = [prompt_from_record(r, geometry) for r in part]
                 sampling = SamplingConfig(n=k, temperature=temperature, max_tokens=max_tokens,
                                           seed=None if unseeded else seed + start * k)
                 completions = rollouts.generate(prompts, sampling)
                 t2 = time.perf_counter()
-                results = score_batch(reward_inputs(part, completions), reward_cfg, rm=rm, pool=pool, judge=judge)
+                results = score_batch(reward_inputs(part, completions, prompts), reward_cfg, rm=rm, pool=pool,
+                                      judge=judge)
                 t_score += time.perf_counter() - t2
                 t_gen += t2 - t1
                 for i, group in enumerate(completions):

@@ -1,4 +1,4 @@
-"""Supervised fine-tuning of a VLM on image+text chat records, loss on assistant tokens only.
+"""Supervised fine-tuning of a VLM on image/video + text chat records, loss on assistant tokens only.
 
 A compact loop of our own rather than TRL's SFTTrainer: TRL's assistant-only loss needs
 `{% generation %}` markers that real Qwen2/2.5-VL templates lack, and we want the same atomic
@@ -17,7 +17,7 @@ from tqdm import tqdm
 
 from model.inputs import IGNORE, encode_sft
 from model.load import load_processor, load_vlm, write_vlm
-from records import load_images, load_records
+from records import VideoGeometry, load_media, load_records
 from records.mixture import batch_indices, check_task_weights, weighted_records
 from rewards.config import RewardConfig
 from rewards.evaluate import eval_subset, format_table, judge, local_scorer, summarize, write_eval
@@ -74,6 +74,28 @@ class SFTConfig:
         check_input("eval_data", self.eval_data, kind="data", required=False)
 
 
+def modality_groups(records, rows) -> list[list[int]]:
+    """`rows` (indices into `records`) in two groups, those without videos, then those with (an empty
+    group left out): a batch pads every row to its longest, and a video prompt is several image
+    prompts long. Split a step's whole batch, before sharding it, so every rank makes the same passes.
+    The loss is a token mean over the whole step, so the split changes the cost, not the result."""
+    groups = ([i for i in rows if not records[i].videos], [i for i in rows if records[i].videos])
+    return [g for g in groups if g]
+
+
+def encode_records(processor, records, geometry: VideoGeometry) -> dict:
+    """SFT inputs (`model.inputs.encode_sft`) of target records, images and videos loaded as every
+    stage loads them (`records.load_media`)."""
+    media = [load_media(r, r.messages, geometry=geometry) for r in records]
+    return encode_sft(processor, [m.messages for m in media], [m.images for m in media], [m.videos for m in media])
+
+
+def encode_by_modality(processor, records, geometry: VideoGeometry) -> list[dict]:
+    """One SFT batch per modality group of `records` (see modality_groups)."""
+    return [encode_records(processor, [records[i] for i in g], geometry)
+            for g in modality_groups(records, range(len(records)))]
+
+
 class SFTWorker(Trainer):
     """One rank of SFT: the model and its optimizer. `train_step(step)` trains on the rank's share
     of that step's records (the batch is a pure function of the step); every rank of a group runs
@@ -86,6 +108,7 @@ class SFTWorker(Trainer):
         self.records = weighted_records(load_records(cfg.data, tasks=cfg.reward.known_tasks, require="target"),
                                         cfg.task_weights)
         self.model, self.processor = load_vlm(cfg.model, dtype="float32", train=True, device=str(self.device))
+        self.geometry = VideoGeometry.of(self.processor)
         self._setup(optim=cfg.optim, total_steps=cfg.steps, dtype=cfg.dtype, fsdp=cfg.fsdp)
 
     def train_step(self, step: int) -> dict[str, float]:
@@ -97,12 +120,12 @@ class SFTWorker(Trainer):
         for m in range(cfg.grad_accum):
             idx = batch_indices(len(self.records), step, m, batch_size=cfg.batch_size, grad_accum=cfg.grad_accum,
                                 seed=cfg.seed)
-            # one pass per micro-batch on every rank; a rank without records of its own (a batch
-            # smaller than the world) pads with a pass that counts for nothing
-            mine = shard_rows(idx, rank=self.rank, world=self.world)
-            real = bool(mine)
-            recs = [self.records[i] for i in (mine or idx[:1])]
-            micro.append((encode_sft(self.processor, [r.messages for r in recs], [load_images(r) for r in recs]), real))
+            # one pass per modality group of the micro-batch on every rank; a rank without records of
+            # its own in a group (a group smaller than the world) pads with a pass that counts for nothing
+            for rows in modality_groups(self.records, idx):
+                mine = shard_rows(rows, rank=self.rank, world=self.world)
+                recs = [self.records[i] for i in (mine or rows[:1])]
+                micro.append((encode_records(self.processor, recs, self.geometry), bool(mine)))
         local = sum(int((b["labels"] != IGNORE).sum()) for b, real in micro if real)
         total_tok = int(all_reduce_floats({"tokens": local})["tokens"])
         nll_sum = 0.0

@@ -1,7 +1,8 @@
-"""Reading and validating JSONL records (prompt, SFT and preference records).
+"""Reading and validating JSONL records (prompt, SFT and preference records), and loading a
+record's images and videos as model input (`load_media`).
 
 Every record is checked before training starts; the first bad one stops the run with
-`FILE:LINE: FIELD: what is wrong`. Image paths are resolved relative to the JSONL file.
+`FILE:LINE: FIELD: what is wrong`. Image and video paths are resolved relative to the JSONL file.
 """
 from __future__ import annotations
 
@@ -15,6 +16,8 @@ from typing import Any, Iterable
 
 from PIL import Image
 
+from records.video import (VideoError, VideoGeometry, VideoSampling, VideoSource, count_clips, expand_video_parts,
+                           parse_video, probe, sample_video, verify)
 from training.atomic import write_jsonl
 
 ROLES = frozenset({"system", "user", "assistant"})
@@ -32,7 +35,8 @@ class DataError(ValueError):
 
 @dataclass
 class Record:
-    """One validated record. `images` are absolute paths; `messages` keep the chat layout."""
+    """One validated record. `images` are absolute paths, `videos` their sources (absolute paths);
+    `messages` keep the chat layout, one {"type": "image"} / {"type": "video"} part per entry."""
 
     id: str
     task: str
@@ -43,6 +47,8 @@ class Record:
     chosen: list[dict] | None = None      # preference records: assistant turns
     rejected: list[dict] | None = None
     source: str = ""                      # "file:line", for error messages downstream
+    videos: list[VideoSource] = field(default_factory=list)
+    video: VideoSampling | None = None    # the record's `video` block (None: the defaults)
 
     @property
     def prompt_messages(self) -> list[dict]:
@@ -63,6 +69,10 @@ class Record:
         out: dict[str, Any] = {"id": self.id, "task": self.task,
                                "images": [os.path.relpath(p, base) for p in self.images],
                                "messages": self.messages}
+        if self.videos:
+            out["videos"] = [v.to_json(base) for v in self.videos]
+        if self.video is not None:
+            out["video"] = self.video.to_json()
         if self.answer is not None:
             out["answer"] = self.answer
         if self.chosen is not None:
@@ -76,9 +86,14 @@ def message_text(message: dict) -> str:
     return c if isinstance(c, str) else "".join(p.get("text", "") for p in c if p.get("type") == "text")
 
 
-def count_image_parts(messages: list[dict]) -> int:
+def count_parts(messages: list[dict], kind: str) -> int:
+    """Parts of type `kind` ('image', 'video') in the messages."""
     return sum(1 for m in messages if not isinstance(m["content"], str)
-               for p in m["content"] if p.get("type") == "image")
+               for p in m["content"] if p.get("type") == kind)
+
+
+def count_image_parts(messages: list[dict]) -> int:
+    return count_parts(messages, "image")
 
 
 def _check_messages(msgs: Any, where: tuple, name: str) -> None:
@@ -97,8 +112,8 @@ def _check_messages(msgs: Any, where: tuple, name: str) -> None:
             raise DataError(*where, f"{f}.content", "must be a string or a non-empty list of parts")
         for j, p in enumerate(c):
             pf = f"{f}.content[{j}]"
-            if not isinstance(p, dict) or p.get("type") not in ("text", "image"):
-                raise DataError(*where, f"{pf}.type", "must be 'text' or 'image'")
+            if not isinstance(p, dict) or p.get("type") not in ("text", "image", "video"):
+                raise DataError(*where, f"{pf}.type", "must be 'text', 'image' or 'video'")
             if p["type"] == "text" and not isinstance(p.get("text"), str):
                 raise DataError(*where, f"{pf}.text", "must be a string")
 
@@ -120,10 +135,33 @@ def _check_image(path: Path, where: tuple, f: str, max_pixels: int) -> None:
         raise DataError(*where, f, f"cannot decode image {path.name}: {type(e).__name__}: {e}") from None
 
 
+def _parse_videos(obj: dict, base: Path, where: tuple, *, check: bool, decode: bool) -> list[VideoSource]:
+    videos = obj.get("videos", [])
+    if not isinstance(videos, list):
+        raise DataError(*where, "videos", "must be a list of videos (paths or objects)")
+    n_parts = count_parts(obj["messages"], "video")
+    if n_parts != len(videos):
+        raise DataError(*where, "videos", f"{len(videos)} video(s) listed but the messages hold {n_parts} video part(s)")
+    out = []
+    for i, entry in enumerate(videos):
+        try:
+            src = parse_video(entry, base)
+            if check and decode:
+                verify(src)
+            elif check:
+                probe(src)
+        except VideoError as e:
+            raise DataError(*where, f"videos[{i}]" + (f".{e.field}" if e.field else ""), str(e)) from None
+        out.append(src)
+    return out
+
+
 def parse_record(obj: Any, path: Path, line: int, *, tasks: Iterable[str] | None = None,
                  route_key: str = "reward.tasks", check_images: bool = True,
-                 max_pixels: int = MAX_IMAGE_PIXELS) -> Record:
-    """One validated record; `tasks` (the routed task names, see load_records) bounds its task."""
+                 max_pixels: int = MAX_IMAGE_PIXELS, decode_videos: bool = False) -> Record:
+    """One validated record; `tasks` (the routed task names, see load_records) bounds its task.
+    check_images: open every image and read every video's index (frame counts, truncation);
+    decode_videos: decode every frame as well (`vlrl data check`)."""
     where = (path, line)
     if not isinstance(obj, dict):
         raise DataError(*where, "record", f"must be a JSON object, got {type(obj).__name__}")
@@ -150,6 +188,13 @@ def parse_record(obj: Any, path: Path, line: int, *, tasks: Iterable[str] | None
     if check_images:
         for i, p in enumerate(resolved):
             _check_image(p, where, f"images[{i}]", max_pixels)
+    videos = _parse_videos(obj, base, where, check=check_images, decode=decode_videos)
+    video = None
+    if obj.get("video") is not None:
+        try:
+            video = VideoSampling.from_json(obj["video"])
+        except VideoError as e:
+            raise DataError(*where, "video" + (f".{e.field}" if e.field else ""), str(e)) from None
     answer = obj.get("answer")
     if answer is not None:
         if isinstance(answer, bool) or not isinstance(answer, (str, int, float)):
@@ -165,7 +210,7 @@ def parse_record(obj: Any, path: Path, line: int, *, tasks: Iterable[str] | None
         _check_messages(chosen, where, "chosen")
         _check_messages(rejected, where, "rejected")
     return Record(id=obj["id"], task=obj["task"], images=resolved, messages=obj["messages"], answer=answer,
-                  meta=meta, chosen=chosen, rejected=rejected, source=f"{path}:{line}")
+                  meta=meta, chosen=chosen, rejected=rejected, source=f"{path}:{line}", videos=videos, video=video)
 
 
 def iter_jsonl(path: str | Path):
@@ -205,7 +250,7 @@ def _iter_hf_dataset(path: Path):
 
 def load_records(path: str | Path, *, tasks: Iterable[str] | None = None, route_key: str = "reward.tasks",
                  check_images: bool = True, max_pixels: int = MAX_IMAGE_PIXELS,
-                 require: str | None = None) -> list[Record]:
+                 require: str | None = None, decode_videos: bool = False) -> list[Record]:
     """Read and validate every line of a JSONL file.
 
     tasks: the task names a record may have: the routed tasks of the run's reward config
@@ -213,14 +258,15 @@ def load_records(path: str | Path, *, tasks: Iterable[str] | None = None, route_
     stops with `file:line: task: ...`, naming the config key that would route it (`route_key`.TASK).
 
     require: "target" (SFT: last message is the assistant's), "prompt" (RL/eval: last message is
-    not the assistant's) or "preference" (chosen and rejected present).
+    not the assistant's) or "preference" (chosen and rejected present). decode_videos: decode every
+    video frame (else a video's index is read: its frame counts, not its pixels).
     """
     path = Path(path)
     tasks = None if tasks is None else frozenset(tasks)
     records, ids = [], {}
     for line_no, obj in iter_jsonl(path):
         rec = parse_record(obj, path, line_no, tasks=tasks, route_key=route_key, check_images=check_images,
-                           max_pixels=max_pixels)
+                           max_pixels=max_pixels, decode_videos=decode_videos)
         if rec.id in ids:
             raise DataError(path, line_no, "id", f"duplicate id {rec.id!r} (first on line {ids[rec.id]})")
         ids[rec.id] = line_no
@@ -238,6 +284,44 @@ def load_images(rec: Record) -> list[Image.Image]:
     return [Image.open(p).convert("RGB") for p in rec.images]
 
 
+@dataclass(frozen=True)
+class Media:
+    """A record's vision inputs as a processor takes them: the messages with each video part
+    expanded into timestamped clips (`records.video.expand_video_parts`), the images, and the clips."""
+
+    messages: list[dict]
+    images: list                  # PIL RGB images, in the order of the image parts
+    videos: list = field(default_factory=list)   # (temporal_patch, H, W, 3) uint8 clips, in the order of the video parts
+
+
+def media_counts(rec: Record, geometry: VideoGeometry = VideoGeometry()) -> tuple[int, int]:
+    """(images, video clips) of the record's model input (`load_media`), read from the video indexes."""
+    cfg = rec.video or VideoSampling()
+    return len(rec.images), sum(count_clips(src, cfg, geometry) for src in rec.videos)
+
+
+def load_media(rec: Record, messages: list[dict] | None = None, *,
+               geometry: VideoGeometry = VideoGeometry()) -> Media:
+    """The images and sampled videos of `rec` with `messages` (default: the prompt turns) expanded:
+    the one path from a record to model input, so every stage sees the same frames. `geometry`:
+    the model's (`VideoGeometry.of(processor)`)."""
+    messages = rec.prompt_messages if messages is None else messages
+    if not rec.videos:
+        return Media(messages, load_images(rec))
+    cfg = rec.video or VideoSampling()
+    clips, times = [], []
+    for i, src in enumerate(rec.videos):
+        try:
+            sampled = sample_video(src, cfg, geometry)
+        except VideoError as e:
+            path, _, line = rec.source.rpartition(":")
+            raise DataError(path or rec.source, int(line) if line.isdigit() else 0,
+                            f"videos[{i}]" + (f".{e.field}" if e.field else ""), str(e)) from None
+        clips += sampled.clips
+        times.append(sampled.times)
+    return Media(expand_video_parts(messages, times), load_images(rec), clips)
+
+
 def write_records(path: str | Path, records: list[Record]) -> None:
     """Write records as JSONL atomically, image paths relative to the file's folder."""
     path = Path(path)
@@ -247,11 +331,17 @@ def write_records(path: str | Path, records: list[Record]) -> None:
 
 
 def prompt_key(rec) -> str:
-    """What greedy decoding depends on: the prompt messages and the bytes of the images."""
+    """What greedy decoding depends on: the prompt messages and the bytes of the images and videos
+    (with the video sampling settings)."""
     h = hashlib.blake2b(json.dumps(rec.prompt_messages, sort_keys=True).encode(), digest_size=16)
-    for path in rec.images:   # each image's own digest: the boundaries between images count
+    videos = getattr(rec, "videos", [])
+    files = list(rec.images) + [f for v in videos for f in v.files()]
+    for path in files:   # each file's own digest: the boundaries between files count
         st = os.stat(path)
         h.update(_file_digest(str(path), st.st_mtime_ns, st.st_size))
+    if videos:
+        sampling = rec.video or VideoSampling()
+        h.update(json.dumps([sampling.to_json()] + [v.to_json(Path("/")) for v in videos]).encode())
     return h.hexdigest()
 
 

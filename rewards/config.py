@@ -104,6 +104,10 @@ DEFAULT_ROUTES: dict[str, TaskRoute] = {
     "math": _route("math"),
     "multiple_choice": _route("multiple_choice"),
     "instruction": _route("instruction"),
+    "video_temporal": _route("temporal_grounding", mode="threshold", iou_threshold=0.5),
+    "video_count": _route("counting"),
+    "spot_difference": _route("grid_cell"),
+    "puzzle": _route("multiple_choice"),
     "caption": TaskRoute(use_rm=True),
     "general": TaskRoute(use_rm=True),
 }

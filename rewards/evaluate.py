@@ -164,13 +164,14 @@ def format_table(table: dict[str, dict], title: str = "") -> str:
     with_rm = any("rm_score" in row for row in table.values())
     with_sampled = any("sampled_accuracy" in row for row in table.values())
     with_distinct = any(repeats_prompts(row) for row in table.values())
-    lines.append(f"{'task':<12} {'n':>5} {'accuracy':>9} {'format':>7}" + (f" {'reward':>7}" if with_reward else "")
+    w = max([12] + [len(t) for t in table])   # the task column fits the longest name ("spot_difference")
+    lines.append(f"{'task':<{w}} {'n':>5} {'accuracy':>9} {'format':>7}" + (f" {'reward':>7}" if with_reward else "")
                  + (f" {'rm_score':>9}" if with_rm else "")
                  + (f" {'sampled':>8}" if with_sampled else "")
                  + (f" {'distinct prompts':>16}" if with_distinct else ""))
     for task, row in table.items():
         acc = "-" if row["accuracy"] is None else f"{100 * row['accuracy']:.1f}%"
-        line = f"{task:<12} {row['n']:>5} {acc:>9} {100 * row['format']:>6.1f}%"
+        line = f"{task:<{w}} {row['n']:>5} {acc:>9} {100 * row['format']:>6.1f}%"
         if with_reward:
             line += f" {row['reward']:>7.3f}" if "reward" in row else f" {'-':>7}"
         if with_rm:

@@ -32,12 +32,13 @@ PairJudge = Callable[[list[tuple[Sequence[Any], str, str, str]]], Sequence[float
 
 @dataclass(frozen=True)
 class RewardInput:
-    """One response to score. `images` go to the reward model as given (paths or PIL images)."""
+    """One response to score. `images` go to the reward model as given (paths or PIL images, and a
+    video record's clips); `prompt` is the prompt's text, or its messages (a video record's)."""
 
     task: str
     response: str
     answer: str | None = None
-    prompt: str = ""
+    prompt: str | list = ""
     images: tuple[Any, ...] = ()
     image_sizes: tuple[tuple[int, int], ...] = ()   # (width, height) per image, for grounding
     meta: Mapping[str, Any] = field(default_factory=dict)

@@ -8,24 +8,44 @@ from typing import Sequence
 from PIL import Image
 
 from model.families import verifier_settings
-from records import message_text
+from records import load_media, message_text
 from rewards.config import RewardConfig
 from rewards.hybrid import RewardInput, combine
 
 
 def reward_input(record, response: str, *, group: int | None = None) -> RewardInput:
-    """The RewardInput of one response to a prompt record."""
-    return RewardInput(task=record.task, response=response, answer=record.answer,
-                       prompt="\n".join(message_text(m) for m in record.prompt_messages),
-                       images=tuple(str(p) for p in record.images),
+    """The RewardInput of one response to a prompt record (a video record's clips loaded with
+    `records.load_media`)."""
+    media, prompt = rm_prompt(record)
+    return RewardInput(task=record.task, response=response, answer=record.answer, prompt=prompt, images=media,
                        image_sizes=tuple(image_size(p) for p in record.images), meta=record.meta, group=group)
 
 
-def reward_inputs(records, completions) -> list:
+def reward_inputs(records, completions, prompts=None) -> list:
     """One RewardInput per completion, prompt-major: completions[i][j] answers records[i] (a
-    completion is a string or has `.text`); the samples of records[i] form group i."""
-    return [reward_input(rec, c if isinstance(c, str) else c.text, group=i)
-            for i, (rec, group) in enumerate(zip(records, completions)) for c in group]
+    completion is a string or has `.text`); the samples of records[i] form group i. A record with
+    videos goes to the reward model as `prompts[i]` when given (its `rollout.Prompt`: the messages
+    with the timestamped clips, the images and the clips), else loaded with `records.load_media`."""
+    out = []
+    for i, (rec, group) in enumerate(zip(records, completions)):
+        media, prompt = rm_prompt(rec, None if prompts is None else prompts[i])
+        sizes = tuple(image_size(p) for p in rec.images)
+        out += [RewardInput(task=rec.task, response=c if isinstance(c, str) else c.text, answer=rec.answer,
+                            prompt=prompt, images=media, image_sizes=sizes, meta=rec.meta, group=i)
+                for c in group]
+    return out
+
+
+def rm_prompt(rec, prompt=None) -> tuple[tuple, str | list[dict]]:
+    """(media, prompt) of a record for the reward model: image paths and the prompt's text, or for a
+    record with videos its images, its clips and its expanded messages (from `prompt`, a
+    `rollout.Prompt` of the record, when given)."""
+    if not getattr(rec, "videos", None):
+        return tuple(str(p) for p in rec.images), "\n".join(message_text(m) for m in rec.prompt_messages)
+    if prompt is None:
+        media = load_media(rec)
+        return tuple(media.images) + tuple(media.videos), media.messages
+    return tuple(prompt.images) + tuple(prompt.videos), prompt.messages
 
 
 def for_model(cfg: RewardConfig, processor) -> RewardConfig:

@@ -17,7 +17,7 @@ from typing import Any, Literal, Sequence
 import torch
 
 from model.load import load_processor
-from model.reward import RewardModel, as_images, encode_rm, rm_conversation
+from model.reward import RewardModel, encode_rm, rm_conversation, split_media
 
 ScoreMapping = Literal["sigmoid", "raw"]
 # One item of the hybrid reward's RM call: (images, prompt text or messages, solution)
@@ -35,8 +35,9 @@ def to_unit(r: float, *, mapping: ScoreMapping = "sigmoid", offset: float = 0.0,
 class RewardModelScorer:
     """Loads an RM folder once and scores batches. Usable as `rewards.hybrid.score_batch(..., rm=scorer)`.
 
-    Images may be PIL images or paths (relative paths resolve against `image_root`). A prompt is the
-    user text (one user turn, the images first) or a list of chat messages. The solution is scored as
+    Images may be PIL images or paths (relative paths resolve against `image_root`), video clips
+    (frames, H, W, 3) arrays. A prompt is the user text (one user turn, the images first) or a list of
+    chat messages (a video record's: `records.load_media`, its video parts expanded into clips). The solution is scored as
     given: pass it without the think block (the hybrid reward already does).
     """
 
@@ -58,11 +59,12 @@ class RewardModelScorer:
         scores: list[float] = []
         for start in range(0, len(items), self.batch_size):
             chunk = items[start:start + self.batch_size]
-            images = [as_images(ims, self.image_root) for ims, _, _ in chunk]
-            convs = [rm_conversation(prompt, sol, len(ims)) for (_, prompt, sol), ims in zip(chunk, images)]
-            batch = encode_rm(self.processor, convs, images)
+            media = [split_media(ims, self.image_root) for ims, _, _ in chunk]
+            convs = [rm_conversation(prompt, sol, len(ims)) for (_, prompt, sol), (ims, _) in zip(chunk, media)]
+            batch = encode_rm(self.processor, convs, [ims for ims, _ in media], [clips for _, clips in media])
             inputs = {k: v.to(self.device) for k, v in batch.items() if k in (
-                "input_ids", "attention_mask", "response_mask", "pixel_values", "image_grid_thw", "mm_token_type_ids")}
+                "input_ids", "attention_mask", "response_mask", "pixel_values", "image_grid_thw",
+                "pixel_values_videos", "video_grid_thw", "mm_token_type_ids")}
             scores += self.rm(**inputs).tolist()
         return scores
 

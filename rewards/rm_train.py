@@ -18,7 +18,7 @@ from tqdm import tqdm
 
 from model.load import load_processor
 from model.reward import RewardModel, encode_rm, solution_only
-from records import DataError, load_images, load_records, message_text
+from records import DataError, VideoGeometry, load_media, load_records, message_text
 from records.mixture import batch_indices
 from rewards.preference import bradley_terry_loss
 from training.atomic import atomic_dir, write_json
@@ -86,24 +86,28 @@ def _answer(turns: list[dict]) -> str:
     return solution_only(message_text(turns[-1]))
 
 
-def _conversation(rec, turns: list[dict]) -> list[dict]:
+def _conversation(messages: list[dict], turns: list[dict]) -> list[dict]:
     """Prompt + the answer's turns, the last one reduced to its solution (what the RM sees in use)."""
     last = {"role": "assistant", "content": [{"type": "text", "text": _answer(turns)}]}
-    return list(rec.messages) + list(turns[:-1]) + [last]
+    return list(messages) + list(turns[:-1]) + [last]
 
 
 def encode_pairs(processor, records) -> dict:
-    """One batch of 2B sequences: the B chosen conversations, then the B rejected ones."""
-    images = [load_images(r) for r in records]
-    convs = [_conversation(r, r.chosen) for r in records] + [_conversation(r, r.rejected) for r in records]
-    return encode_rm(processor, convs, images + images)
+    """One batch of 2B sequences: the B chosen conversations, then the B rejected ones (images and
+    videos as every stage reads them, `records.load_media`)."""
+    media = [load_media(r, r.messages, geometry=VideoGeometry.of(processor)) for r in records]
+    convs = ([_conversation(m.messages, r.chosen) for r, m in zip(records, media)]
+             + [_conversation(m.messages, r.rejected) for r, m in zip(records, media)])
+    images, videos = [m.images for m in media], [m.videos for m in media]
+    return encode_rm(processor, convs, images + images, videos + videos)
 
 
 def pair_rewards(rm, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
     """(r_chosen, r_rejected), each (B,), from a batch made by `encode_pairs`."""
     device = next(rm.parameters()).device
     inputs = {k: v.to(device) for k, v in batch.items() if k in (
-        "input_ids", "attention_mask", "response_mask", "pixel_values", "image_grid_thw", "mm_token_type_ids")}
+        "input_ids", "attention_mask", "response_mask", "pixel_values", "image_grid_thw", "pixel_values_videos",
+        "video_grid_thw", "mm_token_type_ids")}
     rewards = rm(**inputs)  # (2B,)
     return rewards.chunk(2)
 

@@ -24,7 +24,7 @@ from tqdm import tqdm
 
 from model.families import verifier_settings
 from model.load import load_processor
-from records import Record, load_images, load_records
+from records import Record, VideoGeometry, load_records, media_counts
 from records.mixture import batch_indices, weighted_records
 from rewards.evaluate import add_sampled_scores, eval_subset, format_table, judge, summarize, write_eval
 from rewards.hybrid import RewardResult
@@ -36,8 +36,8 @@ from rl.batch import RolloutBatch
 from rl.config import GRPOConfig, KLConfig, PPOConfig, RLConfig
 from rl.rollouts import Rollouts
 from rl.workers import CriticWorker, PolicyWorker, RewardWorker
-from rollout.sequences import build_sequences, engine_logp
-from rollout.types import Completion, Prompt, SamplingConfig
+from rollout.sequences import build_sequences, engine_logp, prompt_from_record
+from rollout.types import Completion, EngineConfig, SamplingConfig
 from training.atomic import atomic_dir, write_json
 from training.config import ConfigError, to_dict
 from training.distributed import has_sharded_checkpoint
@@ -97,6 +97,15 @@ def minibatch_rows(rows: list[int], *, minibatches: int, epochs: int, seed: int)
     return [r for r in out if r]
 
 
+def video_rows_last(rows: list[int], seq) -> list[int]:
+    """`rows` with the rows that hold video clips moved to the end (a stable sort): their micro-batches
+    pad to video length, the others do not. A minibatch's loss does not depend on its rows' order."""
+    vision = seq.vision
+    if vision is None or vision.videos_per_row is None:
+        return rows
+    return sorted(rows, key=lambda r: bool(vision.videos_per_row[r]))
+
+
 def uses_kl(kl_cfg: KLConfig) -> bool:
     """Whether any task has a non-zero KL coefficient (else no reference policy is needed)."""
     return kl_cfg.default != 0 or any(c != 0 for c in kl_cfg.coefs.values())
@@ -106,6 +115,21 @@ def prompt_pool(cfg: RLConfig) -> list[Record]:
     """The records the steps draw prompts from: `cfg.data` with each record of task t repeated
     `cfg.task_weights[t]` times (the prompt mixture)."""
     return weighted_records(load_records(cfg.data, tasks=cfg.reward.known_tasks, require="prompt"), cfg.task_weights)
+
+
+def check_media_limits(records: list[Record], engine: EngineConfig, geometry: VideoGeometry) -> None:
+    """ConfigError naming the rollout setting when a prompt holds more images or video clips than the
+    vLLM engine is started for (`rollout.max_images_per_prompt`, `rollout.max_video_clips_per_prompt`)."""
+    if engine.backend != "vllm":
+        return
+    for rec in records:
+        if not rec.videos and len(rec.images) <= engine.max_images_per_prompt:
+            continue
+        images, clips = media_counts(rec, geometry)
+        for n, key in ((images, "max_images_per_prompt"), (clips, "max_video_clips_per_prompt")):
+            if n > getattr(engine, key):
+                raise ConfigError(f"rollout.{key}: {getattr(engine, key)}, but the prompt at {rec.source} "
+                                  f"({rec.id}) takes {n}")
 
 
 def step_metrics(batch: RolloutBatch, results: list[RewardResult]) -> dict[str, float]:
@@ -175,6 +199,8 @@ class RLRun:
         # the policy family's output conventions (grounding coordinates) for its verifiers
         self.verifier_settings = verifier_settings(self.processor)
         self.reward_cfg = cfg.reward.with_verifier_settings(self.verifier_settings)
+        self.geometry = VideoGeometry.of(self.processor)
+        check_media_limits(self.records + self.eval_records, ro, self.geometry)
         self.own_ray = False   # whether this run started Ray (and so shuts it down in close())
         if cfg.use_ray:
             import ray  # optional: only Ray placement needs it
@@ -321,13 +347,14 @@ def rollout_step(run: RLRun, step: int) -> tuple[list[Record], list[list[Complet
     cfg, ro, tm = run.cfg, run.cfg.rollout, Timer()
     with tm("sample"):
         idx = batch_indices(len(run.records), step, 0, batch_size=cfg.prompts_per_step, grad_accum=1, seed=cfg.seed)
-        records = [run.records[i] for i in idx]
-        prompts = [Prompt(r.prompt_messages, load_images(r)) for r in records]
+        # video prompts last: a micro-batch pads its rows to the longest, and they are several image prompts long
+        records = sorted((run.records[i] for i in idx), key=lambda r: bool(r.videos))
+        prompts = [prompt_from_record(r, run.geometry) for r in records]
         sampling = SamplingConfig.of(ro, seed=cfg.seed * 1_000_003 + step)
     with tm("rollout"):
         completions = run.rollouts.generate(prompts, sampling)
     with tm("reward"):
-        results = run.score(reward_inputs(records, completions))
+        results = run.score(reward_inputs(records, completions, prompts))
     with tm("prepare"):
         seq = build_sequences(run.processor, prompts, completions)
         tasks = [records[i].task for i in seq.prompt_index.tolist()]
@@ -368,6 +395,7 @@ def train_step(run: RLRun, step: int) -> tuple[dict[str, float], list[dict]]:
     with tm("update"):
         rows = [i for i in range(batch.rows) if batch.keep[i]]
         mb_rows = minibatch_rows(rows, minibatches=cfg.ppo.minibatches, epochs=cfg.ppo.epochs, seed=cfg.seed + step)
+        mb_rows = [video_rows_last(r, batch.seq) for r in mb_rows]
         actor_on = cfg.algo == "grpo" or step >= cfg.ppo.value_pretrain_steps
         pending = []
         if run.critic is not None:
@@ -489,7 +517,7 @@ def evaluate_run(run: RLRun, limit: int = 0) -> tuple[dict, list]:
     table = summarize(gens)
     k, ro = run.cfg.eval_samples, run.cfg.rollout
     if k:  # avg@k with the rollout engine at the training temperature; one fixed seed for every eval
-        prompts = [Prompt(r.prompt_messages, load_images(r)) for r in records]
+        prompts = [prompt_from_record(r, run.geometry) for r in records]
         groups = run.rollouts.generate(prompts, SamplingConfig.of(ro, n=k, seed=run.cfg.seed + 7))
         table = add_sampled_scores(table, records, [[c.text for c in g] for g in groups], run.reward_cfg,
                                    scorer=run.score)

@@ -1,5 +1,5 @@
 """Greedy decoding with a transformers model in this process: held-out evaluation after SFT and RL.
-A prompt that repeats in the records (same messages, same image bytes) is decoded once.
+A prompt that repeats in the records (same messages, same image and video bytes) is decoded once.
 
 On a model sharded over the ranks of a group (FSDP), every rank decodes its share of the prompts in
 the same number of batches, the batches run in step (`synced_gpus`: a rank whose answers ended
@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from model.inputs import encode_prompts
-from records import load_images, unique_prompts
+from records import VideoGeometry, load_media, unique_prompts
 from training.distributed import gather_dicts, padded_chunks, rank, shard_rows, world_size
 
 
@@ -23,12 +23,14 @@ def generate_greedy(model, processor, records, *, batch_size: int = 64, max_new_
     r, world = rank(), world_size()
     mine = shard_rows(range(len(distinct)), rank=r, world=world)
     out: dict[int, str] = {}
+    geometry = VideoGeometry.of(processor)
     was_training = model.training
     model.eval()
     with torch.no_grad():
         for rows, real in padded_chunks(mine, batch_size, total=len(distinct), world=world):
-            chunk = [distinct[i] for i in rows]
-            inputs = encode_prompts(processor, [c.prompt_messages for c in chunk], [load_images(c) for c in chunk])
+            media = [load_media(distinct[i], geometry=geometry) for i in rows]
+            inputs = encode_prompts(processor, [m.messages for m in media], [m.images for m in media],
+                                    [m.videos for m in media])
             inputs = inputs.to(model.device)
             seq = model.generate(**inputs, do_sample=False, max_new_tokens=max_new_tokens, eos_token_id=eos,
                                  pad_token_id=tok.pad_token_id, synced_gpus=world > 1)

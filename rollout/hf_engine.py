@@ -35,10 +35,12 @@ class HFEngine:
         n = sampling.n
         texts = [render_prompt(self.processor, p) for p in prompts for _ in range(n)]
         images = [im for p in prompts for _ in range(n) for im in p.images]
+        videos = [clip for p in prompts for _ in range(n) for clip in p.videos]
         tok = self.processor.tokenizer
         side, tok.padding_side = tok.padding_side, "left"
         try:
-            enc = self.processor(text=texts, images=images or None, return_tensors="pt", padding=True)
+            enc = self.processor(text=texts, images=images or None, videos=videos or None, return_tensors="pt",
+                                 padding=True)
         finally:
             tok.padding_side = side
         enc = {k: v.to(self.device) for k, v in enc.items()}

@@ -1,8 +1,10 @@
 """Prompt rendering shared by the engines and the trainer, and the trainer-side batch of
-prompt + response token ids built from completions (`SequenceBatch`, its images in `VisionInputs`).
+prompt + response token ids built from completions (`SequenceBatch`, its images and video clips in
+`VisionInputs`).
 
-Both engines render a `Prompt` with `render_prompt` (the processor's chat template), so the prompt
-tokens the trainer sees here are the ones the engine sampled from.
+A record becomes a `Prompt` through `prompt_from_record` (`records.load_media`: images, sampled video
+clips, timestamps). Both engines render a `Prompt` with `render_prompt` (the processor's chat
+template), so the prompt tokens the trainer sees here are the ones the engine sampled from.
 """
 from __future__ import annotations
 
@@ -11,12 +13,20 @@ from typing import Sequence
 
 import torch
 
+from records import VideoGeometry, count_parts, load_media
 from rollout.types import Completion, Prompt
+
+
+def prompt_from_record(rec, geometry: VideoGeometry = VideoGeometry()) -> Prompt:
+    """The prompt turns of a record with its images and sampled, timestamped video clips;
+    `geometry` is the model's (`VideoGeometry.of(processor)`)."""
+    media = load_media(rec, geometry=geometry)
+    return Prompt(media.messages, media.images, media.videos)
 
 
 def render_prompt(processor, prompt: Prompt) -> str:
     """Chat-template text of the prompt turns with the assistant generation prompt appended (one
-    image placeholder per image part; the processor / vLLM expand it to the image's tokens)."""
+    placeholder per image or video part; the processor / vLLM expand it to its tokens)."""
     return processor.apply_chat_template(prompt.messages, tokenize=False, add_generation_prompt=True)
 
 
@@ -36,42 +46,74 @@ def vision_token_ids(processor) -> list[int]:
 
 
 def encode_prompt(processor, prompt: Prompt) -> dict[str, torch.Tensor]:
-    """Processor outputs of one prompt, unpadded: input_ids (1, P), and for images pixel_values
-    (patches, D), image_grid_thw (images, 3), mm_token_type_ids (1, P)."""
-    n_parts = sum(1 for m in prompt.messages if not isinstance(m["content"], str)
-                  for p in m["content"] if p.get("type") == "image")
-    if n_parts != len(prompt.images):
-        raise ValueError(f"prompt has {n_parts} image parts but {len(prompt.images)} images")
+    """Processor outputs of one prompt, unpadded: input_ids (1, P), mm_token_type_ids (1, P), for
+    images pixel_values (patches, D) and image_grid_thw (images, 3), for videos pixel_values_videos
+    (patches, D) and video_grid_thw (clips, 3)."""
+    for kind, items in (("image", prompt.images), ("video", prompt.videos)):
+        n_parts = count_parts(prompt.messages, kind)
+        if n_parts != len(items):
+            raise ValueError(f"prompt has {n_parts} {kind} parts but {len(items)} {kind}s")
     return dict(processor(text=[render_prompt(processor, prompt)], images=list(prompt.images) or None,
-                          return_tensors="pt"))
+                          videos=list(prompt.videos) or None, return_tensors="pt"))
+
+
+def _rows_of(values: torch.Tensor | None, grid: torch.Tensor | None, per_row: torch.Tensor,
+             rows: Sequence[int]) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """(patches, grid) of the items (images or clips) of `rows`, in row order; (None, None) if none."""
+    if grid is None:
+        return None, None
+    end = per_row.cumsum(0)                     # (B,)
+    start = end - per_row
+    patches = grid.prod(-1)                     # (N,) patches per item
+    patch_end = patches.cumsum(0)
+    patch_start = patch_end - patches
+    items = [i for r in rows for i in range(int(start[r]), int(end[r]))]
+    if not items:
+        return None, None
+    return torch.cat([values[int(patch_start[i]):int(patch_end[i])] for i in items]), grid[items]
 
 
 @dataclass(frozen=True)
 class VisionInputs:
-    """The image inputs of a batch's rows, with which images belong to which row: a row's patches
-    travel with it through row selection, so image features and image tokens always match."""
+    """The image and video inputs of a batch's rows, with which images and clips belong to which row:
+    a row's patches travel with it through micro-batching and row selection, so vision features and
+    vision tokens always match."""
 
-    pixel_values: torch.Tensor     # (P, D) patches of every image, rows in order, images in order
-    image_grid_thw: torch.Tensor   # (I, 3) (t, h, w) in patches of each image
-    images_per_row: torch.Tensor   # (B,) images of each row (0 for a text-only row)
+    pixel_values: torch.Tensor | None     # (P, D) patches of every image, rows in order, images in order
+    image_grid_thw: torch.Tensor | None   # (I, 3) (t, h, w) in patches of each image
+    images_per_row: torch.Tensor          # (B,) images of each row (0 for a row without)
+    pixel_values_videos: torch.Tensor | None = None   # (Pv, D) patches of every video clip, rows in order
+    video_grid_thw: torch.Tensor | None = None        # (V, 3) (t, h, w) in patches of each clip
+    videos_per_row: torch.Tensor | None = None        # (B,) video clips of each row (None: no row has one)
 
     def select(self, rows: Sequence[int]) -> VisionInputs | None:
-        """The images of `rows`, in that order; None when none of them has an image."""
-        img_end = self.images_per_row.cumsum(0)                 # (B,)
-        img_start = img_end - self.images_per_row
-        patches = self.image_grid_thw.prod(-1)                  # (I,) patches per image
-        patch_end = patches.cumsum(0)
-        patch_start = patch_end - patches
-        images = [i for r in rows for i in range(int(img_start[r]), int(img_end[r]))]
-        if not images:
+        """The images and clips of `rows`, in that order; None when none of them has either."""
+        rows = list(rows)
+        pixel_values, image_grid = _rows_of(self.pixel_values, self.image_grid_thw, self.images_per_row, rows)
+        videos_per_row = self.videos_per_row
+        if videos_per_row is None:
+            videos_per_row = torch.zeros_like(self.images_per_row)
+        video_values, video_grid = _rows_of(self.pixel_values_videos, self.video_grid_thw, videos_per_row, rows)
+        if image_grid is None and video_grid is None:
             return None
-        return VisionInputs(
-            pixel_values=torch.cat([self.pixel_values[int(patch_start[i]):int(patch_end[i])] for i in images]),
-            image_grid_thw=self.image_grid_thw[images],
-            images_per_row=self.images_per_row[list(rows)])
+        return VisionInputs(pixel_values=pixel_values, image_grid_thw=image_grid,
+                            images_per_row=self.images_per_row[rows], pixel_values_videos=video_values,
+                            video_grid_thw=video_grid, videos_per_row=videos_per_row[rows])
 
     def to(self, device: torch.device | str) -> VisionInputs:
-        return VisionInputs(self.pixel_values.to(device), self.image_grid_thw.to(device), self.images_per_row)
+        def move(t):
+            return None if t is None else t.to(device)
+        return VisionInputs(move(self.pixel_values), move(self.image_grid_thw), self.images_per_row,
+                            move(self.pixel_values_videos), move(self.video_grid_thw), self.videos_per_row)
+
+    def model_inputs(self) -> dict[str, torch.Tensor]:
+        """The forward's vision keyword arguments (those present)."""
+        out = {}
+        if self.image_grid_thw is not None:
+            out.update(pixel_values=self.pixel_values, image_grid_thw=self.image_grid_thw)
+        if self.video_grid_thw is not None:
+            out.update(pixel_values_videos=self.pixel_values_videos, video_grid_thw=self.video_grid_thw)
+        return out
 
 
 @dataclass(frozen=True)
@@ -83,7 +125,7 @@ class SequenceBatch:
     input_ids: torch.Tensor          # (B, L) prompt ids + response ids, then pad
     attention_mask: torch.Tensor     # (B, L) 1 on prompt and response tokens
     response_mask: torch.Tensor      # (B, L) 1 on response tokens
-    mm_token_type_ids: torch.Tensor  # (B, L) 1 on image tokens (transformers' Qwen2-VL M-RoPE reads it)
+    mm_token_type_ids: torch.Tensor  # (B, L) 1 on image, 2 on video tokens (transformers' Qwen2-VL M-RoPE reads it)
     prompt_index: torch.Tensor       # (B,) index of each row's prompt (rows are prompt-major)
     vision: VisionInputs | None = None
 
@@ -97,7 +139,7 @@ class SequenceBatch:
         return self.response_mask[:, 1:].float()
 
     def select(self, rows: Sequence[int]) -> SequenceBatch:
-        """The sub-batch of `rows` (their images included), trimmed to its longest row."""
+        """The sub-batch of `rows` (their images and clips included), trimmed to its longest row."""
         idx = torch.as_tensor(list(rows), dtype=torch.long)
         width = int(self.attention_mask[idx].sum(-1).max())
         return SequenceBatch(
@@ -114,21 +156,23 @@ class SequenceBatch:
         """Keyword arguments of the model's forward, on `device`."""
         out = {"input_ids": self.input_ids, "attention_mask": self.attention_mask}
         if self.vision is not None:
-            out.update(pixel_values=self.vision.pixel_values, image_grid_thw=self.vision.image_grid_thw)
+            out.update(self.vision.model_inputs())
         out["mm_token_type_ids"] = self.mm_token_type_ids
         return out if device is None else {k: v.to(device) for k, v in out.items()}
 
 
 def build_sequences(processor, prompts: Sequence[Prompt], completions: Sequence[Sequence[Completion]],
                     *, pad_token_id: int | None = None) -> SequenceBatch:
-    """One row per completion, prompt-major (prompt 0's samples first), each prompt's images repeated
-    for every one of its samples. The sampled-token log-probs are
+    """One row per completion, prompt-major (prompt 0's samples first), each prompt's images and video
+    clips repeated for every one of its samples. The sampled-token log-probs are
     token_logp(logits[:, :-1], input_ids[:, 1:]) where `label_mask` is set."""
     if len(prompts) != len(completions):
         raise ValueError(f"{len(prompts)} prompts but {len(completions)} completion groups")
     pad = processor.tokenizer.pad_token_id if pad_token_id is None else pad_token_id
     banned = set(vision_token_ids(processor))
-    rows, pixel_values, grids, prompt_index, images_per_row = [], [], [], [], []
+    rows, prompt_index = [], []
+    vision: dict[str, list] = {k: [] for k in ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw",
+                                               "images_per_row", "videos_per_row")}
     for i, (prompt, group) in enumerate(zip(prompts, completions)):
         enc = encode_prompt(processor, prompt)
         ids = enc["input_ids"][0]
@@ -140,10 +184,11 @@ def build_sequences(processor, prompts: Sequence[Prompt], completions: Sequence[
             resp = torch.tensor(c.token_ids, dtype=ids.dtype)
             rows.append((ids, resp, mtt))
             prompt_index.append(i)
-            if "pixel_values" in enc:
-                pixel_values.append(enc["pixel_values"])
-                grids.append(enc["image_grid_thw"])
-            images_per_row.append(len(enc["image_grid_thw"]) if "image_grid_thw" in enc else 0)
+            for key in ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw"):
+                if key in enc:
+                    vision[key].append(enc[key])
+            vision["images_per_row"].append(len(enc["image_grid_thw"]) if "image_grid_thw" in enc else 0)
+            vision["videos_per_row"].append(len(enc["video_grid_thw"]) if "video_grid_thw" in enc else 0)
     B = len(rows)
     L = max((len(p) + len(r) for p, r, _ in rows), default=0)
     input_ids = torch.full((B, L), pad, dtype=torch.long)
@@ -156,13 +201,17 @@ def build_sequences(processor, prompts: Sequence[Prompt], completions: Sequence[
         attention_mask[b, :P + R] = 1
         response_mask[b, P:P + R] = 1
         mm_token_type_ids[b, :P] = mtt
-    vision = None
-    if pixel_values:
-        vision = VisionInputs(pixel_values=torch.cat(pixel_values), image_grid_thw=torch.cat(grids),
-                              images_per_row=torch.tensor(images_per_row, dtype=torch.long))
+    inputs = None
+    if vision["image_grid_thw"] or vision["video_grid_thw"]:
+        def cat(key):
+            return torch.cat(vision[key]) if vision[key] else None
+        inputs = VisionInputs(pixel_values=cat("pixel_values"), image_grid_thw=cat("image_grid_thw"),
+                              images_per_row=torch.tensor(vision["images_per_row"], dtype=torch.long),
+                              pixel_values_videos=cat("pixel_values_videos"), video_grid_thw=cat("video_grid_thw"),
+                              videos_per_row=torch.tensor(vision["videos_per_row"], dtype=torch.long))
     return SequenceBatch(input_ids=input_ids, attention_mask=attention_mask, response_mask=response_mask,
                          mm_token_type_ids=mm_token_type_ids, prompt_index=torch.tensor(prompt_index, dtype=torch.long),
-                         vision=vision)
+                         vision=inputs)
 
 
 def engine_logp(completions: Sequence[Sequence[Completion]], mask: torch.Tensor) -> torch.Tensor:

@@ -45,9 +45,12 @@ class Prompt:
     """One multimodal prompt, in the layout of `records.Record.prompt_messages`."""
 
     messages: list[dict]
-    """Chat messages, the prompt turns only; images as {"type": "image"} parts."""
+    """Chat messages, the prompt turns only; images as {"type": "image"} parts, video clips as
+    {"type": "video"} parts (each after its timestamp text: `records.load_media` expands a record's videos)."""
     images: list = field(default_factory=list)
     """PIL images, in the order of the image parts."""
+    videos: list = field(default_factory=list)
+    """Video clips, uint8 arrays (frames, H, W, 3) of one temporal patch each, in the order of the video parts."""
 
 
 @dataclass
@@ -118,6 +121,9 @@ class EngineConfig:
     """Longest prompt + response, in tokens (vLLM)."""
     max_images_per_prompt: int = 1
     """Images a prompt may carry (vLLM reserves encoder budget for this many)."""
+    max_video_clips_per_prompt: int = 0
+    """Video clips a prompt may carry (vLLM): a video reaches the engine as one clip per timestamp, a
+    temporal patch of its sampled frames (2 for Qwen2-VL), so 16 sampled frames take 8. 0: no video."""
     max_num_seqs: int = 256
     """Most sequences vLLM runs in one batch."""
     gpu_memory_utilization: float = 0.5

@@ -1,4 +1,4 @@
-"""The vLLM backend: the full VLM with image inputs, n samples per prompt with sampled-token
+"""The vLLM backend: the full VLM with image and video inputs, n samples per prompt with sampled-token
 log-probs, and weight sync into the running engine.
 
 Log-probs: vLLM is built with `logprobs_mode="raw_logprobs"` (log_softmax of the model's logits
@@ -69,6 +69,21 @@ def _prepare_env(cfg: EngineConfig, device: str) -> None:
         os.environ.setdefault("VLLM_CACHE_ROOT", root)
 
 
+def request(processor, prompt: Prompt, limits: Mapping[str, int]) -> dict:
+    """vLLM's request for a prompt: its rendered text and its images and video clips. ValueError
+    naming the engine setting when the prompt holds more than the engine was started for."""
+    data = {"image": list(prompt.images), "video": list(prompt.videos)}
+    for kind, key in (("image", "max_images_per_prompt"), ("video", "max_video_clips_per_prompt")):
+        if len(data[kind]) > limits[kind]:
+            raise ValueError(f"a prompt holds {len(data[kind])} {kind} input(s) but the engine takes at most "
+                             f"{limits[kind]} (rollout.{key})")
+    req = {"prompt": render_prompt(processor, prompt)}
+    data = {k: v for k, v in data.items() if v}
+    if data:
+        req["multi_modal_data"] = data
+    return req
+
+
 class VLLMEngine:
     """`Engine` on a `vllm.LLM`."""
 
@@ -90,7 +105,7 @@ class VLLMEngine:
             model=model, dtype=cfg.dtype or "float32", seed=seed, max_model_len=cfg.max_model_len,
             max_num_seqs=cfg.max_num_seqs, enforce_eager=cfg.enforce_eager,
             tensor_parallel_size=cfg.tensor_parallel_size, gpu_memory_utilization=cfg.gpu_memory_utilization,
-            limit_mm_per_prompt={"image": cfg.max_images_per_prompt, "video": 0},
+            limit_mm_per_prompt={"image": cfg.max_images_per_prompt, "video": cfg.max_video_clips_per_prompt},
             logprobs_mode="raw_logprobs",
             worker_extension_cls=f"{__name__}.WeightSyncExtension", **extra,
         )
@@ -99,6 +114,7 @@ class VLLMEngine:
         self.in_process = isinstance(self.llm.llm_engine.engine_core, InprocClient)
         self.processor = load_processor(model)
         self.sleep_mode = bool(extra.get("enable_sleep_mode"))
+        self.limits = {"image": cfg.max_images_per_prompt, "video": cfg.max_video_clips_per_prompt}
         self.banned_ids = vision_token_ids(self.processor)
         self.last_sync_seconds = 0.0
 
@@ -107,10 +123,7 @@ class VLLMEngine:
 
         requests, params = [], []
         for i, p in enumerate(prompts):
-            req = {"prompt": render_prompt(self.processor, p)}
-            if p.images:
-                req["multi_modal_data"] = {"image": list(p.images)}
-            requests.append(req)
+            requests.append(request(self.processor, p, self.limits))
             # vLLM seeds sample j of a request with seed + j: offset prompts so no two samples share a seed
             seed = None if sampling.seed is None else sampling.seed + i * sampling.n
             params.append(SamplingParams(

@@ -185,7 +185,8 @@ def split_owner(key: str, seed: int | str, shares: tuple[tuple[str, float], ...]
 
 
 def synth_split(rng: random.Random, n_per_task: int, spec: SceneSpec, tasks, owns: Callable[[str], bool],
-                max_tries: int = 100, distinct: bool = False) -> list[dict]:
+                max_tries: int = 100, distinct: bool = False, make: Callable | None = None,
+                key: Callable | None = None) -> list[dict]:
     """n_per_task records per task drawn from the generator, keeping those whose scene_key `owns` accepts.
 
     distinct=False: a scene may repeat, so the kinds with few variants keep their share of the split,
@@ -193,14 +194,15 @@ def synth_split(rng: random.Random, n_per_task: int, spec: SceneSpec, tasks, own
     an evaluation split needs: the generator's mix). distinct=True: every scene once (what an RL prompt
     set needs: a repeated prompt spends rollouts on a scene already learnt, and the policy overfits the
     few variants of a small kind); a task whose owned variants run out keeps the ones found, with a
-    note on stderr."""
+    note on stderr. make, key: the generator (default `make_example`) and its item key (`scene_key`)."""
+    make, key_of = make or make_example, key or scene_key
     out = []
     for task in tasks:
         made = tries = 0
         seen: set[str] = set()
         while made < n_per_task:
-            rec = make_example(task, rng, spec)
-            key = scene_key(rec)
+            rec = make(task, rng, spec)
+            key = key_of(rec)
             if not owns(key) or (distinct and key in seen):
                 tries += 1
                 if tries > max_tries * n_per_task:

@@ -7,6 +7,7 @@ import os
 from model.load import load_vlm
 from model.tiny import TinySpec, build_tiny_vlm
 from recipe.sft import SFTConfig, train_sft
+from synth.extra import EXTRA_TASKS, write_full_suite
 from synth.suite import SceneSpec, corpus_texts, write_suite
 from training.optim import OptimConfig
 
@@ -25,6 +26,14 @@ def tiny_model_dir(tmp_path_factory):
 def suite_dir(tmp_path_factory):
     out = tmp_path_factory.mktemp("suite")
     write_suite(out, seed=0, n=40, n_heldout=10, n_rl=10)
+    return out
+
+
+@pytest.fixture(scope="session")
+def extra_suite_dir(tmp_path_factory):
+    """A small suite of the video and multi-image tasks alone."""
+    out = tmp_path_factory.mktemp("extra_suite")
+    write_full_suite(out, seed=0, n=20, n_heldout=5, n_rl=5, tasks=EXTRA_TASKS)
     return out
 
 

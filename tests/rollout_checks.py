@@ -7,9 +7,9 @@ import contextlib
 import torch
 
 from model.logprobs import token_logp
-from records import load_images, load_records
+from records import VideoGeometry, load_images, load_records
 from rollout import Prompt, SamplingConfig
-from rollout.sequences import build_sequences, vision_token_ids
+from rollout.sequences import build_sequences, prompt_from_record, vision_token_ids
 
 # Measured max |engine logp - trainer logp| on the tiny VLM in float32: 1e-6 (as built) to 3e-6
 # (after perturbing every weight); the bound leaves room for other CPUs' summation orders.
@@ -25,6 +25,14 @@ def make_prompts(suite_dir, k: int = 3) -> list[Prompt]:
             recs.append(r)
     prompts = [Prompt(r.prompt_messages, load_images(r)) for r in recs[:k]]
     return prompts + [Prompt([{"role": "user", "content": [{"type": "text", "text": "Say a colour."}]}], [])]
+
+
+def make_media_prompts(extra_suite_dir, processor) -> list[Prompt]:
+    """A video prompt of each video task (timestamped clips) and a two-image prompt (spot the
+    difference), from the extra suite's RL split, as the RL driver builds them."""
+    recs = load_records(extra_suite_dir / "rl.jsonl")
+    picked = [next(r for r in recs if r.task == t) for t in ("video_temporal", "spot_difference", "video_count")]
+    return [prompt_from_record(r, VideoGeometry.of(processor)) for r in picked]
 
 
 def eos_ids(processor, model) -> set[int]:

@@ -49,3 +49,12 @@ def test_negative_replay_names_the_file_and_the_round_key(tmp_path):
     with pytest.raises(ConfigError) as e:
         load_config(PipelineConfig, f)
     assert str(f) in str(e.value) and "round: rl_replay: must be >= 0" in str(e.value)
+
+
+def test_unknown_synthetic_task_names_the_file_and_the_data_key(tmp_path):
+    f = tmp_path / "pipe.yaml"
+    f.write_text("data:\n  tasks: [counting, juggling]\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(PipelineConfig, f)
+    assert str(f) in str(e.value) and "data: tasks: unknown synthetic task(s) ['juggling']" in str(e.value)
+    assert load_config(PipelineConfig, None, ["data.tasks=[puzzle]"]).data.tasks == ("puzzle",)

@@ -44,7 +44,7 @@ CASES = [
     ("image count", other(images=[]), "images", "0 image(s) listed but the messages hold 1"),
     ("bad role", other(messages=[{"role": "robot", "content": "hi"}], images=[]), "messages[0].role", "must be one of"),
     ("bad part", other(messages=[{"role": "user", "content": [{"type": "audio"}]}], images=[]),
-     "messages[0].content[0].type", "must be 'text' or 'image'"),
+     "messages[0].content[0].type", "must be 'text', 'image' or 'video'"),
     ("duplicate id", other(id="a"), "id", "duplicate id 'a' (first on line 1)"),
     ("bad answer", other(answer={"x": 1}), "answer", "must be a string or a number"),
     ("half preference", other(chosen=[{"role": "assistant", "content": "x"}]), "rejected", "need both"),

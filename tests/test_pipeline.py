@@ -97,3 +97,10 @@ def test_accuracy_table_adds_the_distinct_prompt_accuracy_where_prompts_repeat()
     lines = accuracy_table({"sft": sft}).splitlines()
     rows = {line.split()[0]: line.split(None, 1)[1].strip() for line in lines[2:]}
     assert rows == {"grounding": "62.7 / 49.0%", "math": "91.3%", "caption": "rm 0.706", "all": "77.0%"}
+
+
+def test_accuracy_table_columns_line_up_with_long_task_names():
+    rows = {"spot_difference": {"n": 3, "format": 1.0, "accuracy": 0.5}, "math": {"n": 3, "format": 1.0, "accuracy": 1.0},
+            "all": {"n": 6, "format": 1.0, "accuracy": 0.75}}
+    lines = accuracy_table({"sft": rows, "rl": rows}).splitlines()[1:]
+    assert len({len(line) for line in lines}) == 1 and lines[1].startswith("spot_difference ")

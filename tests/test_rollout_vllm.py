@@ -6,6 +6,7 @@ import pytest
 from model.load import load_vlm
 from rollout import EngineConfig, make_engine
 from rollout.sequences import encode_prompt, render_prompt
+from rollout.vllm_engine import request
 from tests import rollout_checks as checks
 
 pytestmark = [pytest.mark.vllm,
@@ -14,7 +15,8 @@ pytestmark = [pytest.mark.vllm,
 
 @pytest.fixture(scope="module")
 def engine(tiny_model_dir, tmp_path_factory):
-    eng = make_engine(str(tiny_model_dir), EngineConfig(backend="vllm", max_model_len=512,
+    eng = make_engine(str(tiny_model_dir), EngineConfig(backend="vllm", max_model_len=512, max_images_per_prompt=2,
+                                                        max_video_clips_per_prompt=8,
                                                         cache_root=str(tmp_path_factory.mktemp("vllm-cache"))))
     yield eng
     eng.close()
@@ -31,6 +33,11 @@ def prompts(suite_dir):
     return checks.make_prompts(suite_dir)
 
 
+@pytest.fixture(scope="module")
+def media_prompts(extra_suite_dir, trainer):
+    return checks.make_media_prompts(extra_suite_dir, trainer[1])
+
+
 def test_samples(engine, trainer, prompts):
     checks.check_samples(engine, trainer[0], trainer[1], prompts)
 
@@ -39,17 +46,22 @@ def test_seed_determinism(engine, prompts):
     checks.check_seed_determinism(engine, prompts)
 
 
-def test_prompt_tokens_match_the_trainer(engine, trainer, prompts):
-    """vLLM renders and expands the image placeholders exactly as build_sequences does."""
+def test_prompt_tokens_match_the_trainer(engine, trainer, prompts, media_prompts):
+    """vLLM renders and expands the image and video placeholders exactly as build_sequences does."""
     from vllm import SamplingParams
 
-
-    for p in prompts:
-        req = {"prompt": render_prompt(engine.processor, p)}
-        if p.images:
-            req["multi_modal_data"] = {"image": p.images}
+    for p in prompts + media_prompts:
+        req = request(engine.processor, p, engine.limits)
         out = engine.llm.generate([req], SamplingParams(max_tokens=1), use_tqdm=False)[0]
         assert list(out.prompt_token_ids) == encode_prompt(trainer[1], p)["input_ids"][0].tolist()
+    assert render_prompt(engine.processor, media_prompts[0]).count("<|video_pad|>") == len(media_prompts[0].videos)
+
+
+def test_a_prompt_over_the_engine_limits_names_the_setting(engine, media_prompts):
+    p = media_prompts[1]
+    two = type(p)(p.messages, p.images * 2, p.videos)
+    with pytest.raises(ValueError, match=r"4 image input\(s\) but the engine takes at most 2 \(rollout.max_images_per_prompt\)"):
+        request(engine.processor, two, engine.limits)
 
 
 def test_logp_matches_trainer(engine, trainer, prompts):
@@ -66,3 +78,13 @@ def test_stop(engine, trainer, prompts):
 
 def test_vision_tokens_banned(engine, trainer, prompts):
     checks.check_vision_tokens_banned(engine, *trainer, prompts)
+
+
+def test_video_and_multi_image_samples(engine, trainer, media_prompts):
+    checks.check_samples(engine, trainer[0], trainer[1], media_prompts)
+
+
+def test_logp_matches_trainer_on_video_and_multi_image(engine, trainer, media_prompts):
+    """The trainer's log-probs of the engine's samples agree on timestamped video clips and on two
+    images per prompt, as on one image."""
+    checks.check_logp_matches_trainer(engine, *trainer, media_prompts)

@@ -38,6 +38,9 @@ CASES: dict[str, tuple[list[dict], list[tuple[str | None, dict]], tuple]] = {
     "instruction": ([{"max_words": 5}, {"json": True}, {"required": ["cat"], "forbidden": ["dog"]}, {}],
                     [(None, {}), (None, {"rules": {"min_chars": 3, "max_chars": 100}})], ()),
     "think_format": ([{}], [(None, {}), ("x", {})], ()),
+    "temporal_grounding": ([{}, {"mode": "soft"}, {"pick": "last"}, {"iou_threshold": 0.9}],
+                           [("[2.0, 5.0]", {}), ("[0.0, 0.0]", {}), (None, {})], ()),
+    "grid_cell": ([{}, {"pick": "last"}], [("row 2, column 3", {}), ("(1, 1)", {}), (None, {})], ()),
 }
 
 PIECES = [
@@ -46,7 +49,7 @@ PIECES = [
     "\\boxed{", "\\fbox{", "}", "{", "\\frac{", "}{", "^", "^{", "\\sqrt{", "\\pm", "\\{", "\\}", "\\in", "\\cup",
     "\\infty", "\\text{", "\\le", "=", "x", "$", "$$", "\\(", "\\)", "\\[", "\\]", "[", "]", "(", ")", ",", ";",
     "%", "!", "**", "9^9^9^9", "10^{100000}", "100000!", "<box>", "</box>", "<point>", "</point>", "<|box_start|>",
-    "<|box_end|>", "<think>", "</think>", "```json", "```", "\"", "'", "\n", " ", "\x00", "\u202e", "\ufeff", "😀",
+    "<|box_end|>", "row", "column", "col", "r2c3", "s", "seconds", "<think>", "</think>", "```json", "```", "\"", "'", "\n", " ", "\x00", "\u202e", "\ufeff", "😀",
 ]
 _INT = st.integers(-50, 1200)
 FRAGMENTS = st.one_of(

@@ -23,8 +23,7 @@ from typing import Any, Callable, Sequence
 import torch
 
 from model.load import load_vlm
-from model.reward import as_images
-from records import message_text
+from model.reward import split_media
 from rewards.config import JudgeConfig
 from rewards.preference import both_order_preference
 
@@ -37,14 +36,25 @@ JUDGE_TEMPLATE = ("Question: {question}\n"
 PairItem = tuple[Sequence[Any], Any, str, str]
 
 
-def question_text(prompt: str | Sequence[dict]) -> str:
-    """The question of a prompt: the text itself, or the text of the last user turn of a message list."""
+def media_and_question(prompt: str | Sequence[dict], n_images: int) -> tuple[list[dict], str]:
+    """(the media parts of the judge's user turn, the question) of a prompt: for a text prompt its
+    `n_images` images and the text; for a message list (a video record's, `records.load_media`: each
+    clip after its timestamp text) the user turns' media parts in order, each clip with its timestamp,
+    and their other texts as the question."""
     if isinstance(prompt, str):
-        return prompt
-    users = [m for m in prompt if m["role"] == "user"]
-    if not users:
+        return [{"type": "image"}] * n_images, prompt
+    parts = [p for m in prompt if m["role"] == "user"
+             for p in ([{"type": "text", "text": m["content"]}] if isinstance(m["content"], str) else m["content"])]
+    if not parts:
         raise ValueError("the prompt has no user turn")
-    return message_text(users[-1])
+    media, question = [], []
+    for i, p in enumerate(parts):
+        before_clip = i + 1 < len(parts) and parts[i + 1].get("type") == "video"
+        if p.get("type") == "text" and not before_clip:
+            question.append(p["text"])
+        else:
+            media.append(p)
+    return media, "\n".join(question)
 
 
 class PairwiseJudge:
@@ -76,8 +86,9 @@ class PairwiseJudge:
         return cls(model, processor, **kw)
 
     def _text(self, n_images: int, prompt: Any, a: str, b: str) -> str:
-        msg = [{"role": "user", "content": [{"type": "image"}] * n_images + [
-            {"type": "text", "text": self.template.format(question=question_text(prompt), a=a, b=b)}]}]
+        media, question = media_and_question(prompt, n_images)
+        msg = [{"role": "user", "content": media + [
+            {"type": "text", "text": self.template.format(question=question, a=a, b=b)}]}]
         return self.processor.apply_chat_template(msg, tokenize=False, add_generation_prompt=True) + self.answer_prefix
 
     @torch.no_grad()
@@ -87,12 +98,13 @@ class PairwiseJudge:
         out = []
         for start in range(0, len(items), self.batch_size):
             chunk = items[start:start + self.batch_size]
-            images = [as_images(ims, self.image_root) for ims, _, _, _ in chunk]
-            texts = [self._text(len(ims), p, x, y) for (_, p, x, y), ims in zip(chunk, images)]
+            media = [split_media(ims, self.image_root) for ims, _, _, _ in chunk]
+            texts = [self._text(len(ims), p, x, y) for (_, p, x, y), (ims, _) in zip(chunk, media)]
             side = self.processor.tokenizer.padding_side
             self.processor.tokenizer.padding_side = "left"  # the verdict position is then the last one
             try:
-                batch = self.processor(text=texts, images=[im for ims in images for im in ims] or None,
+                batch = self.processor(text=texts, images=[im for ims, _ in media for im in ims] or None,
+                                       videos=[c for _, clips in media for c in clips] or None,
                                        return_tensors="pt", padding=True)
             finally:
                 self.processor.tokenizer.padding_side = side

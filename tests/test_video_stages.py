@@ -1,5 +1,5 @@
 """The same frames reach every stage: SFT batches, the critic, the reward model (and its route from a
-record), and the RL driver's start-time check of the engine's image and video limits."""
+record), the pairwise judge, and the RL driver's start-time check of the engine's image and video limits."""
 import dataclasses
 
 import numpy as np
@@ -10,8 +10,9 @@ from model.critic import ValueModel
 from model.inputs import IGNORE, encode_sft
 from model.reward import RewardModel
 from recipe.sft import encode_by_modality
-from records import VideoGeometry, load_media, load_records
+from records import VideoGeometry, load_media, load_records, message_text
 from rewards.inputs import reward_inputs
+from rewards.judge import PairwiseJudge, media_and_question
 from rewards.rm import RewardModelScorer
 from rl.driver import check_media_limits
 from rollout import Completion, EngineConfig
@@ -92,6 +93,25 @@ def test_critic_and_reward_model_see_each_rows_own_video(tiny_model_dir, tiny, e
     assert batch == pytest.approx(alone, abs=1e-5)
     blank = [np.zeros_like(c) for c in items[0].images]
     assert scorer([(tuple(blank), items[0].prompt, "row 1, column 1")])[0] != pytest.approx(alone[0], abs=1e-6)
+
+
+def test_the_judge_sees_a_video_records_clips_with_their_timestamps(tiny, extra_records):
+    """A video record reaches the judge as the reward model gets it: its clips, each after its
+    timestamp, then the question; the verdict is antisymmetric and depends on the frames."""
+    model, proc = tiny
+    (rec,) = _pick(extra_records, "video_count")
+    (item,) = reward_inputs([rec], [["2"]])
+    media, question = media_and_question(item.prompt, 0)
+    assert [p["type"] for p in media] == ["text", "video"] * len(item.images)
+    assert question == message_text(rec.prompt_messages[-1]).strip()
+    judge = PairwiseJudge(model, proc, batch_size=2)
+    fwd = judge.compare([(item.images, item.prompt, "2", "3")])[0]
+    back = judge.compare([(item.images, item.prompt, "3", "2")])[0]
+    assert 0.0 < fwd < 1.0 and fwd + back == pytest.approx(1.0, abs=1e-5)
+    blank = tuple(np.zeros_like(c) for c in item.images)
+    seen = judge.letter_logp([(item.images, item.prompt, "2", "3")])
+    unseen = judge.letter_logp([(blank, item.prompt, "2", "3")])
+    assert (seen - unseen).abs().max() > 1e-3   # 0.19 on the tiny model
 
 
 def test_rl_refuses_prompts_over_the_engine_limits_at_start(extra_suite_dir):

@@ -103,6 +103,20 @@ def test_adapters_off_give_the_base_models_log_probs_exactly(trained_lora, sft_r
     assert trainable and all(".lora_" in n for n in trainable)
 
 
+def test_the_optimizer_and_its_state_hold_the_adapters_only(trained_lora):
+    """AdamW steps only the adapters: gradients and moments for them alone (`bench.train_step`
+    reports these bytes against a full actor)."""
+    from bench.train_step import state_bytes
+
+    w = trained_lora["worker"]
+    adapters = [p for n, p in w.model.named_parameters() if ".lora_" in n]
+    assert [p for g in w.opt.param_groups for p in g["params"]] == adapters
+    n = sum(p.numel() for p in adapters)
+    b = state_bytes(w)
+    assert b["grads"] == 4 * n and b["optimizer"] == 8 * n + 4 * len(adapters)   # exp_avg, exp_avg_sq, step
+    assert b["weights"] == 4 * sum(p.numel() for p in w.model.parameters()) and n < b["weights"] / 4 / 5
+
+
 def test_sync_and_export_carry_the_merged_weights(trained_lora, sft_run, tmp_path):
     """An HF engine given the pushed weights, the exported folder and the adapter folder loaded by
     PEFT onto the base policy all compute the LoRA actor's log-probs."""

@@ -1,7 +1,10 @@
 """Trainer throughput on a fixed batch: the actor's PPO update, the critic's value update and the
-actor's log-prob pass (tokens/s), through the same workers the RL driver uses (`rl.workers`).
+actor's log-prob pass (tokens/s), through the same workers the RL driver uses (`rl.workers`); then a
+LoRA actor against a full one, each measured alone in a fresh process: update and log-prob speed,
+trainer state (weights, gradients, Adam state) and peak RSS, as ratios LoRA / full.
 
     python -m bench.train_step --model DIR --data FILE.jsonl [--prompts 8 --n 8 --response-tokens 32]
+                               [--lora-r 16 (0: no LoRA comparison)]
 
 The batch is built like a rollout batch (`rollout.sequences.build_sequences`) from real prompts
 with images and fixed-length random responses: speed does not depend on what the tokens say.
@@ -11,10 +14,14 @@ tokens/s (what the loss is taken over) is reported next to it.
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import os
 
 import torch
 
-from bench.common import best_time, fmt, peak_rss_mib, throughput, write_result
+from bench.common import best_time, fmt, fmt_ratio, peak_rss_mib, ratio, throughput, write_result
+from bench.scratch import run_child
+from model.lora import LoRAConfig
 from records import load_images, load_records
 from rl.batch import RolloutBatch
 from rl.config import PPOConfig
@@ -83,10 +90,84 @@ def measure(model: str, data: str, *, prompts: int, n: int, response_tokens: int
     return out
 
 
+def state_bytes(worker) -> dict[str, int]:
+    """What a trainer holds between steps and during an update, in bytes: every weight, a gradient
+    per trainable parameter (alive during the update) and the optimizer's state (AdamW: two moments
+    per trainable parameter)."""
+    params = list(worker.model.parameters())
+    opt = sum(t.numel() * t.element_size() for st in worker.opt.state.values() for t in st.values()
+              if isinstance(t, torch.Tensor))
+    weights = sum(p.numel() * p.element_size() for p in params)
+    grads = sum(p.numel() * p.element_size() for p in params if p.requires_grad)
+    return {"weights": weights, "grads": grads, "optimizer": opt, "total": weights + grads + opt}
+
+
+def rss_mib() -> float:
+    """This process's resident memory now, MiB (Linux)."""
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def measure_actor(model: str, data: str, *, lora: LoRAConfig | None, prompts: int, n: int, response_tokens: int,
+                  repeats: int, minibatches: int = 2, micro_batch_size: int = 32, dtype: str = "float32") -> dict:
+    """One actor (full, or LoRA with `lora`) alone: update and log-prob tokens/s on the fixed batch,
+    parameters (all, trainable), trainer state bytes, this process's peak RSS (often reached while
+    loading the model) and its resident memory's growth from the loaded model to after the updates
+    (optimizer state, and what the allocator kept of gradients and activations)."""
+    optim = OptimConfig(lr=1e-6, warmup_steps=0, schedule="constant")
+    ppo = PPOConfig(minibatches=minibatches, micro_batch_size=micro_batch_size, lm_coef=0.1)
+    actor = PolicyWorker(model, optim=optim, total_steps=10_000, dtype=dtype, lora=lora)
+    batch = fixed_batch(actor.processor, data, prompts=prompts, n=n, response_tokens=response_tokens)
+    rss_loaded = rss_mib()
+    rows = minibatch_rows(list(range(batch.rows)), minibatches=minibatches, epochs=1, seed=0)
+    batch.old_logp, _ = actor.logp(batch.seq, micro_batch_size=micro_batch_size)
+    batch.ref_logp = batch.old_logp
+    tokens = int(batch.seq.attention_mask.sum())
+
+    def update():
+        actor.update(batch, ppo=ppo, kl_mode="reward", kl_kind="k3", minibatch_rows=rows)
+
+    update()
+    t_update = best_time(update, repeats)
+    t_logp = best_time(lambda: actor.logp(batch.seq, micro_batch_size=micro_batch_size), repeats)
+    ps = list(actor.model.parameters())
+    return {"lora": None if lora is None else dataclasses.asdict(lora), "tokens": tokens,
+            "params": sum(p.numel() for p in ps), "trainable": sum(p.numel() for p in ps if p.requires_grad),
+            "state_bytes": state_bytes(actor), "peak_rss_mib": peak_rss_mib(),
+            "rss_growth_mib": rss_mib() - rss_loaded,
+            "actor_update": {"seconds": t_update, "tokens_per_s": throughput(tokens, t_update)},
+            "actor_logp": {"seconds": t_logp, "tokens_per_s": throughput(tokens, t_logp)}}
+
+
+def lora_vs_full(args: list[str], *, timeout: float = 900) -> dict:
+    """`measure_actor` for a full and a LoRA actor, each in a fresh process (clean peak RSS), and
+    their ratios (LoRA / full)."""
+    full = run_child("bench.train_step", [*args, "--actor-only", "full"], timeout=timeout)
+    lora = run_child("bench.train_step", [*args, "--actor-only", "lora"], timeout=timeout)
+    return {"full": full, "lora": lora, "ratios": {
+        "lora/full actor_update tokens/s": ratio(lora["actor_update"]["tokens_per_s"], full["actor_update"]["tokens_per_s"]),
+        "lora/full actor_logp tokens/s": ratio(lora["actor_logp"]["tokens_per_s"], full["actor_logp"]["tokens_per_s"]),
+        "lora/full trainable params": ratio(lora["trainable"], full["trainable"]),
+        "lora/full trainer state bytes": ratio(lora["state_bytes"]["total"], full["state_bytes"]["total"]),
+        "lora/full RSS growth in updates": ratio(lora["rss_growth_mib"], full["rss_growth_mib"]),
+        "lora/full peak RSS": ratio(lora["peak_rss_mib"], full["peak_rss_mib"])}}
+
+
 def headline(m: dict) -> list[str]:
     return [f"{name:<13} {fmt(m[name]['tokens_per_s'], 'tok/s')} ({fmt(m[name]['response_tokens_per_s'])} response "
             f"tok/s, {fmt(m[name]['seconds'], 's')} per batch of {m['batch_rows']} x {m['tokens'] // m['batch_rows']} tok)"
             for name in ("actor_logp", "actor_update", "critic_update")]
+
+
+def lora_lines(c: dict) -> list[str]:
+    out = []
+    for name in ("full", "lora"):
+        m = c[name]
+        out.append(f"{name:<5} actor: update {fmt(m['actor_update']['tokens_per_s'], 'tok/s')}, log-probs "
+                   f"{fmt(m['actor_logp']['tokens_per_s'], 'tok/s')}, trainable {fmt(m['trainable'])} of "
+                   f"{fmt(m['params'])} params, state {fmt(m['state_bytes']['total'] / 2**20, 'MiB')}, "
+                   f"RSS +{fmt(m['rss_growth_mib'], 'MiB')} in updates, peak {fmt(m['peak_rss_mib'], 'MiB')}")
+    return out + [f"ratio {k}: {fmt_ratio(v)}" for k, v in c["ratios"].items()]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -98,19 +179,37 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--response-tokens", type=int, default=32)
     p.add_argument("--minibatches", type=int, default=2, help="optimizer steps per update (as ppo.minibatches)")
     p.add_argument("--repeats", type=int, default=3, help="timed calls; the fastest counts")
+    p.add_argument("--lora-r", type=int, default=16, help="LoRA rank of the LoRA-vs-full comparison (0: skip it)")
+    p.add_argument("--actor-only", choices=("full", "lora"), help=argparse.SUPPRESS)   # one side of the comparison
     p.add_argument("--results-dir", default=None)
     p.add_argument("--json", help="write the measurement here instead of bench/results/train_step.json")
     args = p.parse_args(argv)
-    torch.set_num_threads(int(__import__("os").environ.get("OMP_NUM_THREADS", "1")))
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     cfg = dict(prompts=args.prompts, n=args.n, response_tokens=args.response_tokens, repeats=args.repeats,
                minibatches=args.minibatches)
+    lora = LoRAConfig(r=args.lora_r, alpha=2.0 * args.lora_r) if args.lora_r > 0 else None
+    if args.actor_only:
+        m = measure_actor(args.model, args.data, lora=lora if args.actor_only == "lora" else None, **cfg)
+        write_json(args.json, m)
+        return 0
     m = measure(args.model, args.data, **cfg)
-    result = {"config": {**cfg, "model": args.model}, "metrics": m, "ratios": {}, "headline": headline(m)}
+    result = {"config": {**cfg, "model": args.model, "lora_r": args.lora_r}, "metrics": m, "ratios": {},
+              "headline": headline(m)}
+    if lora is not None:
+        child = ["--model", args.model, "--data", args.data, "--prompts", str(args.prompts), "--n", str(args.n),
+                 "--response-tokens", str(args.response_tokens), "--minibatches", str(args.minibatches),
+                 "--repeats", str(args.repeats), "--lora-r", str(args.lora_r)]
+        c = lora_vs_full(child)
+        m["lora_vs_full"] = {"full": c["full"], "lora": c["lora"]}
+        result["ratios"] = c["ratios"]
+        result["headline"] += lora_lines(c)[:2]
     if args.json:
         write_json(args.json, result)
     else:
         print(f"-> {write_result('train_step', result, args.results_dir)}")
     print("\n".join(result["headline"]))
+    for k, v in result["ratios"].items():
+        print(f"ratio {k}: {fmt_ratio(v)}")
     return 0
 
 

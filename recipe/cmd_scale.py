@@ -44,10 +44,10 @@ def cmd_export(args) -> int:
         raise ConfigError(f"{run}: no checkpoint {'step ' + str(args.step) if args.step else ''} to export")
     state = load_trainer_state(ckpt)
     if args.critic:
-        worker = CriticWorker(cfg.critic or cfg.policy, optim=None)
+        worker = CriticWorker(cfg.critic or cfg.policy, optim=None, lora=cfg.critic_lora)
         worker.load_state(str(ckpt / "critic"), state["critic"])
     else:
-        worker = PolicyWorker(cfg.policy)
+        worker = PolicyWorker(cfg.policy, lora=cfg.actor_lora)   # a LoRA checkpoint holds the adapters
         worker.load_state(str(ckpt / "actor"), state["actor"])
     out = atomic_dir(args.out, lambda d: worker.export(str(d)))
     print(f"step {state['step']} of {run} exported to {out}")

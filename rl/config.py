@@ -4,6 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
+from model.lora import LoRAConfig
 from records.mixture import check_task_weights
 from rewards.config import RewardConfig
 from rollout.types import EngineConfig, Sampling
@@ -134,6 +135,10 @@ class RLConfig:
     grpo: GRPOConfig = field(default_factory=GRPOConfig)
     actor_optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-5, warmup_steps=0, schedule="constant"))
     critic_optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-4, warmup_steps=0, schedule="constant"))
+    # LoRA actor (PEFT): adapters on the frozen policy, which is then the reference policy (no
+    # reference workers); the rollouts get the merged weights. null: the whole actor trains.
+    actor_lora: LoRAConfig | None = None
+    critic_lora: LoRAConfig | None = None      # the critic's own adapters (its value head trains in full); null: full
     ray: RayConfig = field(default_factory=RayConfig)
     fsdp: FSDPConfig = field(default_factory=FSDPConfig)   # how trainer groups of more than one rank shard
     plan: PlanConfig = field(default_factory=PlanConfig)
@@ -168,6 +173,8 @@ class RLConfig:
                 self.ray.rollout_gpus < self.rollout.tensor_parallel_size:
             raise ConfigError(f"ray.rollout_gpus: a replica with rollout.tensor_parallel_size "
                               f"{self.rollout.tensor_parallel_size} needs that many GPUs, got {self.ray.rollout_gpus}")
+        if self.critic_lora is not None and self.algo != "ppo":
+            raise ConfigError(f"critic_lora: algo {self.algo} has no critic (remove critic_lora)")
         if self.ppo.old_logp == "engine" and self.rollout.temperature != 1.0:
             raise ConfigError("ppo.old_logp: 'engine' needs rollout.temperature 1 (the engine returns the raw "
                               f"policy's log-probs, the trainer optimises softmax(logits/T)); got {self.rollout.temperature}")

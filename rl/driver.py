@@ -184,9 +184,10 @@ class Timer:
 
 
 class RLRun:
-    """Holds the workers of one run: the actor, the reference policy (when some task has KL), the
-    shared critic (PPO), the reward workers and the rollout replicas. With `resume_from` the
-    trainers take their weights, optimizer states and RNG from that checkpoint."""
+    """Holds the workers of one run: the actor, the reference policy (when some task has KL; a LoRA
+    actor is its own, with its adapters off), the shared critic (PPO), the reward workers and the
+    rollout replicas. With `resume_from` the trainers take their weights, optimizer states and RNG
+    from that checkpoint."""
 
     def __init__(self, cfg: RLConfig, *, resume_from: Path | None = None):
         self.cfg = cfg
@@ -213,16 +214,18 @@ class RLRun:
         self.actor: Handle[PolicyWorker] | WorkerGroup[PolicyWorker] = spawn(
             PolicyWorker, cfg.policy, optim=cfg.actor_optim, total_steps=cfg.steps, dtype=cfg.dtype, seed=cfg.seed,
             chunk_size=cfg.ppo.entropy_chunk, temperature=ro.temperature, workers=r.actor_workers, name="actor",
-            **common)
-        # No KL anywhere: no reference policy (ref_logp stays None and no KL is logged).
+            lora=cfg.actor_lora, **common)
+        # No KL anywhere: no reference policy (ref_logp stays None and no KL is logged). A LoRA actor
+        # is its own reference policy: its frozen base, adapters off.
         self.ref = None
-        if uses_kl(cfg.kl):
+        if uses_kl(cfg.kl) and cfg.actor_lora is None:
             self.ref = spawn(PolicyWorker, cfg.policy, optim=None, dtype=cfg.dtype, chunk_size=cfg.ppo.entropy_chunk,
                              temperature=ro.temperature, workers=r.ref_workers, name="ref", **common)
         self.critic = None
         if cfg.algo == "ppo":
             self.critic = spawn(CriticWorker, cfg.critic or cfg.policy, optim=cfg.critic_optim, total_steps=cfg.steps,
-                                dtype=cfg.dtype, seed=cfg.seed, workers=r.critic_workers, name="critic", **common)
+                                dtype=cfg.dtype, seed=cfg.seed, workers=r.critic_workers, name="critic",
+                                lora=cfg.critic_lora, **common)
         self.rewards: Replicas[RewardWorker] = Replicas(
             lambda i: spawn(RewardWorker, self.reward_cfg, reward_model=cfg.reward_model, use_ray=cfg.use_ray,
                             timeout=r.timeout_s, num_gpus=r.reward_gpus, name=f"reward-{i}",
@@ -239,6 +242,14 @@ class RLRun:
         if resume_from is not None:
             self.step = self.resume(resume_from)
             self.push_weights(self.rollouts.handles)   # the engines started from the SFT policy
+
+    @property
+    def ref_policy(self) -> Handle[PolicyWorker] | WorkerGroup[PolicyWorker] | None:
+        """The workers that compute ref_logp: none without KL, the actor itself with LoRA, else the
+        reference group."""
+        if not uses_kl(self.cfg.kl):
+            return None
+        return self.actor if self.cfg.actor_lora is not None else self.ref
 
     def push_weights(self, targets: list) -> dict:
         """The actor's weights into `targets` (rollout workers); a target that failed is restarted
@@ -377,13 +388,13 @@ def train_step(run: RLRun, step: int) -> tuple[dict[str, float], list[dict]]:
         run.rollouts.sleep()
     with tm("logp"):
         actor = None if from_engine else run.actor.logp(batch.seq, micro_batch_size=mbs)
-        ref = None if run.ref is None else run.ref.logp(batch.seq, micro_batch_size=mbs)
+        ref = None if run.ref_policy is None else run.ref_policy.ref_logp(batch.seq, micro_batch_size=mbs)
         critic = None if run.critic is None else run.critic.values(batch.seq, micro_batch_size=mbs)
         if from_engine:  # the sampler's own log-probs: same weights, one forward pass fewer
             batch.old_logp = engine_logp(completions, batch.mask)
         else:
             batch.old_logp, batch.entropy = actor.result()
-        batch.ref_logp = None if ref is None else ref.result()[0]
+        batch.ref_logp = None if ref is None else ref.result()
         batch.values = None if critic is None else critic.result()
     engine_gap = engine_logp_gap(batch, completions) if ro.temperature == 1.0 and not from_engine else None
     with tm("advantage"):

@@ -7,11 +7,16 @@ A worker runs alone (in the driver process or one Ray actor) or as one rank of a
 is SPMD, called on all ranks at once (see `training.distributed` for how rows are shared out and
 why losses divide by the global token count over the world size). Trainers keep float32 master
 weights and optimizer state; `dtype: bfloat16` is the compute dtype.
+
+With LoRA (`lora=`, `model.lora`) a trainer's model carries adapters on its frozen base: only the
+adapters train and are checkpointed, the actor's frozen base is the reference policy
+(`ref_logp`), and the weights it syncs and exports are merged under the base model's names.
 """
 from __future__ import annotations
 
 import math
 import time
+from pathlib import Path
 from typing import Sequence
 
 import torch
@@ -19,6 +24,8 @@ from torch import Tensor
 
 from model.critic import ValueModel
 from model.load import load_vlm, write_vlm
+from model.lora import (ADAPTER_DIR, LoRAConfig, adapter_state, adapters_off, add_adapters, full_params, has_adapters,
+                        merged_state_dict, write_adapter)
 from model.logprobs import entropy_from_logits, logp_and_entropy, token_logp
 from rewards.config import RewardConfig
 from rewards.hybrid import RewardInput, RewardResult, score_batch
@@ -33,7 +40,7 @@ from rollout.sequences import SequenceBatch
 from rollout.sync import buckets
 from rollout.worker import RolloutWorker
 from training.distributed import (FSDPConfig, all_reduce_floats, all_reduce_sum, full_state_dict, is_sharded,
-                                  iter_full_params, padded_chunks, shard_rows)
+                                  padded_chunks, shard_rows)
 from training.optim import OptimConfig
 from training.placement import Handle, call_all
 from training.trainer import Trainer, device, set_threads
@@ -48,20 +55,25 @@ def _norm(mask: Tensor, *, agg: str, world: int) -> dict:
 
 
 class PolicyWorker(Trainer):
-    """The actor (with an optimizer) or the frozen reference policy (optim=None)."""
+    """The actor (with an optimizer) or the frozen reference policy (optim=None). With `lora` the
+    actor trains adapters on the frozen policy at `path`, which is then also its reference policy."""
 
     def __init__(self, path: str, *, optim: OptimConfig | None = None, total_steps: int = 1, dtype: str = "float32",
-                 seed: int = 0, chunk_size: int = 0, temperature: float = 1.0, fsdp: FSDPConfig = FSDPConfig()):
+                 seed: int = 0, chunk_size: int = 0, temperature: float = 1.0, fsdp: FSDPConfig = FSDPConfig(),
+                 lora: LoRAConfig | None = None):
         set_threads()
         torch.manual_seed(seed)
         self.device = device()
+        self.path = path
         # a trainer keeps float32 master weights; the frozen reference runs in the compute dtype
         self.model, self.processor = load_vlm(path, dtype="float32" if optim is not None else dtype,
                                               train=optim is not None, device=str(self.device))
+        if lora is not None:
+            add_adapters(self.model, lora, key="actor_lora")
         self.chunk_size = chunk_size or None
         # The policy being optimised is the one the rollouts sample from: softmax(logits / T).
         self.temperature = temperature
-        self._setup(optim=optim, total_steps=total_steps, dtype=dtype, fsdp=fsdp)
+        self._setup(optim=optim, total_steps=total_steps, dtype=dtype, fsdp=fsdp, adapters=lora is not None)
 
     def _logp(self, seq: SequenceBatch, *, entropy: bool = False) -> tuple[Tensor, Tensor | None]:
         """Token log-probs of the labels and (entropy=True) the entropy, a detached diagnostic."""
@@ -82,6 +94,17 @@ class PolicyWorker(Trainer):
     def logp(self, seq: SequenceBatch, *, micro_batch_size: int = 32) -> tuple[Tensor, Tensor]:
         """(logp, entropy), each (B, T) on label positions, padded with 0; every rank computes its
         share of the rows and returns all of them."""
+        return self._rows_logp(seq, micro_batch_size=micro_batch_size, entropy=True)
+
+    @torch.no_grad()
+    def ref_logp(self, seq: SequenceBatch, *, micro_batch_size: int = 32) -> Tensor:
+        """(B, T) log-probs of the reference policy, as `logp`: a LoRA actor's frozen base (its
+        adapters switched off for the pass: no second copy of the model), else this worker's policy
+        (the frozen reference worker)."""
+        with adapters_off(self.model):
+            return self._rows_logp(seq, micro_batch_size=micro_batch_size, entropy=False)[0]
+
+    def _rows_logp(self, seq: SequenceBatch, *, micro_batch_size: int, entropy: bool) -> tuple[Tensor, Tensor]:
         was = self.model.training
         self.model.eval()
         B, T = seq.rows, seq.input_ids.shape[1] - 1
@@ -89,12 +112,13 @@ class PolicyWorker(Trainer):
         ent = torch.zeros(B, T)
         mine = shard_rows(range(B), rank=self.rank, world=self.world)
         for rows, real in padded_chunks(mine, micro_batch_size, total=B, world=self.world):
-            lp, en = self._logp(seq.select(rows).to(self.device), entropy=True)
+            lp, en = self._logp(seq.select(rows).to(self.device), entropy=entropy)
             if real:
                 logp[rows, :lp.shape[1]] = lp.float().cpu()
-                ent[rows, :en.shape[1]] = en.float().cpu()
+                if en is not None:
+                    ent[rows, :en.shape[1]] = en.float().cpu()
         self.model.train(was)
-        return all_reduce_sum(logp), all_reduce_sum(ent)
+        return all_reduce_sum(logp), (all_reduce_sum(ent) if entropy else ent)
 
     def update(self, batch: RolloutBatch, *, ppo: PPOConfig, kl_mode: str, kl_kind: str,
                minibatch_rows: Sequence[Sequence[int]], use_lm: bool = True, entropy: bool = False) -> dict[str, float]:
@@ -179,7 +203,8 @@ class PolicyWorker(Trainer):
                     failed.append(i)
                     del alive[i]
 
-        for bucket in buckets(iter_full_params(self.model), int(bucket_mb * 2**20)):
+        # with LoRA the merged weights, under the base model's names (what the engines hold)
+        for bucket in buckets(full_params(self.model), int(bucket_mb * 2**20)):
             if self.rank == 0 and alive:
                 send("load_weights", {k: v.to("cpu") for k, v in bucket.items()})
                 n_buckets += 1
@@ -189,7 +214,15 @@ class PolicyWorker(Trainer):
         return {"seconds": time.perf_counter() - t0, "buckets": n_buckets, "bytes": n_bytes, "failed": failed}
 
     def export(self, path: str) -> None:
-        """Write an HF folder of the current policy (rank 0 writes; every rank must call it)."""
+        """Write an HF folder of the current policy (rank 0 writes; every rank must call it). With
+        LoRA: the merged model, and the adapters in its `adapter/` folder (PEFT's format, on the
+        base policy)."""
+        if has_adapters(self.model):
+            sd, adapters = merged_state_dict(self.model, keep=self.rank == 0), adapter_state(self.model)
+            if self.rank == 0:
+                write_vlm(self.model, self.processor, path, state_dict=sd)
+                write_adapter(self.model, Path(path) / ADAPTER_DIR, state=adapters, base=self.path)
+            return
         sd = full_state_dict(self.model)
         if self.rank == 0:
             write_vlm(self.model, self.processor, path, state_dict=sd if is_sharded(self.model) else None)
@@ -204,16 +237,20 @@ class PolicyWorker(Trainer):
 
 
 class CriticWorker(Trainer):
-    """The shared critic: ONE value model for every task type."""
+    """The shared critic: ONE value model for every task type. With `lora` its backbone trains
+    adapters on a frozen base and its value head trains in full."""
 
     def __init__(self, path: str, *, optim: OptimConfig | None, total_steps: int = 1, dtype: str = "float32",
-                 seed: int = 0, fsdp: FSDPConfig = FSDPConfig()):
+                 seed: int = 0, fsdp: FSDPConfig = FSDPConfig(), lora: LoRAConfig | None = None):
         set_threads()
         torch.manual_seed(seed + 1)
         self.device = device()
         self.model = ValueModel.from_pretrained(path, dtype=torch.float32).to(self.device)
+        if lora is not None:
+            add_adapters(self.model.backbone, lora, key="critic_lora")
         self.model.train()
-        self._setup(optim=optim, total_steps=total_steps, dtype=dtype, fsdp=fsdp, checkpointed=self.model.backbone)
+        self._setup(optim=optim, total_steps=total_steps, dtype=dtype, fsdp=fsdp, checkpointed=self.model.backbone,
+                    adapters=lora is not None)
 
     @torch.no_grad()
     def values(self, seq: SequenceBatch, *, micro_batch_size: int = 32) -> Tensor:
@@ -259,7 +296,13 @@ class CriticWorker(Trainer):
         return {f"critic/{k}": v / denom for k, v in sums.items()}
 
     def export(self, path: str) -> None:
-        """Write the critic folder (backbone + value head); rank 0 writes, every rank must call it."""
+        """Write the critic folder (backbone + value head; with LoRA the merged backbone); rank 0
+        writes, every rank must call it."""
+        if has_adapters(self.model):
+            sd = merged_state_dict(self.model, keep=self.rank == 0)
+            if self.rank == 0:
+                self.model.save_pretrained(path, state_dict=sd)
+            return
         sd = full_state_dict(self.model)
         if self.rank == 0:
             self.model.save_pretrained(path, state_dict=sd if is_sharded(self.model) else None)

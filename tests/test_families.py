@@ -17,6 +17,7 @@ from model.families import FAMILIES, family_of, grounding_settings, resize_setti
 from model.info import describe
 from model.inputs import IGNORE, encode_sft
 from model.load import load_processor, load_vlm
+from model.lora import LoRAConfig, add_adapters, full_params
 from model.tiny import TinySpec, build_tiny_vlm
 from recipe.filter import run_filter
 from recipe.rft import run_rft
@@ -277,3 +278,25 @@ def test_model_conventions_fill_grounding_routes_without_overriding_them(family_
 def test_model_info_refuses_a_folder_without_a_model(tmp_path, capsys):
     assert vlrl("model", "info", tmp_path) == 2
     assert "not a model folder (no config.json)" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name", FAMILY_NAMES)
+def test_lora_adapts_each_familys_language_model_and_merges_under_its_names(family_dirs, name):
+    """The default LoRA targets reach every family's language-model linears (not its vision tower),
+    and the merged weights carry the base model's names with W + (alpha / r) B A in the adapted ones."""
+    model, _ = load_vlm(family_dirs[name])
+    base = {k: v.clone() for k, v in model.state_dict().items()}
+    adapted = add_adapters(model, LoRAConfig(r=4, alpha=8.0))
+    assert len(adapted) == 7 * model.config.get_text_config().num_hidden_layers
+    assert all(".language_model." in f".{n}" and "visual" not in n for n in adapted)
+    torch.manual_seed(0)
+    for n, p in model.named_parameters():
+        if ".lora_B." in n:
+            p.data.normal_()
+    merged = dict(full_params(model))
+    assert set(merged) == set(base)
+    layer = model.get_submodule(adapted[0])
+    a, b = layer.lora_A["default"].weight, layer.lora_B["default"].weight
+    assert torch.allclose(merged[f"{adapted[0]}.weight"], base[f"{adapted[0]}.weight"] + 2.0 * b @ a, atol=1e-6)
+    untouched = next(k for k in base if "visual" in k and k.endswith("weight"))
+    assert torch.equal(merged[untouched], base[untouched])

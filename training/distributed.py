@@ -20,7 +20,7 @@ import os
 import socket
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Collection, Iterator, Sequence
 
 import torch
 import torch.distributed as dist
@@ -178,22 +178,34 @@ def iter_full_params(model: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
         yield name, t.detach()
 
 
-def save_sharded(path: str | os.PathLike, model: nn.Module, optimizer: torch.optim.Optimizer | None) -> None:
+def _checkpoint_state(model: nn.Module, optimizer: torch.optim.Optimizer | None,
+                      only: Collection[str] | None) -> dict:
+    model_sd, optim_sd = get_state_dict(model, optimizer if optimizer is not None else [])
+    if only is not None:
+        model_sd = {k: v for k, v in model_sd.items() if k in only}
+    return {"model": model_sd} if optimizer is None else {"model": model_sd, "optim": optim_sd}
+
+
+def save_sharded(path: str | os.PathLike, model: nn.Module, optimizer: torch.optim.Optimizer | None, *,
+                 only: Collection[str] | None = None) -> None:
     """Each rank writes its shards of the model (and optimizer) state to the folder `path`
-    (torch.distributed.checkpoint); the folder is complete once every rank has returned."""
-    model_sd, optim_sd = get_state_dict(model, optimizer if optimizer is not None else [])
-    state = {"model": model_sd} if optimizer is None else {"model": model_sd, "optim": optim_sd}
-    dcp.save(state, checkpoint_id=str(path))
+    (torch.distributed.checkpoint); the folder is complete once every rank has returned. `only`:
+    the model entries to write (LoRA: the adapters; the frozen base is the folder it came from)."""
+    dcp.save(_checkpoint_state(model, optimizer, only), checkpoint_id=str(path))
 
 
-def load_sharded(path: str | os.PathLike, model: nn.Module, optimizer: torch.optim.Optimizer | None) -> None:
+def load_sharded(path: str | os.PathLike, model: nn.Module, optimizer: torch.optim.Optimizer | None, *,
+                 only: Collection[str] | None = None) -> None:
     """Read what `save_sharded` wrote into `model` (and `optimizer`), whatever the number of ranks
-    that wrote it."""
-    model_sd, optim_sd = get_state_dict(model, optimizer if optimizer is not None else [])
-    state = {"model": model_sd} if optimizer is None else {"model": model_sd, "optim": optim_sd}
+    that wrote it; `only` as given to `save_sharded` (the other entries keep their values)."""
+    state = _checkpoint_state(model, optimizer, only)
     dcp.load(state, checkpoint_id=str(path))
-    set_state_dict(model, optimizer if optimizer is not None else [], model_state_dict=state["model"],
-                   optim_state_dict=state.get("optim", {}))
+    keys = set_state_dict(model, optimizer if optimizer is not None else [], model_state_dict=state["model"],
+                          optim_state_dict=state.get("optim", {}),
+                          options=StateDictOptions(strict=only is None))
+    missing = [k for k in getattr(keys, "missing_keys", []) if only is None or k in only]
+    if missing:
+        raise KeyError(f"{path}: checkpoint lacks {missing[:5]}")
 
 
 def has_sharded_checkpoint(path: str | os.PathLike) -> bool:

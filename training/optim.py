@@ -76,12 +76,14 @@ def lr_groups(names: list[str], lr_scale: Mapping[str, float]) -> dict[float, li
 
 
 def make_optimizer(model, cfg: OptimConfig, total_steps: int):
-    """AdamW over the model's parameters (grouped by `cfg.lr_scale`; a 0 multiplier freezes its group:
-    no gradient, no optimizer state) with the warm-up/decay schedule of `cfg`."""
+    """AdamW over the model's trainable parameters (grouped by `cfg.lr_scale`; a 0 multiplier
+    freezes its group: no gradient, no optimizer state) with the warm-up/decay schedule of `cfg`.
+    Parameters frozen already (a LoRA model's base) take no part; `lr_scale` prefixes may name them."""
     params = dict(model.named_parameters())
     groups = lr_groups(list(params), cfg.lr_scale)
     for name in groups.pop(0.0, []):
         params[name].requires_grad_(False)
+    groups = {s: kept for s, names in groups.items() if (kept := [n for n in names if params[n].requires_grad])}
     if not groups:
         raise ConfigError("lr_scale: every parameter is frozen (multiplier 0); nothing would train")
     opt = torch.optim.AdamW([{"params": [params[n] for n in names], "lr": cfg.lr * scale}

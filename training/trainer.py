@@ -6,6 +6,9 @@ A trainer keeps float32 weights and optimizer state whatever the compute dtype: 
 updated at lr 1e-6 mostly rounds back to itself. With `dtype: bfloat16`, a sharded model computes
 in bfloat16 through FSDP2's mixed-precision policy (gradients reduced in float32), an unsharded one
 under autocast.
+
+A model with adapters on a frozen base (LoRA, `model.lora`) checkpoints only what trains (the
+adapters, a critic's value head) and their optimizer state: the base is the folder it started from.
 """
 from __future__ import annotations
 
@@ -38,11 +41,14 @@ class Trainer:
     device: torch.device
 
     def _setup(self, *, optim: OptimConfig | None, total_steps: int, dtype: str, fsdp: FSDPConfig,
-               checkpointed: nn.Module | None = None) -> None:
+               checkpointed: nn.Module | None = None, adapters: bool = False) -> None:
         """Shard over the group's ranks (when there are several), switch on activation
         checkpointing (on `checkpointed`, an HF model, default `self.model`) and build the optimizer;
-        without `optim` the model is frozen."""
+        without `optim` the model is frozen. `adapters`: the model carries adapters on a frozen base,
+        and checkpoints hold only the parameters trainable now (before any freezing here)."""
         self.rank, self.world = rank(), world_size()
+        self.checkpoint_only = (frozenset(n for n, p in self.model.named_parameters() if p.requires_grad)
+                                if adapters else None)
         self.compute_dtype = None if dtype == "float32" else getattr(torch, dtype)
         self.opt = self.sched = None
         if optim is not None and fsdp.grad_checkpointing:
@@ -72,17 +78,32 @@ class Trainer:
         return scalar(gn)
 
     def save_state(self, path: str) -> dict:
-        """Every rank writes its shards of the weights and the optimizer state under `path`; returns
-        the scheduler state (for the trainer state file)."""
-        save_sharded(path, self.model, self.opt)
+        """Every rank writes its shards of the weights and the optimizer state under `path`, and its
+        RNG state (LoRA dropout draws from it); returns the scheduler state (for the trainer state file)."""
+        save_sharded(path, self.model, self.opt, only=self.checkpoint_only)
+        torch.save(_rng_state(), os.path.join(path, f"rng-{self.rank}.pt"))
         return {"scheduler": self.sched.state_dict() if self.sched is not None else None}
 
     def load_state(self, path: str, state: dict) -> None:
-        """Restore what `save_state` wrote (with any number of ranks) and the scheduler state."""
-        load_sharded(path, self.model, self.opt)
+        """Restore what `save_state` wrote (with any number of ranks), the rank's RNG state (where
+        a rank of that number wrote one) and the scheduler state."""
+        load_sharded(path, self.model, self.opt, only=self.checkpoint_only)
+        rng = os.path.join(path, f"rng-{self.rank}.pt")
+        if os.path.isfile(rng):
+            _set_rng_state(torch.load(rng, weights_only=False))
         if self.sched is not None and state.get("scheduler") is not None:
             self.sched.load_state_dict(state["scheduler"])
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """The whole model's weights on rank 0 (other ranks: {}); every rank must call it."""
         return full_state_dict(self.model)
+
+
+def _rng_state() -> dict:
+    return {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None}
+
+
+def _set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    if state.get("cuda") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])

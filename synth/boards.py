@@ -34,29 +34,30 @@ def _obj(cell: int, shape: str, color: str, spec: SceneSpec) -> dict:
 
 def spot_difference(rng: random.Random, spec: SceneSpec) -> tuple[list[list[dict]], str, str, str]:
     """(boards, question, thought, answer): the second board is the first with one cell changed. The
-    colour that appears or disappears is on no other shape, and the thought names the changed shape
-    first, then where it is (as grounding's does)."""
+    colour that appears or disappears is on no other shape. The thought lists each board's colours
+    (in reading order), then says where the shape of the colour one list lacks is, in the words of
+    grounding's thought: "First: red, blue. Second: blue. The red shape is in row 1, column 1." (a
+    recoloured shape: its first colour)."""
     change = rng.choice(CHANGES)
     first = random_objects(rng, rng.randint(1, 2) if change == "add" else rng.randint(2, 3), spec, distinct_colors=True)
     second = [dict(o) for o in first]
     unused = [c for c in COLORS if c not in {o["color"] for o in first}]
     if change == "add":
         cell = rng.choice(sorted(set(range(spec.grid * spec.grid)) - {o["cell"] for o in first}))
-        new = _obj(cell, rng.choice(SHAPES), rng.choice(unused), spec)
-        second = sorted(second + [new], key=lambda o: o["cell"])
-        answer = _cell_name(cell, spec)
-        thought = f"A {new['color']} {new['shape']} appears in {answer}."
+        changed = _obj(cell, rng.choice(SHAPES), rng.choice(unused), spec)
+        second = sorted(second + [changed], key=lambda o: o["cell"])
     else:
         i = rng.randrange(len(second))
-        old = second[i]
-        answer = _cell_name(old["cell"], spec)
-        where = f"The {old['color']} {old['shape']} in {answer}"
+        changed = second[i]
         if change == "remove":
             second.pop(i)
-            thought = f"{where} is gone."
         else:
-            second[i] = {**old, "color": rng.choice(unused)}
-            thought = f"{where} turns {second[i]['color']}."
+            second[i] = {**changed, "color": rng.choice(unused)}
+    answer = _cell_name(changed["cell"], spec)
+
+    def colours(board: list[dict]) -> str:
+        return ", ".join(o["color"] for o in board) or "none"
+    thought = f"First: {colours(first)}. Second: {colours(second)}. The {changed['color']} shape is in {answer}."
     question = "Which cell differs between the two boards? Give its row and column."
     return [first, second], question, thought, answer
 

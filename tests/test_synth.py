@@ -167,6 +167,10 @@ def test_extra_answers_match_the_drawn_media(tmp_path):
             rows, cols = np.nonzero((a != b).any(-1))
             cells = {(y // 28 + 1, x // 28 + 1) for y, x in zip(rows, cols)}
             assert [f"row {y}, column {x}" for y, x in cells] == [r.answer] == [solution]
+            first, second = ([o["color"] for o in board] for board in r.meta["boards"])
+            (changed,) = (set(first) - set(second)) or (set(second) - set(first))   # removed/recoloured: the old colour
+            assert thought == (f"First: {', '.join(first) or 'none'}. Second: {', '.join(second) or 'none'}. "
+                               f"The {changed} shape is in {r.answer}.")
         elif r.task == "puzzle":
             options, chosen = r.meta["options"], r.answer
             (board,) = r.meta["boards"]

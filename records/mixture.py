@@ -35,7 +35,7 @@ def batch_indices(n: int, step: int, micro: int, *, batch_size: int, grad_accum:
     return out
 
 
-@functools.lru_cache(maxsize=2)
+@functools.lru_cache(maxsize=4)   # the step stream and the refill stream, each across an epoch edge
 def _permutation(n: int, seed: int, epoch: int) -> list[int]:
     idx = list(range(n))
     random.Random(f"{seed}-epoch-{epoch}").shuffle(idx)

@@ -45,7 +45,12 @@ class PPOConfig:
     value_clip: float | None = 0.5             # critic clipping around the old values; null disables
     epochs: int = 1                            # passes over each rollout batch
     minibatches: int = 2                       # optimizer steps per epoch
-    micro_batch_size: int = 32                 # sequences per forward/backward
+    micro_batch_size: int = 32                 # sequences per forward/backward (at most, with a token budget)
+    # Token-budget micro-batching: > 0 groups the rows longest first into micro-batches of about
+    # this many tokens (rows x the longest row, padding included) instead of `micro_batch_size`
+    # rows padded to the longest; a longer row goes alone. Same losses and log-probs, fewer padded
+    # tokens when lengths vary (video next to image prompts, short and long answers). 0: off.
+    max_tokens_per_micro_batch: int = 0
     agg: Literal["token_mean", "seq_mean_token_mean", "seq_mean_token_sum"] = "token_mean"
     gamma: float = 1.0
     lam_actor: float = 0.95                    # fixed actor lambda (used when lam_alpha == 0)
@@ -65,11 +70,25 @@ class PPOConfig:
     # `rollout/logp_gap_max` metric of a "trainer" run measures the gap). Needs temperature 1.
     old_logp: Literal["trainer", "engine"] = "trainer"
 
+    def __post_init__(self):
+        if self.micro_batch_size < 1:
+            raise ConfigError(f"micro_batch_size: must be >= 1, got {self.micro_batch_size}")
+        if self.max_tokens_per_micro_batch < 0:
+            raise ConfigError(f"max_tokens_per_micro_batch: must be >= 0 (0: off), got "
+                              f"{self.max_tokens_per_micro_batch}")
+
 
 @dataclass(frozen=True)
 class GRPOConfig:
     norm_std: bool = True                      # GRPO; false gives Dr.GRPO's unnormalised advantages
-    dynamic_sampling: bool = False             # drop groups whose scores are all equal (DAPO)
+    # DAPO dynamic sampling: train only on groups whose scores are not all equal (the others have no
+    # advantage), drawing rounds of new prompts until `prompts_per_step` such groups are found
+    dynamic_sampling: bool = False
+    max_extra_draws: int = 3                   # refill rounds per step at most; then the groups found so far
+
+    def __post_init__(self):
+        if self.max_extra_draws < 0:
+            raise ConfigError(f"max_extra_draws: must be >= 0 (0: drop, no refill), got {self.max_extra_draws}")
 
 
 @dataclass(frozen=True)

@@ -16,7 +16,7 @@ from collections import defaultdict
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 from torch import Tensor
@@ -37,7 +37,7 @@ from rl.config import GRPOConfig, KLConfig, PPOConfig, RLConfig
 from rl.rollouts import Rollouts
 from rl.workers import CriticWorker, PolicyWorker, RewardWorker
 from rollout.sequences import build_sequences, engine_logp, prompt_from_record
-from rollout.types import Completion, EngineConfig, SamplingConfig
+from rollout.types import Completion, EngineConfig, Prompt, SamplingConfig
 from training.atomic import atomic_dir, write_json
 from training.config import ConfigError, to_dict
 from training.distributed import has_sharded_checkpoint
@@ -352,21 +352,72 @@ def gpu_placement(cfg: RLConfig) -> _Placement:
     return _Placement(trainer=bundle, replica=bundle, reward=bundle)
 
 
+def groups_with_signal(scores: Sequence[float], n: int) -> list[bool]:
+    """Per group of `n` consecutive samples: whether its scores differ (DAPO's learning signal)."""
+    if not scores:
+        return []
+    ids = torch.arange(len(scores)) // n
+    return dynamic_sampling_mask(torch.tensor(scores, dtype=torch.float32), ids).view(-1, n)[:, 0].tolist()
+
+
+def refill_pick(signal: Sequence[bool], want: int) -> list[int]:
+    """The groups a refilled step trains on: the first `want` that carry a signal, in draw order;
+    none carrying one: the first `want` (the update then drops them all)."""
+    picked = [i for i, s in enumerate(signal) if s][:want]
+    return picked or list(range(min(want, len(signal))))
+
+
+def draw_indices(n_records: int, step: int, draw: int, cfg: RLConfig) -> list[int]:
+    """Prompt indices of rollout round `draw` of `step`: round 0 is the step's own batch; refill
+    rounds come from a second seeded stream. Pure functions of (step, draw): a resumed run draws
+    the same prompts."""
+    if draw == 0:
+        return batch_indices(n_records, step, 0, batch_size=cfg.prompts_per_step, grad_accum=1, seed=cfg.seed)
+    return batch_indices(n_records, step, draw - 1, batch_size=cfg.prompts_per_step,
+                         grad_accum=cfg.grpo.max_extra_draws, seed=cfg.seed + 1)
+
+
 def rollout_step(run: RLRun, step: int) -> tuple[list[Record], list[list[Completion]], list[RewardResult],
-                                                  RolloutBatch, Timer]:
-    """Sample the step's prompts, roll them out, score them and lay them out as a batch."""
+                                                  RolloutBatch, Timer, dict[str, float]]:
+    """Sample the step's prompts, roll them out, score them and lay them out as a batch. With GRPO's
+    dynamic sampling, rounds of new prompts are drawn (at most `grpo.max_extra_draws`) until
+    `prompts_per_step` groups have scores that differ, and the batch holds those groups only."""
     cfg, ro, tm = run.cfg, run.cfg.rollout, Timer()
-    with tm("sample"):
-        idx = batch_indices(len(run.records), step, 0, batch_size=cfg.prompts_per_step, grad_accum=1, seed=cfg.seed)
-        # video prompts last: a micro-batch pads its rows to the longest, and they are several image prompts long
-        records = sorted((run.records[i] for i in idx), key=lambda r: bool(r.videos))
-        prompts = [prompt_from_record(r, run.geometry) for r in records]
-        sampling = SamplingConfig.of(ro, seed=cfg.seed * 1_000_003 + step)
-    with tm("rollout"):
-        completions = run.rollouts.generate(prompts, sampling)
-    with tm("reward"):
-        results = run.score(reward_inputs(records, completions, prompts))
+    refill = cfg.algo == "grpo" and cfg.grpo.dynamic_sampling
+    records: list[Record] = []
+    prompts: list[Prompt] = []
+    completions: list[list[Completion]] = []
+    results: list[RewardResult] = []
+    draws = 0
+    while True:
+        with tm("sample"):
+            recs = [run.records[i] for i in draw_indices(len(run.records), step, draws, cfg)]
+            ps = [prompt_from_record(r, run.geometry) for r in recs]
+            sampling = SamplingConfig.of(ro, seed=cfg.seed * 1_000_003 + step + draws * 1_000_000_007)
+        with tm("rollout"):
+            comps = run.rollouts.generate(ps, sampling)
+        with tm("reward"):
+            results += run.score(reward_inputs(recs, comps, ps))
+        records, prompts, completions = records + recs, prompts + ps, completions + comps
+        draws += 1
+        if not refill:
+            break
+        signal = groups_with_signal([r.reward for r in results], ro.n)
+        if sum(signal) >= cfg.prompts_per_step or draws > cfg.grpo.max_extra_draws:
+            break
+    stats = {}
+    if refill:
+        stats = {"rollout/draws": float(draws), "rollout/prompts_drawn": float(len(records)),
+                 "rollout/groups_with_signal": sum(signal) / len(signal),
+                 "reward/all/drawn": sum(r.reward for r in results) / len(results)}   # the batch's is biased
+        pick = refill_pick(signal, cfg.prompts_per_step)
+        results = [results[p * ro.n + j] for p in pick for j in range(ro.n)]
+        records, prompts, completions = ([xs[p] for p in pick] for xs in (records, prompts, completions))
     with tm("prepare"):
+        # video prompts last: a micro-batch pads its rows to the longest, and they are several image prompts long
+        order = sorted(range(len(records)), key=lambda p: bool(records[p].videos))
+        results = [results[p * ro.n + j] for p in order for j in range(ro.n)]
+        records, prompts, completions = ([xs[p] for p in order] for xs in (records, prompts, completions))
         seq = build_sequences(run.processor, prompts, completions)
         tasks = [records[i].task for i in seq.prompt_index.tolist()]
         names = sorted(set(tasks))
@@ -374,22 +425,23 @@ def rollout_step(run: RLRun, step: int) -> tuple[list[Record], list[list[Complet
                              scores=torch.tensor([r.reward for r in results], dtype=torch.float32),
                              correct=torch.tensor([is_correct(r) for r in results]),
                              kl_coef=kl_coefs(tasks, cfg.kl.coefs, default=cfg.kl.default))
-    return records, completions, results, batch, tm
+    return records, completions, results, batch, tm, stats
 
 
 def train_step(run: RLRun, step: int) -> tuple[dict[str, float], list[dict]]:
     """One RL step (rollout, reward, log-probs, advantages, updates, weight sync); its metrics and
     the sample rows for rollouts.jsonl."""
     cfg, ro = run.cfg, run.cfg.rollout
-    mbs, from_engine = cfg.ppo.micro_batch_size, cfg.ppo.old_logp == "engine"
+    mbs, from_engine = dict(micro_batch_size=cfg.ppo.micro_batch_size,
+                            max_tokens=cfg.ppo.max_tokens_per_micro_batch), cfg.ppo.old_logp == "engine"
     colocated = cfg.ray.placement == "colocated"
-    records, completions, results, batch, tm = rollout_step(run, step)
+    records, completions, results, batch, tm, draw_stats = rollout_step(run, step)
     if colocated:
         run.rollouts.sleep()
     with tm("logp"):
-        actor = None if from_engine else run.actor.logp(batch.seq, micro_batch_size=mbs)
-        ref = None if run.ref_policy is None else run.ref_policy.ref_logp(batch.seq, micro_batch_size=mbs)
-        critic = None if run.critic is None else run.critic.values(batch.seq, micro_batch_size=mbs)
+        actor = None if from_engine else run.actor.logp(batch.seq, **mbs)
+        ref = None if run.ref_policy is None else run.ref_policy.ref_logp(batch.seq, **mbs)
+        critic = None if run.critic is None else run.critic.values(batch.seq, **mbs)
         if from_engine:  # the sampler's own log-probs: same weights, one forward pass fewer
             batch.old_logp = engine_logp(completions, batch.mask)
         else:
@@ -423,7 +475,7 @@ def train_step(run: RLRun, step: int) -> tuple[dict[str, float], list[dict]]:
     metrics = {**step_metrics(batch, results), **update_metrics, **tm.seconds, **run.restarts(),
                "rollout/tokens_per_s": n_tokens / max(1e-9, tm.seconds["time/rollout"]),
                "rollout/kept_frac": float(batch.keep.float().mean()),
-               "train/value_pretraining": float(not actor_on)}
+               "train/value_pretraining": float(not actor_on), **draw_stats}
     if sync:
         metrics["sync/buckets"], metrics["sync/mib"] = float(sync["buckets"]), sync["bytes"] / 2**20
     if engine_gap is not None:  # the engine runs the weights the trainer has: ~1e-5 after a sync

@@ -39,8 +39,7 @@ from rollout.greedy import generate_greedy
 from rollout.sequences import SequenceBatch
 from rollout.sync import buckets
 from rollout.worker import RolloutWorker
-from training.distributed import (FSDPConfig, all_reduce_floats, all_reduce_sum, full_state_dict, is_sharded,
-                                  padded_chunks, shard_rows)
+from training.distributed import FSDPConfig, all_reduce_floats, all_reduce_sum, full_state_dict, is_sharded, rank_chunks
 from training.optim import OptimConfig
 from training.placement import Handle, call_all
 from training.trainer import Trainer, device, set_threads
@@ -91,27 +90,29 @@ class PolicyWorker(Trainer):
             return logp, entropy_from_logits(logits.detach(), chunk_size=self.chunk_size)
 
     @torch.no_grad()
-    def logp(self, seq: SequenceBatch, *, micro_batch_size: int = 32) -> tuple[Tensor, Tensor]:
+    def logp(self, seq: SequenceBatch, *, micro_batch_size: int = 32, max_tokens: int = 0) -> tuple[Tensor, Tensor]:
         """(logp, entropy), each (B, T) on label positions, padded with 0; every rank computes its
-        share of the rows and returns all of them."""
-        return self._rows_logp(seq, micro_batch_size=micro_batch_size, entropy=True)
+        share of the rows and returns all of them. Micro-batches of `micro_batch_size` rows, or
+        with `max_tokens` > 0 of about that many tokens (`training.distributed.rank_chunks`)."""
+        return self._rows_logp(seq, micro_batch_size=micro_batch_size, max_tokens=max_tokens, entropy=True)
 
     @torch.no_grad()
-    def ref_logp(self, seq: SequenceBatch, *, micro_batch_size: int = 32) -> Tensor:
+    def ref_logp(self, seq: SequenceBatch, *, micro_batch_size: int = 32, max_tokens: int = 0) -> Tensor:
         """(B, T) log-probs of the reference policy, as `logp`: a LoRA actor's frozen base (its
         adapters switched off for the pass: no second copy of the model), else this worker's policy
         (the frozen reference worker)."""
         with adapters_off(self.model):
-            return self._rows_logp(seq, micro_batch_size=micro_batch_size, entropy=False)[0]
+            return self._rows_logp(seq, micro_batch_size=micro_batch_size, max_tokens=max_tokens, entropy=False)[0]
 
-    def _rows_logp(self, seq: SequenceBatch, *, micro_batch_size: int, entropy: bool) -> tuple[Tensor, Tensor]:
+    def _rows_logp(self, seq: SequenceBatch, *, micro_batch_size: int, max_tokens: int,
+                   entropy: bool) -> tuple[Tensor, Tensor]:
         was = self.model.training
         self.model.eval()
         B, T = seq.rows, seq.input_ids.shape[1] - 1
         logp = torch.zeros(B, T)
         ent = torch.zeros(B, T)
-        mine = shard_rows(range(B), rank=self.rank, world=self.world)
-        for rows, real in padded_chunks(mine, micro_batch_size, total=B, world=self.world):
+        for rows, real in rank_chunks(range(B), rank=self.rank, world=self.world, size=micro_batch_size,
+                                      lengths=seq.lengths, max_tokens=max_tokens):
             lp, en = self._logp(seq.select(rows).to(self.device), entropy=entropy)
             if real:
                 logp[rows, :lp.shape[1]] = lp.float().cpu()
@@ -139,8 +140,8 @@ class PolicyWorker(Trainer):
             lm_norm = _norm(batch.mask[rows] * batch.correct[rows, None], agg=ppo.agg, world=self.world)
             n_tok = max(1, int(batch.mask[rows].sum()))          # the minibatch's tokens on all ranks
             part: dict[str, float] = {"loss": 0.0}
-            mine = shard_rows(rows, rank=self.rank, world=self.world)
-            for chunk, real in padded_chunks(mine, ppo.micro_batch_size, total=len(rows), world=self.world):
+            for chunk, real in rank_chunks(rows, rank=self.rank, world=self.world, size=ppo.micro_batch_size,
+                                           lengths=batch.seq.lengths, max_tokens=ppo.max_tokens_per_micro_batch):
                 mb = batch.select(chunk).to(self.device)
                 mask = mb.mask
                 logp, ent = self._logp(mb.seq, entropy=entropy)
@@ -253,12 +254,13 @@ class CriticWorker(Trainer):
                     adapters=lora is not None)
 
     @torch.no_grad()
-    def values(self, seq: SequenceBatch, *, micro_batch_size: int = 32) -> Tensor:
-        """(B, T) values on label positions: values[:, t] = V(state before label token t + 1)."""
+    def values(self, seq: SequenceBatch, *, micro_batch_size: int = 32, max_tokens: int = 0) -> Tensor:
+        """(B, T) values on label positions: values[:, t] = V(state before label token t + 1).
+        Micro-batches as `PolicyWorker.logp`'s."""
         B, T = seq.rows, seq.input_ids.shape[1] - 1
         out = torch.zeros(B, T)
-        mine = shard_rows(range(B), rank=self.rank, world=self.world)
-        for rows, real in padded_chunks(mine, micro_batch_size, total=B, world=self.world):
+        for rows, real in rank_chunks(range(B), rank=self.rank, world=self.world, size=micro_batch_size,
+                                      lengths=seq.lengths, max_tokens=max_tokens):
             with self._autocast():
                 v = self.model(**seq.select(rows).model_inputs(self.device))[:, :-1].float().cpu()
             if real:
@@ -273,8 +275,8 @@ class CriticWorker(Trainer):
             norm = _norm(batch.mask[rows], agg=ppo.agg, world=self.world)
             n_tok = max(1, int(batch.mask[rows].sum()))
             part: dict[str, float] = {"loss": 0.0}
-            mine = shard_rows(rows, rank=self.rank, world=self.world)
-            for chunk, real in padded_chunks(mine, ppo.micro_batch_size, total=len(rows), world=self.world):
+            for chunk, real in rank_chunks(rows, rank=self.rank, world=self.world, size=ppo.micro_batch_size,
+                                           lengths=batch.seq.lengths, max_tokens=ppo.max_tokens_per_micro_batch):
                 mb = batch.select(chunk).to(self.device)
                 with self._autocast():
                     v = self.model(**mb.seq.model_inputs())[:, :-1]

@@ -134,6 +134,11 @@ class SequenceBatch:
         return self.input_ids.shape[0]
 
     @property
+    def lengths(self) -> list[int]:
+        """Each row's length in tokens (prompt, vision tokens and response; no padding)."""
+        return self.attention_mask.sum(-1).tolist()
+
+    @property
     def label_mask(self) -> torch.Tensor:
         """(B, T) float: 1 where the label (input_ids[:, t + 1]) is a response token."""
         return self.response_mask[:, 1:].float()

@@ -123,6 +123,41 @@ def padded_chunks(rows: Sequence[int], size: int, *, total: int, world: int) -> 
     return chunks + [(pad[0], False)] * (count - len(chunks))
 
 
+def token_chunks(rows: Sequence[int], lengths: Sequence[int], *, max_tokens: int, max_rows: int) -> list[list[int]]:
+    """`rows` longest first, cut into chunks whose padded size (rows x the chunk's longest row, the
+    tokens a forward pass computes) stays within `max_tokens`, and of at most `max_rows` rows; a
+    row longer than `max_tokens` goes alone. `lengths[r]`: row r's length in tokens."""
+    order = sorted(rows, key=lambda r: -int(lengths[r]))   # stable: equal lengths keep their order
+    chunks: list[list[int]] = []
+    for r in order:
+        cur = chunks[-1] if chunks else None
+        # longest first: the chunk's width is its first row's, so adding r costs that width once more
+        if cur is not None and len(cur) < max_rows and (len(cur) + 1) * int(lengths[cur[0]]) <= max_tokens:
+            cur.append(r)
+        else:
+            chunks.append([r])
+    return chunks
+
+
+def rank_chunks(rows: Sequence[int], *, rank: int, world: int, size: int, lengths: Sequence[int] | None = None,
+                max_tokens: int = 0) -> list[tuple[list[int], bool]]:
+    """This rank's micro-batches of `rows` (all ranks' rows): (rows, real), as many on every rank.
+
+    max_tokens 0: every world-th row (`shard_rows`) in chunks of `size` rows (`padded_chunks`).
+    max_tokens > 0 (token-budget micro-batching): the rows sorted longest first are shared out the
+    same way, so each rank gets rows of every length, then cut by `token_chunks` (at most `size`
+    rows each); every rank works out every rank's chunk count, so they agree without a collective.
+    """
+    if max_tokens <= 0 or lengths is None:
+        return padded_chunks(shard_rows(rows, rank=rank, world=world), size, total=len(rows), world=world)
+    order = sorted(rows, key=lambda r: -int(lengths[r]))
+    shares = [token_chunks(shard_rows(order, rank=r, world=world), lengths, max_tokens=max_tokens, max_rows=size)
+              for r in range(world)]
+    mine = shares[rank]
+    pad = (mine[0][:1] if mine else [order[0] if order else 0])
+    return [(c, True) for c in mine] + [(pad, False)] * (max(map(len, shares)) - len(mine))
+
+
 def layer_classes(model: nn.Module) -> set[str]:
     """Class names of the blocks FSDP shards one by one: the model's `_no_split_modules` (HF lists
     the decoder layer and the vision block there)."""

@@ -1,0 +1,177 @@
+"""Throughput features that must not change what is learnt: token-budget micro-batching (the same
+log-probs, values and updates as fixed-size micro-batches, fewer padded tokens) and DAPO dynamic
+sampling that refills the batch with groups that carry a learning signal."""
+import dataclasses
+import json
+import random
+
+import pytest
+import torch
+
+from model.load import load_processor
+from records import load_records, write_records
+from records.video import VideoGeometry
+from rl.batch import RolloutBatch
+from rewards.config import PoolConfig, RewardConfig
+from rl.config import GRPOConfig, PPOConfig, RLConfig, RolloutConfig
+from rl.driver import fit, groups_with_signal, refill_pick
+from rl.workers import CriticWorker, PolicyWorker
+from rollout.sequences import build_sequences, prompt_from_record
+from rollout.types import Completion
+from training.config import ConfigError, load_config
+from training.distributed import padded_chunks, rank_chunks, shard_rows, token_chunks
+from training.optim import OptimConfig
+
+
+def padded_tokens(chunks, lengths) -> int:
+    return sum(len(c) * max(lengths[r] for r in c) for c, _ in chunks)
+
+
+# ----------------------------------------------------------------------------- micro-batch plans
+
+def test_token_chunks_cover_every_row_once_within_the_budget():
+    rng = random.Random(0)
+    for _ in range(200):
+        n = rng.randint(0, 40)
+        lengths = [rng.choice([rng.randint(5, 60), rng.randint(200, 400)]) for _ in range(n)]
+        budget, max_rows = rng.randint(50, 800), rng.randint(1, 8)
+        chunks = token_chunks(range(n), lengths, max_tokens=budget, max_rows=max_rows)
+        assert sorted(r for c in chunks for r in c) == list(range(n))
+        for c in chunks:
+            assert len(c) <= max_rows
+            assert len(c) == 1 or len(c) * max(lengths[r] for r in c) <= budget   # a longer row goes alone
+
+
+def test_ranks_agree_on_the_number_of_passes_and_share_out_every_row():
+    lengths = [300, 20, 25, 310, 22, 18, 290, 30, 26]
+    rows = list(range(9))
+    for world in (1, 2, 3):
+        plans = [rank_chunks(rows, rank=r, world=world, size=4, lengths=lengths, max_tokens=100) for r in range(world)]
+        assert len({len(p) for p in plans}) == 1
+        assert sorted(r for p in plans for c, real in p if real for r in c) == rows
+        assert all(len(c) == 1 for p in plans for c, real in p if not real)
+    # off (max_tokens 0): exactly the row-count plan
+    assert rank_chunks(rows, rank=1, world=2, size=2, lengths=lengths) == padded_chunks(
+        shard_rows(rows, rank=1, world=2), 2, total=9, world=2)
+
+
+def test_a_token_budget_pads_fewer_tokens_than_fixed_rows_on_mixed_lengths():
+    """Three video rows among image rows: 4-row chunks in row order pad every chunk to a video row's
+    length; longest-first chunks of <= 640 tokens keep the image rows together."""
+    lengths = [60, 300, 55, 58, 62, 310, 57, 61, 59, 305, 56, 63]
+    fixed = padded_chunks(list(range(12)), 4, total=12, world=1)
+    budget = rank_chunks(range(12), rank=0, world=1, size=32, lengths=lengths, max_tokens=640)
+    assert padded_tokens(fixed, lengths) == 4 * 300 + 4 * 310 + 4 * 305
+    assert [c for c, _ in budget] == [[5, 9], [1, 11], [4, 7, 0, 8, 3, 6, 10, 2]]
+    assert padded_tokens(budget, lengths) == 2 * 310 + 2 * 300 + 8 * 62
+    assert padded_tokens(budget, lengths) / padded_tokens(fixed, lengths) < 0.5
+
+
+def test_token_budget_must_not_be_negative(tmp_path):
+    cfg = tmp_path / "rl.yaml"
+    cfg.write_text("policy: x\ndata: y\nppo: {max_tokens_per_micro_batch: -1}\n")
+    from rl.config import RLConfig
+
+    with pytest.raises(ConfigError, match=r"ppo: max_tokens_per_micro_batch: must be >= 0"):
+        load_config(RLConfig, cfg)
+
+
+# ----------------------------------------------------------------------------- same numbers
+
+@pytest.fixture(scope="module")
+def mixed_batch(tiny_model_dir, suite_dir, extra_suite_dir):
+    """Image, two-image and video prompts with responses of 3 to 30 tokens, as one rollout batch."""
+    processor = load_processor(tiny_model_dir)
+    geometry = VideoGeometry.of(processor)
+    recs = load_records(suite_dir / "rl.jsonl", require="prompt")[:3]
+    extra = load_records(extra_suite_dir / "rl.jsonl", require="prompt")
+    recs += [next(r for r in extra if r.videos), next(r for r in extra if len(r.images) == 2)]
+    prompts = [prompt_from_record(r, geometry) for r in recs]
+    rng = random.Random(0)
+    completions = [[Completion([rng.randrange(100, 400) for _ in range(rng.randint(3, 30))], [0.0], "", "length")
+                    for _ in range(2)] for _ in prompts]
+    seq = build_sequences(processor, prompts, completions)
+    rows = seq.rows
+    g = torch.Generator().manual_seed(0)
+    batch = RolloutBatch(seq=seq, tasks=["counting"] * rows, task_id=torch.zeros(rows, dtype=torch.long),
+                         scores=torch.rand(rows, generator=g), correct=torch.arange(rows) % 3 == 0,
+                         kl_coef=torch.full((rows,), 0.05))
+    lengths = seq.lengths
+    assert max(lengths) > 2 * min(lengths)       # a batch where the plan matters
+    return batch
+
+
+def _policy(path):
+    return PolicyWorker(str(path), optim=OptimConfig(lr=1e-3, warmup_steps=0, schedule="constant"), seed=0)
+
+
+def test_token_budget_gives_the_same_log_probs_values_and_updates(tiny_model_dir, mixed_batch):
+    batch, mask = mixed_batch, mixed_batch.mask
+    budget = 2 * max(batch.seq.lengths)          # about two rows per pass
+    a, b = _policy(tiny_model_dir), _policy(tiny_model_dir)
+    lp_rows, ent_rows = a.logp(batch.seq, micro_batch_size=3)
+    lp_tok, ent_tok = b.logp(batch.seq, micro_batch_size=32, max_tokens=budget)
+    assert ((lp_rows - lp_tok) * mask).abs().max() < 1e-4
+    assert ((ent_rows - ent_tok) * mask).abs().max() < 1e-4
+    g = torch.Generator().manual_seed(1)
+    batch.old_logp, batch.ref_logp = lp_rows, lp_rows + 0.01 * torch.randn(lp_rows.shape, generator=g)
+    batch.adv = torch.randn(mask.shape, generator=g) * mask
+    mb = [list(range(0, batch.rows, 2)), list(range(1, batch.rows, 2))]
+    kw = dict(kl_mode="loss", kl_kind="k3", minibatch_rows=mb)
+    ma = a.update(batch, ppo=PPOConfig(micro_batch_size=3, lm_coef=0.1), **kw)
+    mb_ = b.update(batch, ppo=PPOConfig(micro_batch_size=32, max_tokens_per_micro_batch=budget, lm_coef=0.1), **kw)
+    for k in ("actor/loss", "actor/grad_norm", "actor/lm_loss", "actor/approx_kl", "actor/kl_loss_kl"):
+        assert abs(ma[k] - mb_[k]) < 1e-4 * max(1.0, abs(ma[k])), k
+    moved = max((pa - pb).abs().max().item() for pa, pb in zip(a.model.parameters(), b.model.parameters()))
+    assert moved < 1e-5
+    assert max((pa - pb).abs().max().item() for pa, pb in
+               zip(a.model.parameters(), _policy(tiny_model_dir).model.parameters())) > 1e-4   # both did step
+
+    c1 = CriticWorker(str(tiny_model_dir), optim=OptimConfig(lr=1e-3, warmup_steps=0, schedule="constant"))
+    c2 = CriticWorker(str(tiny_model_dir), optim=OptimConfig(lr=1e-3, warmup_steps=0, schedule="constant"))
+    v1 = c1.values(batch.seq, micro_batch_size=3)
+    v2 = c2.values(batch.seq, micro_batch_size=32, max_tokens=budget)
+    assert ((v1 - v2) * mask).abs().max() < 1e-4
+    batch.values, batch.returns = v1, v1 + batch.adv
+    m1 = c1.update(batch, ppo=PPOConfig(micro_batch_size=3), minibatch_rows=mb)
+    m2 = c2.update(batch, ppo=PPOConfig(micro_batch_size=32, max_tokens_per_micro_batch=budget), minibatch_rows=mb)
+    assert abs(m1["critic/loss"] - m2["critic/loss"]) < 1e-5 and abs(m1["critic/grad_norm"] - m2["critic/grad_norm"]) < 1e-4
+
+
+# ----------------------------------------------------------------------------- refilling dynamic sampling
+
+def test_refill_helpers():
+    assert groups_with_signal([1, 1, 0, 1, 0, 0, 0.5, 0.2], 2) == [False, True, False, True]
+    assert groups_with_signal([], 4) == []
+    assert refill_pick([False, True, True, False, True], 2) == [1, 2]
+    assert refill_pick([False, False, False], 2) == [0, 1]    # no signal anywhere: the update drops them
+
+
+def test_dynamic_sampling_refills_the_batch_with_groups_that_carry_a_signal(sft_run, tmp_path):
+    """Three prompts in four have an answer no response can match (their groups all score 0): the
+    step draws more prompts until four groups have scores that differ, and trains on those only;
+    without refill rounds the step trains on the few it drew. The draws are the same in a rerun."""
+    recs = [r for r in load_records(sft_run["data"]["rl"], require="prompt") if r.task == "counting"][:24]
+    recs = [r if i % 4 == 0 else dataclasses.replace(r, answer="no such answer") for i, r in enumerate(recs)]
+    write_records(tmp_path / "rl.jsonl", recs)
+    base = RLConfig(algo="grpo", policy=str(sft_run["final"]), data=str(tmp_path / "rl.jsonl"), steps=2,
+                    prompts_per_step=4, rollout=RolloutConfig(backend="hf", n=4, max_tokens=24, temperature=0.5),
+                    reward=RewardConfig(pool=PoolConfig(workers=0)), ppo=PPOConfig(minibatches=1, micro_batch_size=16),
+                    grpo=GRPOConfig(dynamic_sampling=True, max_extra_draws=5), save_every=0)
+
+    def metrics(out, **kw):
+        fit(dataclasses.replace(base, out=str(tmp_path / out), **kw), progress=False)
+        return [json.loads(line) for line in (tmp_path / out / "metrics.jsonl").read_text().splitlines()]
+
+    rows = metrics("refill")
+    for m in rows:
+        found = round(m["rollout/groups_with_signal"] * m["rollout/prompts_drawn"])
+        assert m["rollout/prompts_drawn"] == 4 * m["rollout/draws"] and 1 <= m["rollout/draws"] <= 6
+        assert found >= 4 or m["rollout/draws"] == 6                    # it stops when full, or at the cap
+        if found >= 4:
+            assert m["rollout/kept_frac"] == 1.0                         # the batch holds those groups only
+    assert any(m["rollout/draws"] > 1 and m["rollout/kept_frac"] == 1.0 for m in rows)   # refilled, and full
+    assert [m["rollout/draws"] for m in metrics("again")] == [m["rollout/draws"] for m in rows]
+    plain = metrics("no_refill", grpo=GRPOConfig(dynamic_sampling=True, max_extra_draws=0))
+    assert all(m["rollout/draws"] == 1 for m in plain)
+    assert min(m["rollout/kept_frac"] for m in plain) < 1.0

@@ -22,27 +22,34 @@ import torch
 from bench.common import best_time, fmt, fmt_ratio, peak_rss_mib, ratio, throughput, write_result
 from bench.scratch import run_child
 from model.lora import LoRAConfig
-from records import load_images, load_records
+from records import VideoGeometry, load_records
 from rl.batch import RolloutBatch
 from rl.config import PPOConfig
 from rl.driver import minibatch_rows
 from rl.workers import CriticWorker, PolicyWorker
-from rollout.sequences import build_sequences, vision_token_ids
-from rollout.types import Completion, Prompt
+from rollout.sequences import build_sequences, prompt_from_record, vision_token_ids
+from rollout.types import Completion
 from training.atomic import write_json
+from training.distributed import rank_chunks
 from training.optim import OptimConfig
 
 
-def fixed_batch(processor, data: str, *, prompts: int, n: int, response_tokens: int, seed: int = 0) -> RolloutBatch:
-    """A rollout-shaped batch: `prompts` records x `n` random responses of `response_tokens` tokens,
-    with the RL fields the updates read (adv, returns, values, ...; old_logp is the caller's)."""
+def fixed_batch(processor, data: str, *, prompts: int, n: int, response_tokens: int, seed: int = 0,
+                varied: bool = False) -> RolloutBatch:
+    """A rollout-shaped batch: `prompts` records (their images and video clips) x `n` random
+    responses of `response_tokens` tokens (`varied`: 1 to 2 x `response_tokens`, uniformly), with
+    the RL fields the updates read (adv, returns, values, ...; old_logp is the caller's)."""
     records = load_records(data, require="prompt")[:prompts]
-    batch_prompts = [Prompt(r.prompt_messages, load_images(r)) for r in records]
+    geometry = VideoGeometry.of(processor)
+    batch_prompts = [prompt_from_record(r, geometry) for r in records]
     g = torch.Generator().manual_seed(seed)
     banned = set(vision_token_ids(processor)) | set(processor.tokenizer.all_special_ids)
     allowed = torch.tensor([t for t in range(len(processor.tokenizer)) if t not in banned])
-    completions = [[Completion(token_ids=allowed[torch.randint(len(allowed), (response_tokens,), generator=g)].tolist(),
-                               logp=[0.0] * response_tokens, text="", finish_reason="length") for _ in range(n)]
+
+    def length() -> int:
+        return int(torch.randint(1, 2 * response_tokens + 1, (1,), generator=g)) if varied else response_tokens
+    completions = [[Completion(token_ids=allowed[torch.randint(len(allowed), (k,), generator=g)].tolist(),
+                               logp=[0.0] * k, text="", finish_reason="length") for k in (length() for _ in range(n))]
                    for _ in batch_prompts]
     seq = build_sequences(processor, batch_prompts, completions)
     mask = seq.label_mask                                                           # (B, T)
@@ -87,6 +94,40 @@ def measure(model: str, data: str, *, prompts: int, n: int, response_tokens: int
     for name, t in (("actor_logp", t_logp), ("actor_update", t_actor), ("critic_update", t_critic)):
         out[name] = {"seconds": t, "tokens_per_s": throughput(all_tokens, t),
                      "response_tokens_per_s": throughput(resp_tokens, t)}
+    return out
+
+
+def budget_vs_rows(model: str, data: str, *, prompts: int, n: int, response_tokens: int, repeats: int,
+                   minibatches: int = 2, micro_batch_size: int = 8, dtype: str = "float32") -> dict:
+    """Token-budget micro-batching against fixed-size ones on a batch of varied lengths (responses
+    of 1 to 2x `response_tokens`, and whatever media the prompts hold): the actor's log-prob pass and
+    update with `micro_batch_size` rows per forward, then with a budget of that many rows of the
+    longest length (`ppo.max_tokens_per_micro_batch`: no pass larger than the fixed plan's largest,
+    so the same bound on activation memory); passes, tokens computed (padding included), seconds."""
+    optim = OptimConfig(lr=1e-6, warmup_steps=0, schedule="constant")
+    actor = PolicyWorker(model, optim=optim, total_steps=10_000, dtype=dtype)
+    batch = fixed_batch(actor.processor, data, prompts=prompts, n=n, response_tokens=response_tokens, varied=True)
+    lengths = batch.seq.lengths
+    budget = micro_batch_size * max(lengths)   # the fixed plan's largest pass: the same bound on activations
+    plans = {"rows": dict(micro_batch_size=micro_batch_size, max_tokens=0),
+             "budget": dict(micro_batch_size=max(micro_batch_size, batch.rows), max_tokens=budget)}
+    rows = minibatch_rows(list(range(batch.rows)), minibatches=minibatches, epochs=1, seed=0)
+    batch.old_logp, _ = actor.logp(batch.seq, micro_batch_size=micro_batch_size)
+    batch.ref_logp = batch.old_logp
+    out: dict = {"batch_rows": batch.rows, "tokens": sum(lengths), "budget": budget}
+    for name, kw in plans.items():
+        ppo = PPOConfig(minibatches=minibatches, micro_batch_size=kw["micro_batch_size"],
+                        max_tokens_per_micro_batch=kw["max_tokens"], lm_coef=0.1)
+        chunks = [c for r in rows for c, _ in rank_chunks(r, rank=0, world=1, size=kw["micro_batch_size"],
+                                                           lengths=lengths, max_tokens=kw["max_tokens"])]
+
+        def update():
+            actor.update(batch, ppo=ppo, kl_mode="reward", kl_kind="k3", minibatch_rows=rows)
+        update()
+        out[name] = {"update_passes": len(chunks),
+                     "update_padded_tokens": sum(len(c) * max(lengths[i] for i in c) for c in chunks),
+                     "actor_update_s": best_time(update, repeats),
+                     "actor_logp_s": best_time(lambda: actor.logp(batch.seq, **kw), repeats)}
     return out
 
 
@@ -180,6 +221,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--minibatches", type=int, default=2, help="optimizer steps per update (as ppo.minibatches)")
     p.add_argument("--repeats", type=int, default=3, help="timed calls; the fastest counts")
     p.add_argument("--lora-r", type=int, default=16, help="LoRA rank of the LoRA-vs-full comparison (0: skip it)")
+    p.add_argument("--budget-rows", type=int, default=8,
+                   help="token budget vs fixed micro-batches of this many rows, varied lengths (0: skip it)")
     p.add_argument("--actor-only", choices=("full", "lora"), help=argparse.SUPPRESS)   # one side of the comparison
     p.add_argument("--results-dir", default=None)
     p.add_argument("--json", help="write the measurement here instead of bench/results/train_step.json")
@@ -195,13 +238,21 @@ def main(argv: list[str] | None = None) -> int:
     m = measure(args.model, args.data, **cfg)
     result = {"config": {**cfg, "model": args.model, "lora_r": args.lora_r}, "metrics": m, "ratios": {},
               "headline": headline(m)}
+    if args.budget_rows > 0:
+        b = budget_vs_rows(args.model, args.data, micro_batch_size=args.budget_rows, **cfg)
+        m["budget_vs_rows"] = b
+        result["ratios"].update({
+            "budget/rows padded tokens in updates": ratio(b["budget"]["update_padded_tokens"],
+                                                          b["rows"]["update_padded_tokens"]),
+            "budget/rows actor_update speed": ratio(b["rows"]["actor_update_s"], b["budget"]["actor_update_s"]),
+            "budget/rows actor_logp speed": ratio(b["rows"]["actor_logp_s"], b["budget"]["actor_logp_s"])})
     if lora is not None:
         child = ["--model", args.model, "--data", args.data, "--prompts", str(args.prompts), "--n", str(args.n),
                  "--response-tokens", str(args.response_tokens), "--minibatches", str(args.minibatches),
                  "--repeats", str(args.repeats), "--lora-r", str(args.lora_r)]
         c = lora_vs_full(child)
         m["lora_vs_full"] = {"full": c["full"], "lora": c["lora"]}
-        result["ratios"] = c["ratios"]
+        result["ratios"].update(c["ratios"])
         result["headline"] += lora_lines(c)[:2]
     if args.json:
         write_json(args.json, result)

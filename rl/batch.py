@@ -37,6 +37,7 @@ class RolloutBatch:
     adv: Tensor | None = field(default=None, metadata=LABEL)       # (B, T) advantages
     returns: Tensor | None = field(default=None, metadata=LABEL)   # (B, T) critic targets (PPO)
     keep: Tensor | None = field(default=None, metadata=ROW)        # (B,) bool: rows the updates train on
+    is_weight: Tensor | None = field(default=None, metadata=LABEL)  # (B, T) truncated IS weight of each token (TIS)
 
     @property
     def rows(self) -> int:

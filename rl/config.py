@@ -23,6 +23,11 @@ class RolloutConfig(EngineConfig, Sampling):
     replicas: int = 1                         # engines; a step's prompts are spread over them
     sync_bucket_mb: float = 256.0             # weight sync: the trainer sends whole layers in buckets of about this size
     retries: int = 2                          # a replica that dies is restarted and its share retried
+    # `rollout.async` (spelt async_ in Python): the rollout of step k+1 runs on the engines while the
+    # trainers update on step k, so the engines sample with the weights of one step before (the
+    # truncated importance weight `ppo.tis_cap` corrects for it). Puts the workers in Ray actors.
+    # Steps before a checkpoint or a periodic eval do not overlap, so a resumed run is exact.
+    async_: bool = False
 
     def __post_init__(self):
         if self.replicas < 1:
@@ -69,10 +74,17 @@ class PPOConfig:
     # engine's, saving one forward pass per step where both run the same float32 weights (the
     # `rollout/logp_gap_max` metric of a "trainer" run measures the gap). Needs temperature 1.
     old_logp: Literal["trainer", "engine"] = "trainer"
+    # Truncated importance sampling (TIS): each token's policy loss is weighted by
+    # min(pi_trainer_old / pi_engine, tis_cap), the engine's sampling policy corrected towards the
+    # trainer's (one step behind with rollout.async; numerics, as bf16 on GPU, otherwise). Applies
+    # with old_logp "trainer" at temperature 1 (the engine's log-probs are the raw policy's); 0: off.
+    tis_cap: float = 2.0
 
     def __post_init__(self):
         if self.micro_batch_size < 1:
             raise ConfigError(f"micro_batch_size: must be >= 1, got {self.micro_batch_size}")
+        if self.tis_cap < 0:
+            raise ConfigError(f"tis_cap: must be >= 0 (0: off), got {self.tis_cap}")
         if self.max_tokens_per_micro_batch < 0:
             raise ConfigError(f"max_tokens_per_micro_batch: must be >= 0 (0: off), got "
                               f"{self.max_tokens_per_micro_batch}")
@@ -176,7 +188,7 @@ class RLConfig:
     def use_ray(self) -> bool:
         """Whether the workers live in Ray actors (see RayConfig)."""
         r = self.ray
-        return r.enabled or self.rollout.replicas > 1 or max(r.actor_workers, r.critic_workers, r.ref_workers,
+        return r.enabled or self.rollout.async_ or self.rollout.replicas > 1 or max(r.actor_workers, r.critic_workers, r.ref_workers,
                                                                r.reward_workers) > 1
 
     def __post_init__(self):
@@ -194,6 +206,14 @@ class RLConfig:
                               f"{self.rollout.tensor_parallel_size} needs that many GPUs, got {self.ray.rollout_gpus}")
         if self.critic_lora is not None and self.algo != "ppo":
             raise ConfigError(f"critic_lora: algo {self.algo} has no critic (remove critic_lora)")
+        if self.rollout.async_:
+            if self.ray.placement == "colocated":
+                raise ConfigError("rollout.async: colocated engines sleep while the trainers update; async rollouts "
+                                  "need engines of their own (ray.placement: split)")
+            if self.ppo.old_logp != "trainer" or self.rollout.temperature != 1.0 or self.ppo.tis_cap == 0:
+                raise ConfigError("rollout.async: the engines sample one step behind the trainer; the correction "
+                                  "needs ppo.old_logp 'trainer', rollout.temperature 1 and ppo.tis_cap > 0, got "
+                                  f"{self.ppo.old_logp!r}, {self.rollout.temperature}, {self.ppo.tis_cap}")
         if self.ppo.old_logp == "engine" and self.rollout.temperature != 1.0:
             raise ConfigError("ppo.old_logp: 'engine' needs rollout.temperature 1 (the engine returns the raw "
                               f"policy's log-probs, the trainer optimises softmax(logits/T)); got {self.rollout.temperature}")

@@ -13,6 +13,7 @@ import dataclasses
 import random
 import time
 from collections import defaultdict
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,7 +31,7 @@ from rewards.evaluate import add_sampled_scores, eval_subset, format_table, judg
 from rewards.hybrid import RewardResult
 from rewards.inputs import is_correct, reward_inputs
 from rl.algos import (decoupled_gae, dynamic_sampling_mask, group_advantages, kl_coefs, kl_penalty_rewards,
-                      length_adaptive_lambda, token_rewards_from_scores, whiten, whiten_by_group)
+                      length_adaptive_lambda, token_rewards_from_scores, truncated_is_weight, whiten, whiten_by_group)
 from rl.algos import kl as kl_estimate
 from rl.batch import RolloutBatch
 from rl.config import GRPOConfig, KLConfig, PPOConfig, RLConfig
@@ -170,6 +171,20 @@ def engine_logp_gap(batch: RolloutBatch, completions: list[list[Completion]]) ->
     return float(((engine - batch.old_logp) * batch.mask).abs().max())
 
 
+def tis_weights(batch: RolloutBatch, completions: list[list[Completion]], *, cap: float) -> tuple[Tensor | None, dict]:
+    """The batch's truncated IS weights (trainer's old policy over the engine's, capped) and their
+    metrics; (None, {"rollout/tis_applied": 0}) where the engine's log-probs do not line up with
+    the batch's tokens."""
+    try:
+        sampler = engine_logp(completions, batch.mask)
+    except ValueError:
+        return None, {"rollout/tis_applied": 0.0}
+    w = truncated_is_weight(batch.old_logp, sampler, batch.mask, cap=cap)
+    m = batch.mask.bool()
+    return w, {"rollout/tis_applied": 1.0, "rollout/tis_weight_mean": float(w[m].mean()) if m.any() else 1.0,
+               "rollout/tis_capped_frac": float((w[m] >= cap * (1 - 1e-6)).float().mean()) if m.any() else 0.0}
+
+
 # ----------------------------------------------------------------------------- the run
 
 class Timer:
@@ -239,9 +254,37 @@ class RLRun:
                                  on_restart=lambda h: self.push_weights([h]), placement=place.replica)
         self.step = 0
         self.wrote_checkpoint = False
+        # rollout.async: the next step's rollout, running in this thread while the trainers update
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="vlrl-rollout") if ro.async_ else None
+        self._next: tuple[int, Future] | None = None
         if resume_from is not None:
             self.step = self.resume(resume_from)
             self.push_weights(self.rollouts.handles)   # the engines started from the SFT policy
+
+    def may_prefetch(self, step: int) -> bool:
+        """Whether step `step + 1`'s rollout may run during step `step`'s update (with the weights
+        from before it): async rollouts, and no checkpoint or periodic eval between the two steps
+        (so a resumed run, which regenerates that rollout with the checkpoint's weights, is exact)."""
+        cfg, nxt = self.cfg, step + 1
+        return (self._pool is not None and nxt < cfg.steps and not periodic(nxt, cfg.save_every)
+                and not (self.eval_records and periodic(nxt, cfg.eval_every)))
+
+    def prefetch(self, step: int) -> None:
+        """Start step `step`'s rollout (`rollout_step`) in the rollout thread."""
+        self._next = (step, self._pool.submit(rollout_step, self, step))
+
+    def prefetched(self, step: int):
+        """Step `step`'s rollout if it was started ahead (waits for it), else None."""
+        if self._next is None or self._next[0] != step:
+            return None
+        _, fut = self._next
+        self._next = None
+        return fut.result()
+
+    def wait_prefetch(self) -> None:
+        """Block until the rollout started ahead is done (the engines must be idle to take weights)."""
+        if self._next is not None:
+            wait([self._next[1]])
 
     @property
     def ref_policy(self) -> Handle[PolicyWorker] | WorkerGroup[PolicyWorker] | None:
@@ -311,6 +354,9 @@ class RLRun:
     def close(self) -> None:
         """Stop the engines and the verifier pools, end the worker actors (a pipeline runs several RL
         stages in one process) and Ray itself where this run started it."""
+        if self._pool is not None:   # a rollout started ahead finishes (its result is dropped)
+            self._pool.shutdown(wait=True, cancel_futures=True)
+            self._next = None
         for pool in (self.rollouts, self.rewards):
             try:
                 pool.close()
@@ -435,7 +481,13 @@ def train_step(run: RLRun, step: int) -> tuple[dict[str, float], list[dict]]:
     mbs, from_engine = dict(micro_batch_size=cfg.ppo.micro_batch_size,
                             max_tokens=cfg.ppo.max_tokens_per_micro_batch), cfg.ppo.old_logp == "engine"
     colocated = cfg.ray.placement == "colocated"
-    records, completions, results, batch, tm, draw_stats = rollout_step(run, step)
+    ahead = run.prefetched(step)           # rollout.async: started during the last step, one step behind
+    t_wait = time.time()
+    records, completions, results, batch, tm, draw_stats = ahead or rollout_step(run, step)
+    if ahead is not None:
+        tm.seconds["time/rollout_wait"] = time.time() - t_wait
+    if run.may_prefetch(step):
+        run.prefetch(step + 1)
     if colocated:
         run.rollouts.sleep()
     with tm("logp"):
@@ -449,6 +501,9 @@ def train_step(run: RLRun, step: int) -> tuple[dict[str, float], list[dict]]:
         batch.ref_logp = None if ref is None else ref.result()
         batch.values = None if critic is None else critic.result()
     engine_gap = engine_logp_gap(batch, completions) if ro.temperature == 1.0 and not from_engine else None
+    tis = {}
+    if cfg.ppo.tis_cap > 0 and ro.temperature == 1.0 and not from_engine and cfg.algo in ("ppo", "grpo"):
+        batch.is_weight, tis = tis_weights(batch, completions, cap=cfg.ppo.tis_cap)
     with tm("advantage"):
         a = compute_advantages(batch.scores, batch.mask, old_logp=batch.old_logp, ref_logp=batch.ref_logp,
                                values=batch.values, kl_coef=batch.kl_coef, prompt_index=batch.seq.prompt_index,
@@ -469,13 +524,16 @@ def train_step(run: RLRun, step: int) -> tuple[dict[str, float], list[dict]]:
         update_metrics = {k: v for p in pending for k, v in p.result().items()}
     if colocated:
         run.rollouts.wake_up()
+    with tm("sync_wait"):   # rollout.async: the engines finish the next step's rollout first
+        run.wait_prefetch()
     with tm("sync"):
         sync = run.push_weights(run.rollouts.handles) if actor_on else {}
     n_tokens = sum(len(c.token_ids) for g in completions for c in g)
     metrics = {**step_metrics(batch, results), **update_metrics, **tm.seconds, **run.restarts(),
                "rollout/tokens_per_s": n_tokens / max(1e-9, tm.seconds["time/rollout"]),
                "rollout/kept_frac": float(batch.keep.float().mean()),
-               "train/value_pretraining": float(not actor_on), **draw_stats}
+               "train/value_pretraining": float(not actor_on), **draw_stats, **tis,
+               "rollout/policy_lag": float(ahead is not None)}
     if sync:
         metrics["sync/buckets"], metrics["sync/mib"] = float(sync["buckets"]), sync["bytes"] / 2**20
     if engine_gap is not None:  # the engine runs the weights the trainer has: ~1e-5 after a sync

@@ -126,7 +126,8 @@ class PolicyWorker(Trainer):
         """PPO actor update over the given minibatches (one optimizer step each); entropy=True also
         reports the policy's token-mean entropy over the update's forwards (`response/entropy`).
 
-        Reads old_logp, adv, ref_logp (None: no KL term), kl_coef, correct of `batch`.
+        Reads old_logp, adv, ref_logp (None: no KL term), kl_coef, correct, is_weight (None: no TIS)
+        of `batch`.
         Loss = policy_loss + [kl_mode == 'loss'] kl_loss + lm_coef * positive_lm_loss, each a
         token mean over the minibatch (micro-batch sums divided by the minibatch token count).
         """
@@ -146,7 +147,8 @@ class PolicyWorker(Trainer):
                 mask = mb.mask
                 logp, ent = self._logp(mb.seq, entropy=entropy)
                 loss, m = policy_loss(logp, mb.old_logp, mb.adv, mask, clip_low=ppo.clip_low,
-                                      clip_high=ppo.clip_high, dual_clip=ppo.dual_clip, **norm)
+                                      clip_high=ppo.clip_high, dual_clip=ppo.dual_clip, is_weight=mb.is_weight,
+                                      **norm)
                 if kl_mode == "loss" and mb.ref_logp is not None:
                     kloss, km = kl_loss(logp, mb.ref_logp, mask, mb.kl_coef, kind=kl_kind, **norm)
                     loss = loss + kloss

@@ -4,13 +4,19 @@ sampling that refills the batch with groups that carry a learning signal."""
 import dataclasses
 import json
 import random
+import shutil
+import tempfile
 
 import pytest
 import torch
+from safetensors.torch import load_file
+
+import rl.driver
 
 from model.load import load_processor
 from records import load_records, write_records
 from records.video import VideoGeometry
+from rl.algos import policy_loss, truncated_is_weight
 from rl.batch import RolloutBatch
 from rewards.config import PoolConfig, RewardConfig
 from rl.config import GRPOConfig, PPOConfig, RLConfig, RolloutConfig
@@ -18,9 +24,10 @@ from rl.driver import fit, groups_with_signal, refill_pick
 from rl.workers import CriticWorker, PolicyWorker
 from rollout.sequences import build_sequences, prompt_from_record
 from rollout.types import Completion
-from training.config import ConfigError, load_config
+from training.config import ConfigError, load_config, to_dict
 from training.distributed import padded_chunks, rank_chunks, shard_rows, token_chunks
 from training.optim import OptimConfig
+from training.placement import start_local_ray
 
 
 def padded_tokens(chunks, lengths) -> int:
@@ -175,3 +182,90 @@ def test_dynamic_sampling_refills_the_batch_with_groups_that_carry_a_signal(sft_
     plain = metrics("no_refill", grpo=GRPOConfig(dynamic_sampling=True, max_extra_draws=0))
     assert all(m["rollout/draws"] == 1 for m in plain)
     assert min(m["rollout/kept_frac"] for m in plain) < 1.0
+
+
+# ----------------------------------------------------------------------------- async rollouts and TIS
+
+def test_truncated_is_weight_scales_each_tokens_policy_loss():
+    g = torch.Generator().manual_seed(0)
+    logp, old, adv = (torch.randn(3, 5, generator=g) for _ in range(3))
+    sampler = old + 0.5 * torch.randn(3, 5, generator=g)
+    mask = torch.ones(3, 5)
+    mask[2, 3:] = 0
+    w = truncated_is_weight(old, sampler, mask, cap=1.5)
+    expected = torch.where(mask.bool(), torch.exp(old - sampler).clamp(max=1.5), torch.ones(3, 5))
+    assert torch.allclose(w, expected) and (w == 1.5).any() and (w < 1).any()
+    kw = dict(clip_low=0.2, clip_high=0.28, agg="token_mean")
+    plain, _ = policy_loss(logp, old, adv, mask, **kw)
+    weighted, _ = policy_loss(logp, old, adv, mask, is_weight=w, **kw)
+    per_token = [policy_loss(logp, old, adv, mask * (torch.arange(15).view(3, 5) == i), num_tokens=mask.sum(), **kw)[0]
+                 for i in range(15)]
+    assert torch.allclose(plain, sum(per_token))
+    assert torch.allclose(weighted, sum(p * w.flatten()[i] for i, p in enumerate(per_token)))
+
+
+def test_async_config_is_checked_and_round_trips(tmp_path):
+    cfg = tmp_path / "rl.yaml"
+    cfg.write_text("policy: x\ndata: y\nrollout: {async: true}\n")
+    loaded = load_config(RLConfig, cfg)
+    assert loaded.rollout.async_ and loaded.use_ray and to_dict(loaded)["rollout"]["async"] is True
+    for bad, msg in (("rollout.temperature=0.7", "rollout.async: .* rollout.temperature 1"),
+                     ("ppo.tis_cap=0", "rollout.async: .* ppo.tis_cap > 0"),
+                     ("ray.placement=colocated", "rollout.async: colocated engines sleep")):
+        with pytest.raises(ConfigError, match=msg):
+            load_config(RLConfig, cfg, [bad])
+    with pytest.raises(ConfigError, match=r"rollout: unknown key 'asynch' \(known: .*async,"):
+        load_config(RLConfig, cfg, ["rollout.asynch=true"])
+
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    import ray
+
+    tmp = tempfile.mkdtemp(prefix="vlrl-ray-", dir="/tmp")   # Ray's socket paths must stay short
+    start_local_ray(num_cpus=2, temp_dir=tmp)
+    yield ray
+    ray.shutdown()
+    shutil.rmtree(tmp, ignore_errors=True)
+
+
+@pytest.mark.ray
+def test_async_rollouts_run_one_step_behind_and_resume_exactly(ray_cluster, sft_run, tmp_path, monkeypatch):
+    """Four PPO steps, a checkpoint after step 2: steps 2 and 4 are rolled out during the update
+    before them, with the weights of one step before (the engine's log-probs then differ from the
+    trainer's by far more than numerics, and the TIS weights leave 1); a run killed after its
+    checkpoint resumes to the same metrics and weights as the uninterrupted one."""
+    cfg = RLConfig(algo="ppo", policy=str(sft_run["final"]), data=str(sft_run["data"]["rl"]), steps=4,
+                   prompts_per_step=4, rollout=RolloutConfig(backend="hf", n=2, max_tokens=24, async_=True),
+                   reward=RewardConfig(pool=PoolConfig(workers=0)), ppo=PPOConfig(minibatches=1, micro_batch_size=8),
+                   actor_optim=OptimConfig(lr=1e-4, warmup_steps=0, schedule="constant"), save_every=2,
+                   ray=dataclasses.replace(RLConfig().ray, timeout_s=300))
+
+    def rows(out):
+        return [json.loads(x) for x in (tmp_path / out / "metrics.jsonl").read_text().splitlines()]
+
+    fit(dataclasses.replace(cfg, out=str(tmp_path / "a")), progress=False)
+    a = rows("a")
+    assert [m["rollout/policy_lag"] for m in a] == [0.0, 1.0, 0.0, 1.0]
+    for m in a:
+        stale = m["rollout/policy_lag"] == 1.0
+        assert m["rollout/tis_applied"] == 1.0
+        assert (m["rollout/logp_gap_max"] > 1e-2) == stale, m   # in step: numerics only (~1e-5)
+        assert (abs(m["rollout/tis_weight_mean"] - 1.0) > 1e-3) == stale, m
+
+    real_save = rl.driver.save_checkpoint
+
+    def save_then_die(*args, **kw):
+        real_save(*args, **kw)
+        raise SystemExit("killed")
+
+    monkeypatch.setattr(rl.driver, "save_checkpoint", save_then_die)
+    with pytest.raises(SystemExit):
+        fit(dataclasses.replace(cfg, out=str(tmp_path / "b")), progress=False)
+    monkeypatch.setattr(rl.driver, "save_checkpoint", real_save)
+    fit(dataclasses.replace(cfg, out=str(tmp_path / "b")), progress=False)
+    b = rows("b")
+    keys = ("reward/all/total", "actor/loss", "actor/grad_norm", "rollout/tis_weight_mean", "rollout/policy_lag")
+    assert [[m[k] for k in keys] for m in b] == [[m[k] for k in keys] for m in a]
+    wa, wb = (load_file(tmp_path / out / "final" / "model.safetensors") for out in ("a", "b"))
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)

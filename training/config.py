@@ -7,6 +7,7 @@ frozen instance; unknown keys and ill-typed values stop with `file: key: what is
 from __future__ import annotations
 
 import dataclasses
+import keyword
 import types
 import typing
 from pathlib import Path
@@ -83,13 +84,24 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
     return value
 
 
+def _field_name(key: str) -> str:
+    """The dataclass field of a config key: a Python keyword (`async`) is spelt with a trailing `_`."""
+    return f"{key}_" if keyword.iskeyword(key) else key
+
+
+def _key(field_name: str) -> str:
+    """The config key of a dataclass field (the inverse of `_field_name`)."""
+    return field_name[:-1] if field_name.endswith("_") and keyword.iskeyword(field_name[:-1]) else field_name
+
+
 def _build(cls: type[T], data: dict, where: str) -> T:
     hints = typing.get_type_hints(cls)
+    data = {_field_name(k) if isinstance(k, str) else k: v for k, v in data.items()}
     fields = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - fields)
     if unknown:
-        raise ConfigError(f"{where}: unknown key {unknown[0]!r} (known: {', '.join(sorted(fields))})")
-    kwargs = {k: _coerce(v, hints[k], f"{where}.{k}" if where else k) for k, v in data.items()}
+        raise ConfigError(f"{where}: unknown key {_key(unknown[0])!r} (known: {', '.join(sorted(map(_key, fields)))})")
+    kwargs = {k: _coerce(v, hints[k], f"{where}.{_key(k)}" if where else _key(k)) for k, v in data.items()}
     try:
         return cls(**kwargs)   # a section's own checks (__post_init__) name keys relative to it
     except ConfigError as e:
@@ -186,7 +198,7 @@ def check_input(key: str, path: str | None, *, kind: Literal["model", "data"], r
 def to_dict(cfg: Any) -> Any:
     """Plain dict/list form of a config (for saving next to a run)."""
     if dataclasses.is_dataclass(cfg):
-        return {f.name: to_dict(getattr(cfg, f.name)) for f in dataclasses.fields(cfg)}
+        return {_key(f.name): to_dict(getattr(cfg, f.name)) for f in dataclasses.fields(cfg)}
     if isinstance(cfg, (tuple, list)):
         return [to_dict(v) for v in cfg]
     if isinstance(cfg, (dict, types.MappingProxyType)):

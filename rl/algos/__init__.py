@@ -43,6 +43,7 @@ from rl.algos.losses import (
                                  explained_variance,
                                  policy_loss,
                                  positive_lm_loss,
+                                 truncated_is_weight,
                                  value_loss,
 )
 
@@ -53,5 +54,5 @@ __all__ = [
     "dynamic_sampling_mask",
     "token_rewards_from_scores",
     "kl", "kl_coefs", "kl_penalty_rewards", "kl_loss",
-    "policy_loss", "value_loss", "explained_variance", "positive_lm_loss",
+    "policy_loss", "value_loss", "explained_variance", "positive_lm_loss", "truncated_is_weight",
 ]

@@ -6,6 +6,8 @@ Values at masked positions are never read: they may be padding garbage, even NaN
 """
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
@@ -17,14 +19,16 @@ LOG_RATIO_CLIP = 20.0
 
 def policy_loss(logp: Tensor, old_logp: Tensor, adv: Tensor, mask: Tensor, *, clip_low: float, clip_high: float,
                 dual_clip: float | None = None, agg: Agg = "token_mean", num_tokens: float | Tensor | None = None,
-                num_seqs: float | Tensor | None = None) -> tuple[Tensor, dict[str, Tensor]]:
+                num_seqs: float | Tensor | None = None, is_weight: Tensor | None = None) -> tuple[Tensor, dict[str, Tensor]]:
     """Clipped surrogate of PPO (Schulman et al. 1707.06347 eq. 7), negated to a loss:
 
         l_t = -min(r_t A_t, clip(r_t, 1 - clip_low, 1 + clip_high) A_t),   r_t = pi(a_t|s_t) / pi_old(a_t|s_t)
 
     with DAPO's decoupled bounds (2503.14476 "Clip-Higher": clip_low 0.2, clip_high 0.28). With
     `dual_clip` = c > 1 (Ye et al. 1912.09729, dual-clip PPO), tokens with A_t < 0 are further bounded:
-    l_t = min(l_t, -c A_t), so a huge ratio on a bad action cannot blow the loss up.
+    l_t = min(l_t, -c A_t), so a huge ratio on a bad action cannot blow the loss up. With `is_weight`
+    (B, T) each l_t is multiplied by it (`truncated_is_weight`: the sampler's policy corrected
+    towards pi_old, which the ratio and its clip are taken against).
 
     logp (with grad), old_logp, adv, mask: (B, T). `agg`, `num_tokens`, `num_seqs` as in `aggregate`.
     Metrics (token fractions over the micro-batch): clip_frac_low (A<0, r<1-clip_low),
@@ -42,6 +46,8 @@ def policy_loss(logp: Tensor, old_logp: Tensor, adv: Tensor, mask: Tensor, *, cl
     loss_tokens = torch.maximum(surrogate, clipped)  # (B, T)
     if dual_clip is not None:
         loss_tokens = torch.where(adv < 0, torch.minimum(loss_tokens, -adv * dual_clip), loss_tokens)
+    if is_weight is not None:
+        loss_tokens = loss_tokens * is_weight.detach().to(loss_tokens.dtype)
     loss = aggregate(loss_tokens, mask, agg=agg, num_tokens=num_tokens, num_seqs=num_seqs)
 
     with torch.no_grad():
@@ -54,6 +60,15 @@ def policy_loss(logp: Tensor, old_logp: Tensor, adv: Tensor, mask: Tensor, *, cl
             "ratio_mean": masked_mean(ratio, mask),
         }
     return loss, metrics
+
+
+def truncated_is_weight(old_logp: Tensor, sampler_logp: Tensor, mask: Tensor, *, cap: float) -> Tensor:
+    """Truncated importance weights (TIS; Yao et al. 2025, "Your efficient RL framework secretly
+    brings you off-policy RL training"): w_t = min(pi_old(a_t|s_t) / pi_sampler(a_t|s_t), cap), 1 off
+    the response. pi_old is the trainer's policy before the update, pi_sampler the engine's that
+    drew the tokens (older weights with async rollouts, other numerics in bf16). All (B, T)."""
+    log_w = torch.where(mask.bool(), old_logp - sampler_logp, torch.zeros_like(old_logp))
+    return torch.exp(log_w.clamp(max=math.log(cap))).detach()
 
 
 def value_loss(values: Tensor, old_values: Tensor, returns: Tensor, mask: Tensor, *, clip: float | None,

@@ -1,5 +1,5 @@
 """The CPU benchmark set (`make bench`): builds its inputs in a scratch folder, runs rollout,
-train_step, weight_sync and e2e_vs_trl one after the other (each in its own process), writes
+train_step, weight_sync, e2e_vs_trl and async_rl one after the other (each in its own process), writes
 bench/results/<name>.json and prints a one-screen summary with the ratios.
 
     python -m bench.run_all [--only rollout,train_step] [--scratch DIR] [--results-dir DIR]
@@ -21,7 +21,7 @@ from bench.common import RESULTS_DIR, command_line, machine_info, summary_lines
 from bench.scratch import REPO, default_scratch, sft_model, suite, tiny_model, video_suite
 from training.atomic import write_json
 
-BENCHES = ("rollout", "train_step", "weight_sync", "e2e_vs_trl")
+BENCHES = ("rollout", "train_step", "weight_sync", "e2e_vs_trl", "async_rl")
 
 
 def bench_args(name: str, *, model: Path, sft: Path, data: dict[str, Path], scratch: Path, target: float,
@@ -41,6 +41,8 @@ def bench_args(name: str, *, model: Path, sft: Path, data: dict[str, Path], scra
     if name == "e2e_vs_trl":
         return ["--policy", str(sft), "--data", str(data["rl"]), "--heldout", str(data["heldout"]),
                 "--out", str(scratch / "e2e"), "--target", str(target), "--sampled-target", str(sampled_target)]
+    if name == "async_rl":
+        return ["--policy", str(sft), "--data", str(data["rl"])]
     raise ValueError(f"unknown benchmark {name!r}; choose from {BENCHES}")
 
 

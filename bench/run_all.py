@@ -19,6 +19,7 @@ from pathlib import Path
 
 from bench.common import RESULTS_DIR, command_line, machine_info, summary_lines
 from bench.scratch import REPO, default_scratch, sft_model, suite, tiny_model, video_suite
+from model.tiny import SIZES
 from training.atomic import write_json
 
 BENCHES = ("rollout", "train_step", "weight_sync", "e2e_vs_trl", "async_rl")
@@ -28,10 +29,12 @@ def bench_args(name: str, *, model: Path, sft: Path, data: dict[str, Path], scra
                sampled_target: float) -> list[str]:
     """Command-line arguments of one benchmark in the CPU set (sized for ~12 minutes in all).
 
-    rollout runs two models: the random-init tiny VLM (responses mostly run to max tokens) and the
-    SFT checkpoint (short answers that stop at EOS: the RL workload), each on an image and a video batch."""
+    rollout runs three models: the random-init tiny VLM (responses mostly run to max tokens), the
+    SFT checkpoint (short answers that stop at EOS: the RL workload) and the random-init `small`
+    preset (where compute, not overhead, dominates), each on an image and a video batch."""
     if name == "rollout":
-        models = [a for m in (model, sft) for a in ("--model", str(m))]
+        small = tiny_model(scratch, spec=SIZES["small"], name="small")   # compute-bound: ~35M params
+        models = [a for m in (model, sft, small) for a in ("--model", str(m))]
         return [*models, "--data", str(data["rl"]), "--video-data", str(video_suite(scratch)), "--prompts", "32",
                 "--n", "8", "--max-tokens", "48", "--replicas", "2"]
     if name == "train_step":

@@ -8,6 +8,8 @@ Deterministic for a seed and a family.
 """
 from __future__ import annotations
 
+import dataclasses
+
 import json
 import os
 import shutil
@@ -53,6 +55,23 @@ class TinySpec:
     @property
     def head_dim(self) -> int:
         return self.hidden_size // self.num_heads
+
+
+# Presets of the same architecture. tiny: the embedded default (~1.3M parameters, 56-112 px
+# images), for tests and the demo. small: ~35M parameters and images up to 224 px, where compute
+# (not Python overhead) dominates a step: for benchmarks (bench.rollout, bench.train_step).
+SIZES: dict[str, TinySpec] = {
+    "tiny": TinySpec(),
+    "small": TinySpec(hidden_size=512, intermediate_size=2048, num_layers=8, num_heads=8, num_kv_heads=2,
+                      vision_depth=4, vision_embed=256, vision_heads=4, min_pixels=112 * 112, max_pixels=224 * 224),
+}
+
+
+def size_spec(size: str, *, seed: int = 0) -> TinySpec:
+    """The preset `size` (tiny, small) with `seed`; ValueError naming the presets otherwise."""
+    if size not in SIZES:
+        raise ValueError(f"size {size!r} is not one of {', '.join(SIZES)}")
+    return dataclasses.replace(SIZES[size], seed=seed)
 
 
 def train_tokenizer(texts: list[str], vocab_size: int):

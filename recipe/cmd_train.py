@@ -7,7 +7,7 @@ import sys
 from model.families import DEFAULT_FAMILY, FAMILIES, get_family, grounding_settings
 from model.info import describe, format_info
 from model.load import load_processor, load_vlm
-from model.tiny import TinySpec, build_tiny_vlm
+from model.tiny import SIZES, build_tiny_vlm, size_spec
 from recipe.pipeline import PipelineConfig, run_pipeline
 from recipe.reward_config import load_reward_config
 from recipe.sft import SFTConfig, train_sft
@@ -25,9 +25,9 @@ from training.config import load_config
 
 
 def cmd_init_tiny(args) -> int:
-    spec = TinySpec(seed=args.seed)
+    spec = size_spec(args.size, seed=args.seed)
     out = build_tiny_vlm(args.out, full_corpus_texts(seed=args.seed), spec, family=args.family)
-    print(f"tiny {get_family(args.family).title} written to {out}")
+    print(f"{args.size} {get_family(args.family).title} written to {out}")
     return 0
 
 
@@ -109,6 +109,8 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     q = msub.add_parser("init-tiny", help="build a tiny VLM of a family (local tokenizer, random init)")
     q.add_argument("out")
     q.add_argument("--family", choices=list(FAMILIES), default=DEFAULT_FAMILY)
+    q.add_argument("--size", choices=list(SIZES), default="tiny",
+                   help="tiny: the embedded default (~1.3M params); small: ~35M params, images up to 224 px (benchmarks)")
     q.add_argument("--seed", type=int, default=0)
     q.set_defaults(func=cmd_init_tiny)
     q = msub.add_parser("info", help="family, parameter counts, image token budget and chat template of a folder")

@@ -11,8 +11,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+import recipe.cli
 import rl.driver
 
+from model.info import describe
 from model.load import load_processor
 from records import load_records, write_records
 from records.video import VideoGeometry
@@ -269,3 +271,15 @@ def test_async_rollouts_run_one_step_behind_and_resume_exactly(ray_cluster, sft_
     assert [[m[k] for k in keys] for m in b] == [[m[k] for k in keys] for m in a]
     wa, wb = (load_file(tmp_path / out / "final" / "model.safetensors") for out in ("a", "b"))
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_the_small_preset_is_the_tiny_architecture_at_tens_of_millions(tmp_path, tiny_model_dir):
+    """`vlrl model init-tiny --size small`: the benchmarks' model where compute dominates a step."""
+    assert recipe.cli.main(["model", "init-tiny", str(tmp_path / "small"), "--size", "small"]) == 0
+    small, tiny = describe(tmp_path / "small"), describe(tiny_model_dir)
+    assert small.family == tiny.family == "qwen2_vl" and small.template == tiny.template
+    total = sum(small.params.values())
+    assert 20e6 < total < 60e6 and total > 20 * sum(tiny.params.values())
+    assert small.max_pixels == 224 * 224 > tiny.max_pixels
+    with pytest.raises(SystemExit):
+        recipe.cli.main(["model", "init-tiny", str(tmp_path / "x"), "--size", "huge"])

@@ -3,6 +3,8 @@ model building cost seconds, so they are built once)."""
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 
 from model.load import load_vlm
 from model.tiny import TinySpec, build_tiny_vlm
@@ -10,6 +12,7 @@ from recipe.sft import SFTConfig, train_sft
 from synth.extra import EXTRA_TASKS, write_full_suite
 from synth.suite import SceneSpec, corpus_texts, write_suite
 from training.optim import OptimConfig
+from training.placement import start_local_ray
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -56,3 +59,15 @@ def sft_run(tmp_path_factory, tiny_model_dir):
                     optim=OptimConfig(lr=3e-4, warmup_steps=20))
     final = train_sft(cfg, progress=False)
     return {"final": final, "run": root / "run", "data": data}
+
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    """A local Ray cluster of 2 CPUs for one test module (Ray tests: `pytest -m ray`)."""
+    import ray  # heavy optional import: only Ray tests start it
+
+    tmp = tempfile.mkdtemp(prefix="vlrl-ray-", dir="/tmp")   # Ray's socket paths must stay short
+    start_local_ray(num_cpus=2, temp_dir=tmp)
+    yield ray
+    ray.shutdown()
+    shutil.rmtree(tmp, ignore_errors=True)

@@ -4,8 +4,6 @@ worker groups (2 gloo ranks as Ray actors)."""
 import dataclasses
 import importlib.util
 import json
-import shutil
-import tempfile
 from pathlib import Path
 
 import pytest
@@ -29,7 +27,7 @@ from rollout.worker import RolloutWorker
 from tests.rollout_checks import LOGP_TOL
 from training.config import ConfigError, load_config
 from training.optim import OptimConfig
-from training.placement import Handle, start_local_ray
+from training.placement import Handle
 
 LORA = LoRAConfig(r=8, alpha=16.0)
 
@@ -260,17 +258,6 @@ def test_a_lora_grpo_run_raises_the_training_reward(sft_run, tmp_path):
 
 
 # ----------------------------------------------------------------------------- FSDP2 worker groups
-
-@pytest.fixture(scope="module")
-def ray_cluster():
-    import ray
-
-    tmp = tempfile.mkdtemp(prefix="vlrl-ray-", dir="/tmp")   # Ray's socket paths must stay short
-    start_local_ray(num_cpus=2, temp_dir=tmp)
-    yield ray
-    ray.shutdown()
-    shutil.rmtree(tmp, ignore_errors=True)
-
 
 @pytest.mark.ray
 def test_lora_actor_and_critic_groups_of_two_ranks_match_one_worker(ray_cluster, sft_run, tmp_path, monkeypatch):

@@ -4,11 +4,9 @@ import dataclasses
 import json
 import os
 import random
-import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -25,7 +23,6 @@ from rl.workers import CriticWorker, PolicyWorker
 from rollout.sync import buckets, layer_key
 from training.distributed import padded_chunks, shard_rows
 from training.optim import OptimConfig
-from training.placement import start_local_ray
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -49,17 +46,6 @@ def test_buckets_keep_layers_whole():
                    ["model.layers.1.q_proj.weight", "model.layers.1.k_proj.weight"], ["lm_head.weight"]]
     assert layer_key("model.visual.blocks.3.attn.qkv.weight") == "model.visual.blocks.3"
     assert sum(len(b) for b in buckets(named, max_bytes=10**9)) == len(named)
-
-
-@pytest.fixture(scope="module")
-def ray_cluster():
-    import ray
-
-    tmp = tempfile.mkdtemp(prefix="vlrl-ray-", dir="/tmp")   # Ray's socket paths must stay short
-    start_local_ray(num_cpus=2, temp_dir=tmp)
-    yield ray
-    ray.shutdown()
-    shutil.rmtree(tmp, ignore_errors=True)
 
 
 @pytest.mark.ray

@@ -4,8 +4,6 @@ sampling that refills the batch with groups that carry a learning signal."""
 import dataclasses
 import json
 import random
-import shutil
-import tempfile
 
 import pytest
 import torch
@@ -29,7 +27,6 @@ from rollout.types import Completion
 from training.config import ConfigError, load_config, to_dict
 from training.distributed import padded_chunks, rank_chunks, shard_rows, token_chunks
 from training.optim import OptimConfig
-from training.placement import start_local_ray
 
 
 def padded_tokens(chunks, lengths) -> int:
@@ -218,17 +215,6 @@ def test_async_config_is_checked_and_round_trips(tmp_path):
             load_config(RLConfig, cfg, [bad])
     with pytest.raises(ConfigError, match=r"rollout: unknown key 'asynch' \(known: .*async,"):
         load_config(RLConfig, cfg, ["rollout.asynch=true"])
-
-
-@pytest.fixture(scope="module")
-def ray_cluster():
-    import ray
-
-    tmp = tempfile.mkdtemp(prefix="vlrl-ray-", dir="/tmp")   # Ray's socket paths must stay short
-    start_local_ray(num_cpus=2, temp_dir=tmp)
-    yield ray
-    ray.shutdown()
-    shutil.rmtree(tmp, ignore_errors=True)
 
 
 @pytest.mark.ray

@@ -58,6 +58,15 @@ def samples_to_target(curve: Sequence[dict], target: float, *, key: str = "accur
     return None
 
 
+def held_to_end(curve: Sequence[dict], target: float, *, key: str = "accuracy") -> bool | None:
+    """Whether a curve that reached `target` is still at or above it at its last evaluated point
+    (a gain that held); None when it never reached it."""
+    if samples_to_target(curve, target, key=key) is None:
+        return None
+    last = next(p[key] for p in reversed(curve) if p.get(key) is not None)
+    return last >= target
+
+
 # ----------------------------------------------------------------------------- formatting
 
 def fmt(value: Any, unit: str = "", digits: int = 3) -> str:

@@ -8,7 +8,8 @@ import pytest
 import torch
 from transformers import Qwen2_5_VLForConditionalGeneration
 
-from bench.common import fmt, fmt_ratio, ratio, samples_to_target, summary_lines, throughput, write_result
+from bench.common import (fmt, fmt_ratio, held_to_end, ratio, samples_to_target, summary_lines, throughput,
+                          write_result)
 from bench.e2e_vs_trl import _completion_text, compare, counting_reward, vlrl_curve
 from bench.gpu_profile import SPECIAL_TOKENS, TEXT, dense_params, mfu, model_config, peak_flops_for, train_flops
 from rewards.config import PoolConfig, RewardConfig
@@ -46,6 +47,13 @@ def test_samples_to_target_is_the_first_crossing():
     assert samples_to_target(curve, 0.5)["samples"] == 0          # reached at the start
     assert samples_to_target(curve, 0.95) is None                   # never reached
     assert samples_to_target([{"samples": 1, "seconds": 1, "accuracy": None}], 0.0) is None
+
+
+def test_a_gain_held_when_the_last_point_is_still_at_the_target():
+    pts = [{"accuracy": a} for a in (0.5, 0.62, 0.58, None)]
+    assert held_to_end(pts, 0.6) is False          # reached at the second point, lost by the last evaluated one
+    assert held_to_end(pts, 0.55) is True
+    assert held_to_end(pts, 0.7) is None           # never reached
 
 
 def test_samples_to_target_reads_the_named_metric():

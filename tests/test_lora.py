@@ -28,6 +28,7 @@ from tests.rollout_checks import LOGP_TOL
 from training.config import ConfigError, load_config
 from training.optim import OptimConfig
 from training.placement import Handle
+from tests.helpers.kill import run_killed_after_checkpoint
 
 LORA = LoRAConfig(r=8, alpha=16.0)
 
@@ -215,19 +216,8 @@ def test_lora_run_resumes_exactly_from_adapter_only_checkpoints(sft_run, tmp_pat
     size = sum(f.stat().st_size for f in (ckpt / "actor").iterdir())
     assert size < (sft_run["final"] / "model.safetensors").stat().st_size     # adapters, not the model
 
-    real_save = rl.driver.save_checkpoint
-    saves = {"n": 0}
-
-    def save_then_die(*a, **k):
-        real_save(*a, **k)
-        saves["n"] += 1
-        if saves["n"] == 2:
-            raise SystemExit("killed")
-
-    monkeypatch.setattr(rl.driver, "save_checkpoint", save_then_die)
-    with pytest.raises(SystemExit):
-        fit(_cfg(sft_run, tmp_path / "killed"), progress=False)
-    monkeypatch.setattr(rl.driver, "save_checkpoint", real_save)
+    run_killed_after_checkpoint(monkeypatch, rl.driver,
+                                lambda: fit(_cfg(sft_run, tmp_path / "killed"), progress=False), after=2)
     resumed = fit(_cfg(sft_run, tmp_path / "killed"), progress=False)
     assert [r["step"] for r in _rows(tmp_path / "killed")] == [1, 2, 3]
     for name in ("model.safetensors", "adapter/adapter_model.safetensors"):

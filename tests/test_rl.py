@@ -23,6 +23,7 @@ from rollout.worker import RolloutWorker
 from training.config import ConfigError
 from training.optim import OptimConfig
 from training.placement import Future
+from tests.helpers.kill import run_killed_after_checkpoint
 
 
 def _toy_batch():
@@ -214,16 +215,7 @@ def test_value_pretraining_trains_the_critic_alone(tmp_path, sft_run):
 
 def test_killed_run_resumes_at_the_same_step_and_data(tmp_path, sft_run, monkeypatch):
     fit(_cfg(sft_run, tmp_path / "a"), progress=False)
-    real_save = rl.driver.save_checkpoint
-
-    def save_then_die(*a, **k):
-        real_save(*a, **k)
-        raise SystemExit("killed")
-
-    monkeypatch.setattr(rl.driver, "save_checkpoint", save_then_die)
-    with pytest.raises(SystemExit):
-        fit(_cfg(sft_run, tmp_path / "b"), progress=False)
-    monkeypatch.setattr(rl.driver, "save_checkpoint", real_save)
+    run_killed_after_checkpoint(monkeypatch, rl.driver, lambda: fit(_cfg(sft_run, tmp_path / "b"), progress=False))
     fit(_cfg(sft_run, tmp_path / "b"), progress=False)
 
     def ids(run, step):

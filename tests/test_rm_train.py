@@ -22,6 +22,7 @@ from synth.prefs import write_preference_pairs
 from synth.suite import write_suite
 from training.config import load_config, to_dict
 from training.optim import OptimConfig
+from tests.helpers.kill import run_killed_after_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -72,16 +73,8 @@ def test_killed_run_resumes_exactly(tmp_path, tiny_model_dir, small_pairs, monke
     assert _cli("rm", "train", "--config", yaml, "--no-progress") == 0
     straight = tmp_path / "a" / "final"
 
-    real_save = rewards.rm_train.save_checkpoint
-
-    def save_then_die(*a, **k):
-        real_save(*a, **k)
-        raise SystemExit("killed right after the first checkpoint")
-
-    monkeypatch.setattr(rewards.rm_train, "save_checkpoint", save_then_die)
-    with pytest.raises(SystemExit):
-        train_rm(_cfg(tiny_model_dir, small_pairs, tmp_path / "b"), progress=False)
-    monkeypatch.setattr(rewards.rm_train, "save_checkpoint", real_save)
+    run_killed_after_checkpoint(monkeypatch, rewards.rm_train,
+                                lambda: train_rm(_cfg(tiny_model_dir, small_pairs, tmp_path / "b"), progress=False))
     assert (tmp_path / "b" / "checkpoints" / "latest").read_text() == "step-000002"
     resumed = train_rm(_cfg(tiny_model_dir, small_pairs, tmp_path / "b"), progress=False)
 

@@ -12,6 +12,7 @@ from records import load_records
 from records.mixture import batch_indices, weighted_records
 from rewards.evaluate import evaluate
 from training.optim import OptimConfig, lr_factor, lr_groups, make_optimizer
+from tests.helpers.kill import run_killed_after_checkpoint
 
 
 def test_lr_schedule_shape():
@@ -71,16 +72,8 @@ def test_zero_lr_scale_freezes_and_the_rest_trains_at_its_multiple():
 def test_killed_run_resumes_exactly(tmp_path, tiny_model_dir, suite_dir, monkeypatch):
     straight = train_sft(_cfg(tiny_model_dir, suite_dir, tmp_path / "a"), progress=False)
 
-    real_save = recipe.sft.save_checkpoint
-
-    def save_then_die(*a, **k):
-        real_save(*a, **k)
-        raise SystemExit("killed right after the first checkpoint")
-
-    monkeypatch.setattr(recipe.sft, "save_checkpoint", save_then_die)
-    with pytest.raises(SystemExit):
-        train_sft(_cfg(tiny_model_dir, suite_dir, tmp_path / "b"), progress=False)
-    monkeypatch.setattr(recipe.sft, "save_checkpoint", real_save)
+    run_killed_after_checkpoint(monkeypatch, recipe.sft,
+                                lambda: train_sft(_cfg(tiny_model_dir, suite_dir, tmp_path / "b"), progress=False))
     assert (tmp_path / "b" / "checkpoints" / "latest").read_text() == "step-000002"
     resumed = train_sft(_cfg(tiny_model_dir, suite_dir, tmp_path / "b"), progress=False)
 

@@ -27,6 +27,7 @@ from rollout.types import Completion
 from training.config import ConfigError, load_config, to_dict
 from training.distributed import padded_chunks, rank_chunks, shard_rows, token_chunks
 from training.optim import OptimConfig
+from tests.helpers.kill import run_killed_after_checkpoint
 
 
 def padded_tokens(chunks, lengths) -> int:
@@ -241,16 +242,8 @@ def test_async_rollouts_run_one_step_behind_and_resume_exactly(ray_cluster, sft_
         assert (m["rollout/logp_gap_max"] > 1e-2) == stale, m   # in step: numerics only (~1e-5)
         assert (abs(m["rollout/tis_weight_mean"] - 1.0) > 1e-3) == stale, m
 
-    real_save = rl.driver.save_checkpoint
-
-    def save_then_die(*args, **kw):
-        real_save(*args, **kw)
-        raise SystemExit("killed")
-
-    monkeypatch.setattr(rl.driver, "save_checkpoint", save_then_die)
-    with pytest.raises(SystemExit):
-        fit(dataclasses.replace(cfg, out=str(tmp_path / "b")), progress=False)
-    monkeypatch.setattr(rl.driver, "save_checkpoint", real_save)
+    run_killed_after_checkpoint(monkeypatch, rl.driver,
+                                lambda: fit(dataclasses.replace(cfg, out=str(tmp_path / "b")), progress=False))
     fit(dataclasses.replace(cfg, out=str(tmp_path / "b")), progress=False)
     b = rows("b")
     keys = ("reward/all/total", "actor/loss", "actor/grad_norm", "rollout/tis_weight_mean", "rollout/policy_lag")

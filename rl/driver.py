@@ -481,10 +481,10 @@ def train_step(run: RLRun, step: int) -> tuple[dict[str, float], list[dict]]:
     mbs, from_engine = dict(micro_batch_size=cfg.ppo.micro_batch_size,
                             max_tokens=cfg.ppo.max_tokens_per_micro_batch), cfg.ppo.old_logp == "engine"
     colocated = cfg.ray.placement == "colocated"
-    ahead = run.prefetched(step)           # rollout.async: started during the last step, one step behind
     t_wait = time.time()
+    ahead = run.prefetched(step)           # rollout.async: started during the last step, one step behind
     records, completions, results, batch, tm, draw_stats = ahead or rollout_step(run, step)
-    if ahead is not None:
+    if ahead is not None:                  # how long the driver still waited for it
         tm.seconds["time/rollout_wait"] = time.time() - t_wait
     if run.may_prefetch(step):
         run.prefetch(step + 1)
@@ -502,7 +502,7 @@ def train_step(run: RLRun, step: int) -> tuple[dict[str, float], list[dict]]:
         batch.values = None if critic is None else critic.result()
     engine_gap = engine_logp_gap(batch, completions) if ro.temperature == 1.0 and not from_engine else None
     tis = {}
-    if cfg.ppo.tis_cap > 0 and ro.temperature == 1.0 and not from_engine and cfg.algo in ("ppo", "grpo"):
+    if cfg.ppo.tis_cap > 0 and ro.temperature == 1.0 and not from_engine:
         batch.is_weight, tis = tis_weights(batch, completions, cap=cfg.ppo.tis_cap)
     with tm("advantage"):
         a = compute_advantages(batch.scores, batch.mask, old_logp=batch.old_logp, ref_logp=batch.ref_logp,

@@ -43,18 +43,14 @@ def test_bad_config_names_file_and_key(tmp_path, text, override, needle):
     assert str(f) in str(e.value) and needle in str(e.value)
 
 
-def test_negative_replay_names_the_file_and_the_round_key(tmp_path):
+@pytest.mark.parametrize("text, needle", [
+    ("round:\n  rl_replay: -1\n", "round: rl_replay: must be >= 0"),
+    ("data:\n  tasks: [counting, juggling]\n", "data: tasks: unknown synthetic task(s) ['juggling']"),
+])
+def test_a_bad_pipeline_key_names_the_file_and_the_key(tmp_path, text, needle):
     f = tmp_path / "pipe.yaml"
-    f.write_text("round:\n  rl_replay: -1\n")
+    f.write_text(text)
     with pytest.raises(ConfigError) as e:
         load_config(PipelineConfig, f)
-    assert str(f) in str(e.value) and "round: rl_replay: must be >= 0" in str(e.value)
-
-
-def test_unknown_synthetic_task_names_the_file_and_the_data_key(tmp_path):
-    f = tmp_path / "pipe.yaml"
-    f.write_text("data:\n  tasks: [counting, juggling]\n")
-    with pytest.raises(ConfigError) as e:
-        load_config(PipelineConfig, f)
-    assert str(f) in str(e.value) and "data: tasks: unknown synthetic task(s) ['juggling']" in str(e.value)
+    assert str(f) in str(e.value) and needle in str(e.value)
     assert load_config(PipelineConfig, None, ["data.tasks=[puzzle]"]).data.tasks == ("puzzle",)

@@ -29,7 +29,7 @@ from training.config import ConfigError, check_input
 from training.distributed import FSDPConfig, all_reduce_floats, full_state_dict, is_sharded, shard_rows
 from training.optim import OptimConfig
 from training.placement import Handle, WorkerGroup, spawn, start_ray_once, stop_ray
-from training.runlog import MetricsLog, latest_checkpoint, over_budget, periodic, save_checkpoint, start_run
+from training.runlog import MetricsLog, latest_checkpoint, periodic, save_checkpoint, save_or_stop, start_run
 from training.trainer import Trainer, device, set_threads
 
 
@@ -219,11 +219,8 @@ def train_sft(cfg: SFTConfig, *, resume: bool = True, progress: bool = True) -> 
             if eval_records and periodic(step, cfg.eval_every) and step < cfg.steps:
                 table, _ = run_eval(step, cfg.eval_limit)
                 bar.write(format_table(table, f"step {step}"))
-            out_of_time = over_budget(t_start, cfg.max_minutes)
-            if periodic(step, cfg.save_every) or step == cfg.steps or out_of_time:
-                checkpoint(step)
-            if out_of_time:
-                bar.write(f"time budget of {cfg.max_minutes} min reached at step {step}")
+            if save_or_stop(step, steps=cfg.steps, save_every=cfg.save_every, t_start=t_start,
+                            max_minutes=cfg.max_minutes, checkpoint=checkpoint, say=bar.write):
                 break
         bar.close()
         final = atomic_dir(out / "final", lambda d: worker.export(str(d)).result())

@@ -27,7 +27,7 @@ from training.distributed import (FSDPConfig, all_reduce_floats, full_state_dict
                                   rank, shard_rows, world_size)
 from training.optim import OptimConfig
 from training.placement import Handle, WorkerGroup, spawn, start_ray_once, stop_ray
-from training.runlog import MetricsLog, latest_checkpoint, over_budget, periodic, save_checkpoint, start_run
+from training.runlog import MetricsLog, latest_checkpoint, periodic, save_checkpoint, save_or_stop, start_run
 from training.trainer import Trainer, device, set_threads
 from verifiers.think_format import split_think
 
@@ -244,11 +244,8 @@ def train_rm(cfg: RMConfig, *, resume: bool = True, progress: bool = True) -> Pa
             if eval_records and periodic(step, cfg.eval_every) and step < cfg.steps:
                 result = run_eval(step)
                 bar.write(f"step {step}: held-out pairwise accuracy {result['pairwise_accuracy']:.3f}")
-            out_of_time = over_budget(t_start, cfg.max_minutes)
-            if periodic(step, cfg.save_every) or step == cfg.steps or out_of_time:
-                checkpoint(step)
-            if out_of_time:
-                bar.write(f"time budget of {cfg.max_minutes} min reached at step {step}")
+            if save_or_stop(step, steps=cfg.steps, save_every=cfg.save_every, t_start=t_start,
+                            max_minutes=cfg.max_minutes, checkpoint=checkpoint, say=bar.write):
                 break
         bar.close()
         final = atomic_dir(out / "final", lambda d: worker.export(str(d)).result())

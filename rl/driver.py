@@ -308,20 +308,21 @@ class RLRun:
     def rm_scores(self, items: list) -> list[float]:
         return self.rewards.map(lambda h, share, _: h.rm_scores(share), items)
 
-    def verifier_stats(self) -> dict[str, float]:
+    def _summed(self, call: Callable[[Handle[RewardWorker]], object]) -> dict[str, float]:
+        """`call(handle)` (a Future of a dict of counts) on every reward worker, summed key by key."""
         total: dict[str, float] = defaultdict(float)
-        for h in self.rewards.handles:
-            for k, v in h.stats().result().items():
+        for f in [call(h) for h in self.rewards.handles]:
+            for k, v in f.result().items():
                 total[k] += v
         return dict(total)
 
+    def verifier_stats(self) -> dict[str, float]:
+        """The verifier pools' counts (calls, timeouts, errors) over the reward workers."""
+        return self._summed(lambda h: h.stats())
+
     def take_cost(self) -> dict[str, float]:
         """The judge's cost over the reward workers since the last call ({} without a judge)."""
-        total: dict[str, float] = defaultdict(float)
-        for h in self.rewards.handles:
-            for k, v in h.take_cost().result().items():
-                total[k] += v
-        return dict(total)
+        return self._summed(lambda h: h.take_cost())
 
     def greedy(self, records: list[Record]) -> list[str]:
         """Greedy answers with the rollouts' token budget (a repeated prompt is decoded once)."""

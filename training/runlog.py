@@ -81,6 +81,18 @@ def over_budget(t_start: float, max_minutes: float) -> bool:
     return bool(max_minutes) and (time.time() - t_start) / 60 >= max_minutes
 
 
+def save_or_stop(step: int, *, steps: int, save_every: int, t_start: float, max_minutes: float,
+                 checkpoint: Callable[[int], None], say: Callable[[str], None]) -> bool:
+    """The end of a training step: checkpoint when the period comes, at the last step or when the
+    time budget is spent; True (stop now) when it is spent, which `say` reports."""
+    out_of_time = over_budget(t_start, max_minutes)
+    if periodic(step, save_every) or step == steps or out_of_time:
+        checkpoint(step)
+    if out_of_time:
+        say(f"time budget of {max_minutes} min reached at step {step}")
+    return out_of_time
+
+
 def latest_checkpoint(run_dir: str | os.PathLike) -> Path | None:
     ptr = Path(run_dir) / "checkpoints" / "latest"
     if not ptr.is_file():

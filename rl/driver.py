@@ -14,10 +14,9 @@ import random
 import time
 from collections import defaultdict
 from concurrent.futures import Future, ThreadPoolExecutor, wait
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable
 
 import torch
 from torch import Tensor
@@ -25,20 +24,18 @@ from tqdm import tqdm
 
 from model.families import verifier_settings
 from model.load import load_processor
-from records import Record, VideoGeometry, load_records, media_counts
-from records.mixture import batch_indices, weighted_records
+from records import Record, VideoGeometry, load_records
 from rewards.evaluate import add_sampled_scores, eval_subset, format_table, judge, summarize, write_eval
 from rewards.hybrid import RewardResult
-from rewards.inputs import is_correct, reward_inputs
-from rl.algos import (decoupled_gae, dynamic_sampling_mask, group_advantages, kl_coefs, kl_penalty_rewards,
-                      length_adaptive_lambda, token_rewards_from_scores, truncated_is_weight, whiten, whiten_by_group)
-from rl.algos import kl as kl_estimate
-from rl.batch import RolloutBatch
+from rl.algos import (decoupled_gae, dynamic_sampling_mask, group_advantages, kl_penalty_rewards,
+                      length_adaptive_lambda, token_rewards_from_scores, whiten, whiten_by_group)
 from rl.config import GRPOConfig, KLConfig, PPOConfig, RLConfig
+from rl.rollout_step import (check_media_limits, engine_logp_gap, prompt_pool, rollout_step, step_metrics,
+                             tis_weights)
 from rl.rollouts import Rollouts
 from rl.workers import CriticWorker, PolicyWorker, RewardWorker
-from rollout.sequences import build_sequences, engine_logp, prompt_from_record
-from rollout.types import Completion, EngineConfig, Prompt, SamplingConfig
+from rollout.sequences import engine_logp, prompt_from_record
+from rollout.types import SamplingConfig
 from training.atomic import atomic_dir, write_json
 from training.config import ConfigError, to_dict
 from training.distributed import has_sharded_checkpoint
@@ -112,91 +109,7 @@ def uses_kl(kl_cfg: KLConfig) -> bool:
     return kl_cfg.default != 0 or any(c != 0 for c in kl_cfg.coefs.values())
 
 
-def prompt_pool(cfg: RLConfig) -> list[Record]:
-    """The records the steps draw prompts from: `cfg.data` with each record of task t repeated
-    `cfg.task_weights[t]` times (the prompt mixture)."""
-    return weighted_records(load_records(cfg.data, tasks=cfg.reward.known_tasks, require="prompt"), cfg.task_weights)
-
-
-def check_media_limits(records: list[Record], engine: EngineConfig, geometry: VideoGeometry) -> None:
-    """ConfigError naming the rollout setting when a prompt holds more images or video clips than the
-    vLLM engine is started for (`rollout.max_images_per_prompt`, `rollout.max_video_clips_per_prompt`)."""
-    if engine.backend != "vllm":
-        return
-    for rec in records:
-        if not rec.videos and len(rec.images) <= engine.max_images_per_prompt:
-            continue
-        images, clips = media_counts(rec, geometry)
-        for n, key in ((images, "max_images_per_prompt"), (clips, "max_video_clips_per_prompt")):
-            if n > getattr(engine, key):
-                raise ConfigError(f"rollout.{key}: {getattr(engine, key)}, but the prompt at {rec.source} "
-                                  f"({rec.id}) takes {n}")
-
-
-def step_metrics(batch: RolloutBatch, results: list[RewardResult]) -> dict[str, float]:
-    """Reward per task and component, KL per task (when a reference policy runs), the critic's value
-    bias per task (PPO), response lengths."""
-    out: dict[str, float] = {}
-    by_task = defaultdict(list)
-    for i, t in enumerate(batch.tasks):
-        by_task[t].append(i)
-    mask = batch.mask
-    k1 = None if batch.ref_logp is None else kl_estimate(batch.old_logp, batch.ref_logp, kind="k1") * mask
-    for t, idx in by_task.items():
-        out[f"reward/{t}/total"] = sum(results[i].reward for i in idx) / len(idx)
-        for part in sorted({p for i in idx for p in results[i].parts}):
-            out[f"reward/{t}/{part}"] = sum(results[i].parts.get(part, 0.0) for i in idx) / len(idx)
-        if k1 is not None:
-            out[f"kl/{t}"] = float(k1[idx].sum() / mask[idx].sum().clamp(min=1))
-        if batch.values is not None:  # the shared critic's bias on this task: V(first response state) - score
-            first = batch.values[idx].gather(1, mask[idx].argmax(-1, keepdim=True))[:, 0]
-            out[f"critic/value_bias/{t}"] = float((first - batch.scores[idx]).mean())
-    out["reward/all/total"] = sum(r.reward for r in results) / max(1, len(results))
-    lengths = mask.sum(-1).float()
-    out["response/length_mean"] = float(lengths.mean())
-    out["response/length_max"] = float(lengths.max())
-    if batch.entropy is not None:  # else (old_logp "engine") the actor update reports it
-        out["response/entropy"] = float((batch.entropy * mask).sum() / mask.sum().clamp(min=1))
-    return out
-
-
-def engine_logp_gap(batch: RolloutBatch, completions: list[list[Completion]]) -> float:
-    """max |engine log-prob - trainer log-prob| over sampled tokens (both of the raw policy at T=1)."""
-    try:
-        engine = engine_logp(completions, batch.mask)
-    except ValueError:
-        return float("nan")
-    if not batch.mask.any():
-        return float("nan")
-    return float(((engine - batch.old_logp) * batch.mask).abs().max())
-
-
-def tis_weights(batch: RolloutBatch, completions: list[list[Completion]], *, cap: float) -> tuple[Tensor | None, dict]:
-    """The batch's truncated IS weights (trainer's old policy over the engine's, capped) and their
-    metrics; (None, {"rollout/tis_applied": 0}) where the engine's log-probs do not line up with
-    the batch's tokens."""
-    try:
-        sampler = engine_logp(completions, batch.mask)
-    except ValueError:
-        return None, {"rollout/tis_applied": 0.0}
-    w = truncated_is_weight(batch.old_logp, sampler, batch.mask, cap=cap)
-    m = batch.mask.bool()
-    return w, {"rollout/tis_applied": 1.0, "rollout/tis_weight_mean": float(w[m].mean()) if m.any() else 1.0,
-               "rollout/tis_capped_frac": float((w[m] >= cap * (1 - 1e-6)).float().mean()) if m.any() else 0.0}
-
-
 # ----------------------------------------------------------------------------- the run
-
-class Timer:
-    def __init__(self):
-        self.seconds: dict[str, float] = {}
-
-    @contextmanager
-    def __call__(self, name: str):
-        t0 = time.time()
-        yield
-        self.seconds[f"time/{name}"] = self.seconds.get(f"time/{name}", 0.0) + time.time() - t0
-
 
 class RLRun:
     """Holds the workers of one run: the actor, the reference policy (when some task has KL; a LoRA
@@ -397,82 +310,6 @@ def gpu_placement(cfg: RLConfig) -> _Placement:
         return {"scheduling_strategy": PlacementGroupSchedulingStrategy(placement_group=pg,
                                                                         placement_group_bundle_index=i % n)}
     return _Placement(trainer=bundle, replica=bundle, reward=bundle)
-
-
-def groups_with_signal(scores: Sequence[float], n: int) -> list[bool]:
-    """Per group of `n` consecutive samples: whether its scores differ (DAPO's learning signal)."""
-    if not scores:
-        return []
-    ids = torch.arange(len(scores)) // n
-    return dynamic_sampling_mask(torch.tensor(scores, dtype=torch.float32), ids).view(-1, n)[:, 0].tolist()
-
-
-def refill_pick(signal: Sequence[bool], want: int) -> list[int]:
-    """The groups a refilled step trains on: the first `want` that carry a signal, in draw order;
-    none carrying one: the first `want` (the update then drops them all)."""
-    picked = [i for i, s in enumerate(signal) if s][:want]
-    return picked or list(range(min(want, len(signal))))
-
-
-def draw_indices(n_records: int, step: int, draw: int, cfg: RLConfig) -> list[int]:
-    """Prompt indices of rollout round `draw` of `step`: round 0 is the step's own batch; refill
-    rounds come from a second seeded stream. Pure functions of (step, draw): a resumed run draws
-    the same prompts."""
-    if draw == 0:
-        return batch_indices(n_records, step, 0, batch_size=cfg.prompts_per_step, grad_accum=1, seed=cfg.seed)
-    return batch_indices(n_records, step, draw - 1, batch_size=cfg.prompts_per_step,
-                         grad_accum=cfg.grpo.max_extra_draws, seed=cfg.seed + 1)
-
-
-def rollout_step(run: RLRun, step: int) -> tuple[list[Record], list[list[Completion]], list[RewardResult],
-                                                  RolloutBatch, Timer, dict[str, float]]:
-    """Sample the step's prompts, roll them out, score them and lay them out as a batch. With GRPO's
-    dynamic sampling, rounds of new prompts are drawn (at most `grpo.max_extra_draws`) until
-    `prompts_per_step` groups have scores that differ, and the batch holds those groups only."""
-    cfg, ro, tm = run.cfg, run.cfg.rollout, Timer()
-    refill = cfg.algo == "grpo" and cfg.grpo.dynamic_sampling
-    records: list[Record] = []
-    prompts: list[Prompt] = []
-    completions: list[list[Completion]] = []
-    results: list[RewardResult] = []
-    draws = 0
-    while True:
-        with tm("sample"):
-            recs = [run.records[i] for i in draw_indices(len(run.records), step, draws, cfg)]
-            ps = [prompt_from_record(r, run.geometry) for r in recs]
-            sampling = SamplingConfig.of(ro, seed=cfg.seed * 1_000_003 + step + draws * 1_000_000_007)
-        with tm("rollout"):
-            comps = run.rollouts.generate(ps, sampling)
-        with tm("reward"):
-            results += run.score(reward_inputs(recs, comps, ps))
-        records, prompts, completions = records + recs, prompts + ps, completions + comps
-        draws += 1
-        if not refill:
-            break
-        signal = groups_with_signal([r.reward for r in results], ro.n)
-        if sum(signal) >= cfg.prompts_per_step or draws > cfg.grpo.max_extra_draws:
-            break
-    stats = {}
-    if refill:
-        stats = {"rollout/draws": float(draws), "rollout/prompts_drawn": float(len(records)),
-                 "rollout/groups_with_signal": sum(signal) / len(signal),
-                 "reward/all/drawn": sum(r.reward for r in results) / len(results)}   # the batch's is biased
-        pick = refill_pick(signal, cfg.prompts_per_step)
-        results = [results[p * ro.n + j] for p in pick for j in range(ro.n)]
-        records, prompts, completions = ([xs[p] for p in pick] for xs in (records, prompts, completions))
-    with tm("prepare"):
-        # video prompts last: a micro-batch pads its rows to the longest, and they are several image prompts long
-        order = sorted(range(len(records)), key=lambda p: bool(records[p].videos))
-        results = [results[p * ro.n + j] for p in order for j in range(ro.n)]
-        records, prompts, completions = ([xs[p] for p in order] for xs in (records, prompts, completions))
-        seq = build_sequences(run.processor, prompts, completions)
-        tasks = [records[i].task for i in seq.prompt_index.tolist()]
-        names = sorted(set(tasks))
-        batch = RolloutBatch(seq=seq, tasks=tasks, task_id=torch.tensor([names.index(t) for t in tasks]),
-                             scores=torch.tensor([r.reward for r in results], dtype=torch.float32),
-                             correct=torch.tensor([is_correct(r) for r in results]),
-                             kl_coef=kl_coefs(tasks, cfg.kl.coefs, default=cfg.kl.default))
-    return records, completions, results, batch, tm, stats
 
 
 def train_step(run: RLRun, step: int) -> tuple[dict[str, float], list[dict]]:

@@ -14,7 +14,8 @@ from rewards.hybrid import score_batch
 from rl.algos import kl as kl_estimate
 from rl.batch import RolloutBatch
 from rl.config import GRPOConfig, KLConfig, PPOConfig, RLConfig, RolloutConfig
-from rl.driver import compute_advantages, evaluate_run, fit, minibatch_rows, prompt_pool, uses_kl
+from rl.driver import compute_advantages, evaluate_run, fit, minibatch_rows, uses_kl
+from rl.rollout_step import prompt_pool
 from rl.workers import PolicyWorker
 from rollout import make_engine
 from rollout.sequences import build_sequences

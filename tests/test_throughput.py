@@ -20,7 +20,8 @@ from rl.algos import policy_loss, truncated_is_weight
 from rl.batch import RolloutBatch
 from rewards.config import PoolConfig, RewardConfig
 from rl.config import GRPOConfig, PPOConfig, RLConfig, RolloutConfig
-from rl.driver import fit, groups_with_signal, refill_pick
+from rl.driver import fit
+from rl.rollout_step import groups_with_signal, refill_pick
 from rl.workers import CriticWorker, PolicyWorker
 from rollout.sequences import build_sequences, prompt_from_record
 from rollout.types import Completion

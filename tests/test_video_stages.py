@@ -14,7 +14,7 @@ from records import VideoGeometry, load_media, load_records, message_text
 from rewards.inputs import reward_inputs
 from rewards.judge import PairwiseJudge, media_and_question
 from rewards.rm import RewardModelScorer
-from rl.driver import check_media_limits
+from rl.rollout_step import check_media_limits
 from rollout import Completion, EngineConfig
 from rollout.sequences import prompt_from_record
 from training.config import ConfigError

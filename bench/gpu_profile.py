@@ -1,23 +1,27 @@
 """GPU profile: random-init Qwen2.5-VL-3B/7B (configs written here, nothing downloaded; speed does
-not depend on weight values), rollout at a fixed response length (EOS ignored), weight sync and one
-actor update, reported as tokens/s per GPU and actor MFU against EasyR1's published figures
-(Qwen2.5-VL-7B GRPO on 8xH100: ~2,000 tokens/s/GPU, actor MFU ~23%).
+not depend on weight values), one colocated RL step's parts through the production workers --
+rollout on `--workers` vLLM replicas, actor log-probs and one update on an FSDP2 group of
+`--workers` ranks, the bucketed weight sync from the group into every replica -- reported as
+tokens/s per GPU, actor MFU and sync seconds against EasyR1's published figures (Qwen2.5-VL-7B
+GRPO on 8xH100: ~2,000 tokens/s/GPU, actor MFU ~23%).
 
-    python -m bench.gpu_profile --size 7b [--prompts 64 --n 8 --response-tokens 1024]
+    python -m bench.gpu_profile --size 3b [--workers 1] [--prompts 64 --n 8 --response-tokens 1024]
+    python -m bench.gpu_profile --size tiny --workers 2 --prompts 4 --n 2 --response-tokens 16   # CPU smoke run
 
-Needs a CUDA GPU; exits with a message otherwise. One GPU, colocated like EasyR1: the vLLM engine
-generates, is closed, then the actor (bf16 AdamW, gradient checkpointing) takes the same batch.
-FLOPs follow verl's counter (which EasyR1 reports): 6 x dense decoder parameters x tokens plus
-12 x sum(seq_len^2) x head_dim x heads x layers for attention; the vision tower is left out.
+Each rank and its replica share a GPU (half a Ray GPU each; the engines sleep during the update,
+as in `ray.placement: colocated`). A random-init model rarely samples EOS from a 150k vocabulary,
+so responses run to `--response-tokens`. FLOPs follow verl's counter (which EasyR1 reports):
+6 x dense decoder parameters x tokens plus 12 x sum(seq_len^2) x head_dim x heads x layers for
+attention; the vision tower is left out.
 """
 from __future__ import annotations
 
 import argparse
+import json
 import time
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
 from transformers import (Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLProcessor,
                           Qwen2VLImageProcessor, Qwen2VLVideoProcessor)
 
@@ -25,15 +29,17 @@ from bench.common import best_time, fmt, throughput, write_result
 from bench.scratch import default_scratch, tiny_model
 from bench.train_step import fixed_batch
 from model.load import load_processor
-from records import load_images, load_records
+from records import VideoGeometry, load_records
 from rl.config import PPOConfig
 from rl.driver import minibatch_rows
+from rl.rollouts import Rollouts
 from rl.workers import PolicyWorker
-from rollout import make_engine
-from rollout.sequences import render_prompt
-from rollout.types import EngineConfig, Prompt
+from rollout.sequences import prompt_from_record
+from rollout.types import EngineConfig, SamplingConfig
 from synth.suite import SceneSpec, write_suite
+from training.distributed import FSDPConfig
 from training.optim import OptimConfig
+from training.placement import spawn, start_local_ray
 
 EASYR1 = {"model": "Qwen2.5-VL-7B", "algo": "GRPO", "gpus": "8xH100", "tokens_per_s_per_gpu": 2000.0, "actor_mfu": 0.23}
 # bf16 dense peak FLOP/s by device-name fragment (vendor data sheets, SXM parts)
@@ -128,109 +134,138 @@ def build_model(out: Path, size: str, tokenizer_dir: Path) -> Path:
     return out
 
 
-def rollout_fixed_length(engine, prompts, *, n: int, response_tokens: int) -> tuple[float, int]:
-    """(seconds, generated tokens) of one vLLM call with EOS ignored, through the engine's own
-    `vllm.LLM` and prompt rendering (the `Engine` protocol has no ignore-EOS switch)."""
-    from vllm import SamplingParams
+def text_dims(model_dir: Path) -> dict:
+    """The decoder sizes `dense_params`/`train_flops` read, from a model folder's config.json."""
+    cfg = json.loads((model_dir / "config.json").read_text())
+    text = {**cfg, **cfg.get("text_config", {})}
+    keys = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+            "num_key_value_heads")
+    return {k: text[k] for k in keys}
 
 
-    requests = [{"prompt": render_prompt(engine.processor, p), "multi_modal_data": {"image": list(p.images)}}
-                for p in prompts]
-    params = SamplingParams(n=n, temperature=1.0, max_tokens=response_tokens, min_tokens=response_tokens,
-                            ignore_eos=True, logprobs=0, logit_bias={t: -100.0 for t in engine.banned_ids})
-    t0 = time.perf_counter()
-    outs = engine.llm.generate(requests, params, use_tqdm=False)
-    return time.perf_counter() - t0, sum(len(c.token_ids) for o in outs for c in o.outputs)
-
-
-def profile(size: str, scratch: Path, *, prompts: int, n: int, response_tokens: int, micro_batch_size: int,
-            peak: float) -> dict:
-    """Rollout tokens/s, weight-sync seconds, actor update tokens/s and MFU on one GPU."""
-    model_dir = build_model(scratch / "models" / f"qwen2_5_vl_{size}", size, tiny_model(scratch))
-    data = scratch / "data448"
-    if not (data / "rl.jsonl").is_file():  # 448x448 images: 256 vision tokens each, like a real VQA prompt
-        write_suite(data, seed=0, n=1, n_heldout=1, n_rl=max(prompts, 8), tasks=("counting",),
-                    spec=SceneSpec(grid=4, cell=112, size=80))
+def profile(model_dir: Path, data: Path, *, workers: int, prompts: int, n: int, response_tokens: int,
+            micro_batch_size: int, peak: float | None, gpu: bool, memory_utilization: float = 0.3) -> dict:
+    """One colocated RL step's parts, timed through the production workers: `workers` rollout
+    replicas (one vLLM engine each) generate, sleep; an actor group of `workers` FSDP2 ranks takes
+    log-probs and one update of the same-shaped batch; the engines wake and the group syncs its
+    weights into every replica, bucket by bucket. On GPUs every rank and its replica share a GPU
+    (half a Ray GPU each); on CPU (`gpu=False`: the tiny model, a smoke run) they share the cores."""
     records = load_records(data / "rl.jsonl", require="prompt")[:prompts]
-    batch_prompts = [Prompt(r.prompt_messages, load_images(r)) for r in records]
-
-    engine = make_engine(str(model_dir), EngineConfig(backend="vllm", dtype="bfloat16", enforce_eager=False,
-                                                      gpu_memory_utilization=0.85, max_model_len=4096), seed=0)
+    geometry = VideoGeometry.of(load_processor(model_dir))
+    batch_prompts = [prompt_from_record(r, geometry) for r in records]
+    share = 0.5 if gpu else 0.0
+    dtype = "bfloat16" if gpu else "float32"
+    import ray  # optional: the profile runs its workers on Ray
+    own_ray = not ray.is_initialized()
+    if own_ray:
+        start_local_ray(num_cpus=max(2, 2 * workers))
+    engine = EngineConfig(backend="vllm", dtype=dtype, enforce_eager=not gpu, enable_sleep_mode=gpu,
+                          gpu_memory_utilization=memory_utilization, max_model_len=4096)
+    rollouts = Rollouts(str(model_dir), engine, replicas=workers, use_ray=True, num_gpus=share)
+    actor = None
     try:
-        rollout_fixed_length(engine, batch_prompts[:2], n=2, response_tokens=16)            # warm-up
-        gen_s, gen_tokens = rollout_fixed_length(engine, batch_prompts, n=n, response_tokens=response_tokens)
-        state = {}
-        for f in sorted(model_dir.glob("*.safetensors")):
-            state.update(load_file(str(f), device="cuda"))
-        engine.sync_weights(state)
-        sync_s = engine.last_sync_seconds
-        del state
+        warm = SamplingConfig(n=2, max_tokens=8, seed=0)
+        rollouts.generate(batch_prompts[:max(2, workers)], warm)
+        sampling = SamplingConfig(n=n, max_tokens=response_tokens, temperature=1.0, seed=1)
+        t0 = time.perf_counter()
+        out = rollouts.generate(batch_prompts, sampling)
+        gen_s = time.perf_counter() - t0
+        gen_tokens = sum(len(c.token_ids) for group in out for c in group)
+        rollouts.sleep()
+        actor = spawn(PolicyWorker, str(model_dir), optim=OptimConfig(lr=1e-6, warmup_steps=0, schedule="constant"),
+                      total_steps=100, dtype=dtype, fsdp=FSDPConfig(grad_checkpointing=gpu), workers=workers,
+                      use_ray=True, num_gpus=share, name="actor")
+        processor = load_processor(model_dir)
+        batch = fixed_batch(processor, str(data / "rl.jsonl"), prompts=prompts, n=n, response_tokens=response_tokens)
+        rows = minibatch_rows(list(range(batch.rows)), minibatches=1, epochs=1, seed=0)
+        ppo = PPOConfig(minibatches=1, micro_batch_size=micro_batch_size, lm_coef=0.0)
+        batch.old_logp, _ = actor.logp(batch.seq, micro_batch_size=micro_batch_size).result()
+        batch.ref_logp = batch.old_logp
+        logp_s = best_time(lambda: actor.logp(batch.seq, micro_batch_size=micro_batch_size).result(), 1)
+        update_s = best_time(lambda: actor.update(batch, ppo=ppo, kl_mode="reward", kl_kind="k3",
+                                                  minibatch_rows=rows).result(), 1)
+        rollouts.wake_up()
+        sync = actor.push_weights(rollouts.handles).result()
     finally:
-        engine.close()
-    torch.cuda.empty_cache()
-
-    actor = PolicyWorker(str(model_dir), optim=OptimConfig(lr=1e-6, warmup_steps=0, schedule="constant"),
-                         total_steps=100, dtype="bfloat16")
-    actor.model.gradient_checkpointing_enable()
-    batch = fixed_batch(actor.processor, str(data / "rl.jsonl"), prompts=prompts, n=n, response_tokens=response_tokens)
-    rows = minibatch_rows(list(range(batch.rows)), minibatches=1, epochs=1, seed=0)
-    ppo = PPOConfig(minibatches=1, micro_batch_size=micro_batch_size, lm_coef=0.0)
-    batch.old_logp, _ = actor.logp(batch.seq, micro_batch_size=micro_batch_size)
-    batch.ref_logp = batch.old_logp
-    logp_s = best_time(lambda: actor.logp(batch.seq, micro_batch_size=micro_batch_size), 1)
-    update_s = best_time(lambda: actor.update(batch, ppo=ppo, kl_mode="reward", kl_kind="k3", minibatch_rows=rows), 1)
+        if actor is not None:
+            actor.kill()
+        rollouts.close()
+        if own_ray:
+            ray.shutdown()
+    if sync["failed"]:
+        raise RuntimeError(f"the weight sync failed on replicas {sync['failed']}")
     seq_lens = batch.seq.attention_mask.sum(-1).tolist()
     tokens = sum(seq_lens)
-    flops = train_flops(TEXT[size], seq_lens)
-    step_s = gen_s + sync_s + logp_s + update_s
+    dims = text_dims(model_dir)
+    flops = train_flops(dims, seq_lens)
+    step_s = gen_s + sync["seconds"] + logp_s + update_s
     return {
-        "model": f"Qwen2.5-VL-{size.upper()} (random init)", "dense_params": dense_params(TEXT[size]),
+        "workers": workers, "dense_params": dense_params(dims),
         "sequences": len(seq_lens), "tokens": tokens, "generated_tokens": gen_tokens,
-        "rollout": {"seconds": gen_s, "tokens_per_s": throughput(gen_tokens, gen_s)},
-        "weight_sync_s": sync_s,
-        "actor_logp": {"seconds": logp_s, "tokens_per_s": throughput(tokens, logp_s)},
-        "actor_update": {"seconds": update_s, "tokens_per_s": throughput(tokens, update_s),
-                         "mfu": mfu(flops, update_s, peak_flops=peak)},
-        "step": {"seconds": step_s, "tokens_per_s_per_gpu": throughput(tokens, step_s)},
-        "peak_gpu_mib": torch.cuda.max_memory_allocated() / 2**20,
+        "rollout": {"seconds": gen_s, "tokens_per_s_per_device": throughput(gen_tokens, gen_s) / workers},
+        "weight_sync": {"seconds": sync["seconds"], "buckets": sync["buckets"], "mib": sync["bytes"] / 2**20},
+        "actor_logp": {"seconds": logp_s, "tokens_per_s_per_device": throughput(tokens, logp_s) / workers},
+        "actor_update": {"seconds": update_s, "tokens_per_s_per_device": throughput(tokens, update_s) / workers,
+                         "mfu": mfu(flops, update_s, peak_flops=peak, n_devices=workers) if peak else None},
+        "step": {"seconds": step_s, "tokens_per_s_per_device": throughput(tokens, step_s) / workers},
     }
 
 
-def headline(m: dict) -> list[str]:
-    return [f"{m['model']}: rollout {fmt(m['rollout']['tokens_per_s'], 'tok/s')}, sync {fmt(m['weight_sync_s'], 's')}, "
-            f"actor update {fmt(m['actor_update']['tokens_per_s'], 'tok/s')} (MFU {m['actor_update']['mfu']:.1%})",
-            f"step (rollout + sync + logp + update): {fmt(m['step']['tokens_per_s_per_gpu'], 'tok/s/GPU')} "
+def headline(name: str, m: dict, *, per: str) -> list[str]:
+    mfu_text = "n/a" if m["actor_update"]["mfu"] is None else f"{m['actor_update']['mfu']:.1%}"
+    return [f"{name}, {m['workers']} worker(s): rollout {fmt(m['rollout']['tokens_per_s_per_device'], 'tok/s')}/{per}, "
+            f"sync {fmt(m['weight_sync']['seconds'], 's')} ({m['weight_sync']['mib']:,.0f} MiB), actor update "
+            f"{fmt(m['actor_update']['tokens_per_s_per_device'], 'tok/s')}/{per} (MFU {mfu_text})",
+            f"step (rollout + logp + update + sync): {fmt(m['step']['tokens_per_s_per_device'], 'tok/s')}/{per} "
             f"vs EasyR1 {EASYR1['tokens_per_s_per_gpu']:,.0f}; actor MFU vs EasyR1 {EASYR1['actor_mfu']:.0%}"]
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--size", choices=sorted(TEXT), default="7b")
+    p.add_argument("--size", choices=[*sorted(TEXT), "tiny"], default="7b",
+                   help="tiny: the embedded tiny VLM on CPU, a smoke run of the same code")
+    p.add_argument("--workers", type=int, default=1, help="actor ranks = rollout replicas = GPUs used")
     p.add_argument("--prompts", type=int, default=64)
     p.add_argument("--n", type=int, default=8)
     p.add_argument("--response-tokens", type=int, default=1024)
     p.add_argument("--micro-batch-size", type=int, default=4)
+    p.add_argument("--memory-utilization", type=float, default=0.3, help="each engine's share of its GPU")
     p.add_argument("--peak-tflops", type=float, default=None, help="bf16 dense peak of the GPU (default: by name)")
     p.add_argument("--scratch", default=None)
     p.add_argument("--results-dir", default=None)
     args = p.parse_args(argv)
 
-    if not torch.cuda.is_available():
-        raise SystemExit("bench.gpu_profile needs a CUDA GPU (torch.cuda.is_available() is False); "
-                         "the CPU set is `make bench`")
-    name = torch.cuda.get_device_name(0)
-    peak = args.peak_tflops * 1e12 if args.peak_tflops else peak_flops_for(name)
-    if peak is None:
-        raise SystemExit(f"unknown peak FLOP/s for {name!r}: pass --peak-tflops")
     scratch = Path(args.scratch) if args.scratch else default_scratch()
-    m = profile(args.size, scratch, prompts=args.prompts, n=args.n, response_tokens=args.response_tokens,
-                micro_batch_size=args.micro_batch_size, peak=peak)
-    cfg = {k: getattr(args, k) for k in ("size", "prompts", "n", "response_tokens", "micro_batch_size")}
-    result = {"config": {**cfg, "gpu": name, "peak_flops": peak}, "metrics": m, "reference": EASYR1,
-              "ratios": {"tokens/s/GPU vs EasyR1": m["step"]["tokens_per_s_per_gpu"] / EASYR1["tokens_per_s_per_gpu"],
-                         "actor MFU vs EasyR1": m["actor_update"]["mfu"] / EASYR1["actor_mfu"]},
-              "headline": headline(m)}
-    print(f"-> {write_result(f'gpu_profile_{args.size}', result, args.results_dir)}")
+    gpu = args.size != "tiny"
+    if gpu:
+        if not torch.cuda.is_available():
+            raise SystemExit("bench.gpu_profile needs a CUDA GPU (torch.cuda.is_available() is False); "
+                             "`--size tiny` runs the same code on CPU, the CPU set is `make bench`")
+        if torch.cuda.device_count() < args.workers:
+            raise SystemExit(f"--workers {args.workers} needs as many GPUs; {torch.cuda.device_count()} visible")
+        device = torch.cuda.get_device_name(0)
+        peak = args.peak_tflops * 1e12 if args.peak_tflops else peak_flops_for(device)
+        if peak is None:
+            raise SystemExit(f"unknown peak FLOP/s for {device!r}: pass --peak-tflops")
+        model_dir = build_model(scratch / "models" / f"qwen2_5_vl_{args.size}", args.size, tiny_model(scratch))
+        name = f"Qwen2.5-VL-{args.size.upper()} (random init) on {device}"
+    else:
+        device, peak = "cpu", (args.peak_tflops * 1e12 if args.peak_tflops else None)
+        model_dir, name = tiny_model(scratch), "tiny Qwen2-VL on CPU"
+    data = scratch / "data448"
+    if not (data / "rl.jsonl").is_file():  # 448x448 images: 256 vision tokens each, like a real VQA prompt
+        write_suite(data, seed=0, n=1, n_heldout=1, n_rl=max(args.prompts, 8), tasks=("counting",),
+                    spec=SceneSpec(grid=4, cell=112, size=80))
+    m = profile(model_dir, data, workers=args.workers, prompts=args.prompts, n=args.n,
+                response_tokens=args.response_tokens, micro_batch_size=args.micro_batch_size, peak=peak, gpu=gpu,
+                memory_utilization=args.memory_utilization)
+    cfg = {k: getattr(args, k) for k in ("size", "workers", "prompts", "n", "response_tokens", "micro_batch_size")}
+    ratios = {"tokens/s/GPU vs EasyR1": m["step"]["tokens_per_s_per_device"] / EASYR1["tokens_per_s_per_gpu"]}
+    if m["actor_update"]["mfu"] is not None:
+        ratios["actor MFU vs EasyR1"] = m["actor_update"]["mfu"] / EASYR1["actor_mfu"]
+    result = {"config": {**cfg, "device": device, "peak_flops": peak}, "metrics": {"model": name, **m},
+              "reference": EASYR1, "ratios": ratios, "headline": headline(name, m, per="GPU" if gpu else "process")}
+    print(f"-> {write_result(f'gpu_profile_{args.size}_w{args.workers}', result, args.results_dir)}")
     print("\n".join(result["headline"]))
     return 0
 

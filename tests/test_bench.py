@@ -11,8 +11,11 @@ from transformers import Qwen2_5_VLForConditionalGeneration
 from bench.common import (fmt, fmt_ratio, held_to_end, ratio, samples_to_target, summary_lines, throughput,
                           write_result)
 from bench.e2e_vs_trl import _completion_text, compare, counting_reward, vlrl_curve
-from bench.gpu_profile import SPECIAL_TOKENS, TEXT, dense_params, mfu, model_config, peak_flops_for, train_flops
+from bench.gpu_profile import (SPECIAL_TOKENS, TEXT, dense_params, mfu, model_config, peak_flops_for, profile, text_dims,
+                               train_flops)
+from model.load import load_vlm
 from rewards.config import PoolConfig, RewardConfig
+from synth.suite import write_suite
 
 
 def test_ratio_and_throughput_never_divide_by_zero():
@@ -145,3 +148,22 @@ def test_random_init_qwen2_5_vl_7b_has_the_published_size():
     with torch.device("meta"):
         model = Qwen2_5_VLForConditionalGeneration(cfg)
     assert sum(p.numel() for p in model.parameters()) == pytest.approx(8.29e9, rel=0.005)
+
+
+@pytest.mark.ray
+@pytest.mark.vllm
+@pytest.mark.slow
+def test_gpu_profile_runs_its_worker_groups_on_cpu(tiny_model_dir, tmp_path, ray_cluster):
+    """The GPU profile's code path, on CPU with the tiny model: 2 vLLM replicas roll out, a 2-rank
+    actor group takes log-probs and an update, then syncs every parameter into both replicas."""
+    data = tmp_path / "data"
+    write_suite(data, seed=0, n=1, n_heldout=1, n_rl=4, tasks=("counting",))
+    m = profile(tiny_model_dir, data, workers=2, prompts=4, n=2, response_tokens=8, micro_batch_size=4,
+                peak=1e12, gpu=False)
+    model, _ = load_vlm(str(tiny_model_dir))
+    assert m["weight_sync"]["mib"] * 2**20 == sum(p.numel() * p.element_size() for p in model.parameters())
+    assert 0 < m["generated_tokens"] <= 4 * 2 * 8 and m["sequences"] == 4 * 2
+    parts = m["rollout"]["seconds"] + m["weight_sync"]["seconds"] + m["actor_logp"]["seconds"] + \
+        m["actor_update"]["seconds"]
+    assert m["step"]["seconds"] == pytest.approx(parts)
+    assert m["dense_params"] == dense_params(text_dims(tiny_model_dir)) and 0 < m["actor_update"]["mfu"] < 1

@@ -1,13 +1,17 @@
 import json
 import random
 import re
+from pathlib import Path
 
 import numpy as np
 import pytest
+import yaml
 from PIL import Image
 
+from model.tiny import TinySpec, train_tokenizer
 from records import load_media, load_records
-from synth.extra import ALL_TASKS, EXTRA_TASKS, extra_key, write_full_suite
+from synth.boards import make_board_example
+from synth.extra import ALL_TASKS, EXTRA_TASKS, extra_key, full_corpus_texts, write_full_suite
 from synth.suite import COLORS, TASKS, SceneSpec, make_example, scene_key, split_owner, synth_split, write_suite
 from verifiers import Sample, load
 
@@ -135,6 +139,11 @@ def _is(px, rgb) -> bool:
     return px is not None and max(abs(a - b) for a, b in zip(px, rgb)) < 24
 
 
+def _cell_colour(px) -> str:
+    """The colour name of a pixel at a cell's centre, "-" for the dark background."""
+    return next((name for name, rgb in COLORS.items() if _is(tuple(int(v) for v in px), rgb)), "-")
+
+
 def test_extra_answers_match_the_drawn_media(tmp_path):
     paths = write_full_suite(tmp_path, seed=1, n=30, n_heldout=0, n_rl=0, tasks=EXTRA_TASKS)
     recs = load_records(paths["sft"], require="target")
@@ -167,10 +176,13 @@ def test_extra_answers_match_the_drawn_media(tmp_path):
             rows, cols = np.nonzero((a != b).any(-1))
             cells = {(y // 28 + 1, x // 28 + 1) for y, x in zip(rows, cols)}
             assert [f"row {y}, column {x}" for y, x in cells] == [r.answer] == [solution]
-            first, second = ([o["color"] for o in board] for board in r.meta["boards"])
-            (changed,) = (set(first) - set(second)) or (set(second) - set(first))   # removed/recoloured: the old colour
-            assert thought == (f"First: {', '.join(first) or 'none'}. Second: {', '.join(second) or 'none'}. "
-                               f"The {changed} shape is in {r.answer}.")
+            assert load("grid_cell")(Sample("spot_difference", solution, r.answer)).value == 1.0
+            # the thought reads each drawn cell: the first board's colours, then "=" or the second's
+            before, after = ([_cell_colour(im[14 + 28 * (c // 3), 14 + 28 * (c % 3)]) for c in range(9)] for im in (a, b))
+            marks = ["=" if x == y else y for x, y in zip(before, after)]
+            assert thought == f"First: {' '.join(before)}. Second: {' '.join(marks)}."
+            (odd,) = [c for c, m in enumerate(marks) if m != "="]
+            assert r.answer == f"row {odd // 3 + 1}, column {odd % 3 + 1}"
         elif r.task == "puzzle":
             options, chosen = r.meta["options"], r.answer
             (board,) = r.meta["boards"]
@@ -187,3 +199,15 @@ def test_extra_answers_match_the_drawn_media(tmp_path):
                 o["color"] for o in r.meta["boards"][0]}
         seen.add(r.task)
     assert seen == set(EXTRA_TASKS)
+
+
+def test_spot_difference_targets_fit_the_demo_rollout_budget():
+    """The longest spot_difference target (thought + answer + end of turn), in the tiny tokenizer
+    trained on the suite, fits the demo's rl.rollout.max_tokens."""
+    tok = train_tokenizer(full_corpus_texts(seed=0, n=100), TinySpec().vocab_size)
+    rng, spec = random.Random(0), SceneSpec()
+    targets = [make_board_example("spot_difference", rng, spec)["messages"][1]["content"][0]["text"] for _ in range(500)]
+    longest = max(len(tok(t)["input_ids"]) + 1 for t in targets)
+    demo = Path(__file__).resolve().parents[1] / "configs" / "tiny" / "pipeline.yaml"
+    budget = yaml.safe_load(demo.read_text())["rl"]["rollout"]["max_tokens"]
+    assert longest == 35 <= budget

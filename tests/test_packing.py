@@ -109,7 +109,7 @@ def test_no_token_attends_across_a_sequence_boundary(tiny, tiny_model_dir, suite
     packed after it; numbering the packed row as one sequence (no boundaries) does change them."""
     model, _ = tiny
     seq = mixed_batch(tiny_model_dir, suite_dir, extra_suite_dir).seq
-    inputs, packing = pack_inputs(model, seq.model_inputs())
+    inputs, _ = pack_inputs(model, seq.model_inputs())
     first = int(seq.lengths[0])                      # the first sequence's tokens are packed[:first]
     changed = dict(inputs, input_ids=inputs["input_ids"].clone())
     resp = seq.response_mask[0].nonzero().flatten()
@@ -137,18 +137,22 @@ def _varlen_sdpa(module, query, key, value, attention_mask, *, scaling, position
     return out.transpose(1, 2).contiguous(), None
 
 
-def test_varlen_attention_reads_the_sequences_from_the_position_ids(tiny_model_dir, suite_dir, extra_suite_dir):
-    """The path flash attention takes (no mask, boundaries from position_ids), emulated with sdpa per
-    sequence: the same logits as the padded batch."""
-    AttentionInterface.register("vlrl_varlen_check", _varlen_sdpa)
+AttentionInterface.register("vlrl_varlen_check", _varlen_sdpa)
+
+
+@pytest.mark.parametrize("attention", ["sdpa", "eager", "vlrl_varlen_check"])
+def test_packed_logits_equal_padded_ones_with_each_attention(attention, tiny_model_dir, suite_dir, extra_suite_dir):
+    """sdpa and eager get a block-diagonal mask from transformers; flash attention gets no mask and
+    reads the boundaries from the position ids (`vlrl_varlen_check` emulates it with sdpa per sequence)."""
     model, _ = load_vlm(tiny_model_dir)
     seq = mixed_batch(tiny_model_dir, suite_dir, extra_suite_dir).seq
+    if attention != "vlrl_varlen_check":
+        model.set_attn_implementation(attention)
     ref = _logits(model, seq.model_inputs())
-    model.set_attn_implementation({"text_config": "vlrl_varlen_check", "vision_config": "sdpa"})
+    model.set_attn_implementation({"text_config": attention, "vision_config": "sdpa"})
     inputs, packing = pack_inputs(model, seq.model_inputs())
-    varlen = packing.unpack(_logits(model, inputs))
-    valid = seq.attention_mask.bool()
-    assert (ref - varlen)[valid].abs().max() < TOL
+    packed = packing.unpack(_logits(model, inputs))
+    assert (ref - packed)[seq.attention_mask.bool()].abs().max() < TOL
 
 
 def test_packed_updates_give_the_same_weights(tiny_model_dir, suite_dir, extra_suite_dir):

@@ -1,10 +1,12 @@
 """Trainer throughput on a fixed batch: the actor's PPO update, the critic's value update and the
 actor's log-prob pass (tokens/s), through the same workers the RL driver uses (`rl.workers`); then a
 LoRA actor against a full one, each measured alone in a fresh process: update and log-prob speed,
-trainer state (weights, gradients, Adam state) and peak RSS, as ratios LoRA / full.
+trainer state (weights, gradients, Adam state) and peak RSS, as ratios LoRA / full. On a batch of
+varied lengths: token-budget micro-batches against fixed-size ones (`--budget-rows`), and sequence
+packing against padded micro-batches (`--pack-rows`).
 
     python -m bench.train_step --model DIR --data FILE.jsonl [--prompts 8 --n 8 --response-tokens 32]
-                               [--lora-r 16 (0: no LoRA comparison)]
+                               [--lora-r 16 (0: no LoRA comparison)] [--budget-rows 8] [--pack-rows 8]
 
 The batch is built like a rollout batch (`rollout.sequences.build_sequences`) from real prompts
 with images and fixed-length random responses: speed does not depend on what the tokens say.
@@ -131,6 +133,41 @@ def budget_vs_rows(model: str, data: str, *, prompts: int, n: int, response_toke
     return out
 
 
+def packed_vs_padded(model: str, data: str, *, prompts: int, n: int, response_tokens: int, repeats: int,
+                     minibatches: int = 2, micro_batch_size: int = 8, dtype: str = "float32") -> dict:
+    """Sequence packing (`ppo.pack_sequences`) against padded micro-batches on a batch of varied
+    lengths (as `budget_vs_rows`'s), with the same `micro_batch_size`-row micro-batches either way:
+    the actor's log-prob pass and update and the critic's update; tokens computed (padding included
+    for the padded plan) and seconds."""
+    optim = OptimConfig(lr=1e-6, warmup_steps=0, schedule="constant")
+    actor = PolicyWorker(model, optim=optim, total_steps=10_000, dtype=dtype)
+    batch = fixed_batch(actor.processor, data, prompts=prompts, n=n, response_tokens=response_tokens, varied=True)
+    lengths = batch.seq.lengths
+    rows = minibatch_rows(list(range(batch.rows)), minibatches=minibatches, epochs=1, seed=0)
+    batch.old_logp, _ = actor.logp(batch.seq, micro_batch_size=micro_batch_size)
+    batch.ref_logp = batch.old_logp
+    chunks = [c for r in rows for c, _ in rank_chunks(r, rank=0, world=1, size=micro_batch_size)]
+    out: dict = {"batch_rows": batch.rows, "tokens": sum(lengths), "micro_batch_size": micro_batch_size,
+                 "update_tokens": {"padded": sum(len(c) * max(lengths[i] for i in c) for c in chunks),
+                                   "packed": sum(lengths[i] for c in chunks for i in c)}}
+    critic = CriticWorker(model, optim=optim, total_steps=10_000, dtype=dtype)
+    for pack in (False, True):
+        ppo = PPOConfig(minibatches=minibatches, micro_batch_size=micro_batch_size, lm_coef=0.1, pack_sequences=pack)
+
+        def update():
+            actor.update(batch, ppo=ppo, kl_mode="reward", kl_kind="k3", minibatch_rows=rows)
+
+        def critic_update():
+            critic.update(batch, ppo=ppo, minibatch_rows=rows)
+        update()
+        critic_update()
+        out["packed" if pack else "padded"] = {
+            "actor_update_s": best_time(update, repeats), "critic_update_s": best_time(critic_update, repeats),
+            "actor_logp_s": best_time(lambda: actor.logp(batch.seq, micro_batch_size=micro_batch_size, pack=pack),
+                                      repeats)}
+    return out
+
+
 def state_bytes(worker) -> dict[str, int]:
     """What a trainer holds between steps and during an update, in bytes: every weight, a gradient
     per trainable parameter (alive during the update) and the optimizer's state (AdamW: two moments
@@ -223,6 +260,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--lora-r", type=int, default=16, help="LoRA rank of the LoRA-vs-full comparison (0: skip it)")
     p.add_argument("--budget-rows", type=int, default=8,
                    help="token budget vs fixed micro-batches of this many rows, varied lengths (0: skip it)")
+    p.add_argument("--pack-rows", type=int, default=8,
+                   help="packed vs padded micro-batches of this many rows, varied lengths (0: skip it)")
     p.add_argument("--actor-only", choices=("full", "lora"), help=argparse.SUPPRESS)   # one side of the comparison
     p.add_argument("--results-dir", default=None)
     p.add_argument("--json", help="write the measurement here instead of bench/results/train_step.json")
@@ -246,6 +285,14 @@ def main(argv: list[str] | None = None) -> int:
                                                           b["rows"]["update_padded_tokens"]),
             "budget/rows actor_update speed": ratio(b["rows"]["actor_update_s"], b["budget"]["actor_update_s"]),
             "budget/rows actor_logp speed": ratio(b["rows"]["actor_logp_s"], b["budget"]["actor_logp_s"])})
+    if args.pack_rows > 0:
+        pk = packed_vs_padded(args.model, args.data, micro_batch_size=args.pack_rows, **cfg)
+        m["packed_vs_padded"] = pk
+        result["ratios"].update({
+            "packed/padded tokens computed in updates": ratio(pk["update_tokens"]["packed"],
+                                                              pk["update_tokens"]["padded"]),
+            **{f"packed/padded {k.removesuffix('_s')} speed": ratio(pk["padded"][k], pk["packed"][k])
+               for k in ("actor_update_s", "critic_update_s", "actor_logp_s")}})
     if lora is not None:
         child = ["--model", args.model, "--data", args.data, "--prompts", str(args.prompts), "--n", str(args.n),
                  "--response-tokens", str(args.response_tokens), "--minibatches", str(args.minibatches),

@@ -17,6 +17,7 @@ from tqdm import tqdm
 
 from model.inputs import IGNORE, encode_sft
 from model.load import load_processor, load_vlm, write_vlm
+from model.packing import forward_inputs
 from records import VideoGeometry, load_media, load_records
 from records.mixture import batch_indices, check_task_weights, weighted_records
 from rewards.config import RewardConfig
@@ -61,6 +62,7 @@ class SFTConfig:
     workers: int = 1                      # ranks of an FSDP2 group (Ray actors) sharing each batch; 1: this process
     gpus_per_worker: float = 0.0          # GPUs per rank, on a GPU cluster
     fsdp: FSDPConfig = field(default_factory=FSDPConfig)
+    pack_sequences: bool = False          # each pass's rows as one row without padding (as `ppo.pack_sequences`)
 
     def __post_init__(self):
         check_task_weights(self.task_weights)   # at load time, with the config file's name
@@ -131,9 +133,14 @@ class SFTWorker(Trainer):
         nll_sum = 0.0
         for batch, real in micro:
             labels = batch.pop("labels").to(self.device)
+            inputs, packing = forward_inputs(self.model, {k: v.to(self.device) for k, v in batch.items()},
+                                             pack=cfg.pack_sequences)
             with self._autocast():
-                logits = self.model(**{k: v.to(self.device) for k, v in batch.items()}).logits[:, :-1].float()
-            target = labels[:, 1:]
+                logits = self.model(**inputs, use_cache=False).logits.float()
+            if packing is None:
+                logits, target = logits[:, :-1], labels[:, 1:]
+            else:   # (1, N): the next token of each position's own sequence
+                target = packing.next_tokens(packing.pack(labels))
             # Token-mean over the whole optimizer step (not per micro-batch): sum / total tokens; FSDP
             # averages the ranks' gradients, hence the count over the world size.
             nll = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1),

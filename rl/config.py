@@ -56,6 +56,11 @@ class PPOConfig:
     # rows padded to the longest; a longer row goes alone. Same losses and log-probs, fewer padded
     # tokens when lengths vary (video next to image prompts, short and long answers). 0: off.
     max_tokens_per_micro_batch: int = 0
+    # Sequence packing: each micro-batch's rows run as one row without padding (`model.packing`:
+    # every sequence attends to itself only, with its own M-RoPE positions), in the log-prob and
+    # value passes and the updates. Same numbers. Pays where attention is flash attention's varlen
+    # kernel (GPU); with sdpa/eager (CPU) attention spans the whole packed row, masked. false: padded.
+    pack_sequences: bool = False
     agg: Literal["token_mean", "seq_mean_token_mean", "seq_mean_token_sum"] = "token_mean"
     gamma: float = 1.0
     lam_actor: float = 0.95                    # fixed actor lambda (used when lam_alpha == 0)

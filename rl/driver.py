@@ -316,8 +316,8 @@ def train_step(run: RLRun, step: int) -> tuple[dict[str, float], list[dict]]:
     """One RL step (rollout, reward, log-probs, advantages, updates, weight sync); its metrics and
     the sample rows for rollouts.jsonl."""
     cfg, ro = run.cfg, run.cfg.rollout
-    mbs, from_engine = dict(micro_batch_size=cfg.ppo.micro_batch_size,
-                            max_tokens=cfg.ppo.max_tokens_per_micro_batch), cfg.ppo.old_logp == "engine"
+    mbs, from_engine = dict(micro_batch_size=cfg.ppo.micro_batch_size, max_tokens=cfg.ppo.max_tokens_per_micro_batch,
+                            pack=cfg.ppo.pack_sequences), cfg.ppo.old_logp == "engine"
     colocated = cfg.ray.placement == "colocated"
     t_wait = time.time()
     ahead = run.prefetched(step)           # rollout.async: started during the last step, one step behind

@@ -27,6 +27,7 @@ from model.load import load_vlm, write_vlm
 from model.lora import (ADAPTER_DIR, LoRAConfig, adapter_state, adapters_off, add_adapters, full_params, has_adapters,
                         merged_state_dict, write_adapter)
 from model.logprobs import entropy_from_logits, logp_and_entropy, token_logp
+from model.packing import forward_inputs
 from rewards.config import RewardConfig
 from rewards.hybrid import RewardInput, RewardResult, score_batch
 from rewards.judge import TimedJudge, load_judge
@@ -74,38 +75,51 @@ class PolicyWorker(Trainer):
         self.temperature = temperature
         self._setup(optim=optim, total_steps=total_steps, dtype=dtype, fsdp=fsdp, adapters=lora is not None)
 
-    def _logp(self, seq: SequenceBatch, *, entropy: bool = False) -> tuple[Tensor, Tensor | None]:
-        """Token log-probs of the labels and (entropy=True) the entropy, a detached diagnostic."""
+    def _logp(self, seq: SequenceBatch, *, entropy: bool = False, pack: bool = False) -> tuple[Tensor, Tensor | None]:
+        """(B, T) token log-probs of the labels and (entropy=True) the entropy, a detached diagnostic;
+        pack=True: one forward over the rows packed into one (`model.packing`), same numbers."""
+        inputs, packing = forward_inputs(self.model, seq.model_inputs(), pack=pack)
         with self._autocast():
-            logits = self.model(**seq.model_inputs(), use_cache=False).logits[:, :-1]
+            logits = self.model(**inputs, use_cache=False).logits
+        if packing is None:
+            logits, labels = logits[:, :-1], seq.input_ids[:, 1:]
+        else:   # (1, N, V): each position's label is the next token of its own sequence
+            labels = packing.next_tokens(inputs["input_ids"])
         if self.temperature != 1.0:
             logits = logits / self.temperature
-        labels = seq.input_ids[:, 1:]
         if entropy and not torch.is_grad_enabled():
-            return logp_and_entropy(logits, labels, chunk_size=self.chunk_size)
-        logp = token_logp(logits, labels, chunk_size=self.chunk_size)
-        if not entropy:
-            return logp, None
-        with torch.no_grad():
-            return logp, entropy_from_logits(logits.detach(), chunk_size=self.chunk_size)
+            logp, ent = logp_and_entropy(logits, labels, chunk_size=self.chunk_size)
+        else:
+            logp, ent = token_logp(logits, labels, chunk_size=self.chunk_size), None
+            if entropy:
+                with torch.no_grad():
+                    ent = entropy_from_logits(logits.detach(), chunk_size=self.chunk_size)
+        if packing is not None:
+            logp = packing.unpack(logp)[:, :-1]
+            ent = None if ent is None else packing.unpack(ent)[:, :-1]
+        return logp, ent
 
     @torch.no_grad()
-    def logp(self, seq: SequenceBatch, *, micro_batch_size: int = 32, max_tokens: int = 0) -> tuple[Tensor, Tensor]:
+    def logp(self, seq: SequenceBatch, *, micro_batch_size: int = 32, max_tokens: int = 0,
+             pack: bool = False) -> tuple[Tensor, Tensor]:
         """(logp, entropy), each (B, T) on label positions, padded with 0; every rank computes its
         share of the rows and returns all of them. Micro-batches of `micro_batch_size` rows, or
-        with `max_tokens` > 0 of about that many tokens (`training.distributed.rank_chunks`)."""
-        return self._rows_logp(seq, micro_batch_size=micro_batch_size, max_tokens=max_tokens, entropy=True)
+        with `max_tokens` > 0 of about that many tokens (`training.distributed.rank_chunks`);
+        `pack`: each micro-batch's rows packed into one (`ppo.pack_sequences`)."""
+        return self._rows_logp(seq, micro_batch_size=micro_batch_size, max_tokens=max_tokens, entropy=True, pack=pack)
 
     @torch.no_grad()
-    def ref_logp(self, seq: SequenceBatch, *, micro_batch_size: int = 32, max_tokens: int = 0) -> Tensor:
+    def ref_logp(self, seq: SequenceBatch, *, micro_batch_size: int = 32, max_tokens: int = 0,
+                 pack: bool = False) -> Tensor:
         """(B, T) log-probs of the reference policy, as `logp`: a LoRA actor's frozen base (its
         adapters switched off for the pass: no second copy of the model), else this worker's policy
         (the frozen reference worker)."""
         with adapters_off(self.model):
-            return self._rows_logp(seq, micro_batch_size=micro_batch_size, max_tokens=max_tokens, entropy=False)[0]
+            return self._rows_logp(seq, micro_batch_size=micro_batch_size, max_tokens=max_tokens, entropy=False,
+                                   pack=pack)[0]
 
-    def _rows_logp(self, seq: SequenceBatch, *, micro_batch_size: int, max_tokens: int,
-                   entropy: bool) -> tuple[Tensor, Tensor]:
+    def _rows_logp(self, seq: SequenceBatch, *, micro_batch_size: int, max_tokens: int, entropy: bool,
+                   pack: bool) -> tuple[Tensor, Tensor]:
         was = self.model.training
         self.model.eval()
         B, T = seq.rows, seq.input_ids.shape[1] - 1
@@ -113,7 +127,7 @@ class PolicyWorker(Trainer):
         ent = torch.zeros(B, T)
         for rows, real in rank_chunks(range(B), rank=self.rank, world=self.world, size=micro_batch_size,
                                       lengths=seq.lengths, max_tokens=max_tokens):
-            lp, en = self._logp(seq.select(rows).to(self.device), entropy=entropy)
+            lp, en = self._logp(seq.select(rows).to(self.device), entropy=entropy, pack=pack)
             if real:
                 logp[rows, :lp.shape[1]] = lp.float().cpu()
                 if en is not None:
@@ -145,7 +159,7 @@ class PolicyWorker(Trainer):
                                            lengths=batch.seq.lengths, max_tokens=ppo.max_tokens_per_micro_batch):
                 mb = batch.select(chunk).to(self.device)
                 mask = mb.mask
-                logp, ent = self._logp(mb.seq, entropy=entropy)
+                logp, ent = self._logp(mb.seq, entropy=entropy, pack=ppo.pack_sequences)
                 loss, m = policy_loss(logp, mb.old_logp, mb.adv, mask, clip_low=ppo.clip_low,
                                       clip_high=ppo.clip_high, dual_clip=ppo.dual_clip, is_weight=mb.is_weight,
                                       **norm)
@@ -255,16 +269,23 @@ class CriticWorker(Trainer):
         self._setup(optim=optim, total_steps=total_steps, dtype=dtype, fsdp=fsdp, checkpointed=self.model.backbone,
                     adapters=lora is not None)
 
+    def _values(self, seq: SequenceBatch, *, pack: bool) -> Tensor:
+        """(B, T) values of a micro-batch on its label positions (pack: over its rows packed into one)."""
+        inputs, packing = forward_inputs(self.model, seq.model_inputs(), pack=pack)
+        with self._autocast():
+            v = self.model(**inputs)
+        return (v if packing is None else packing.unpack(v))[:, :-1]
+
     @torch.no_grad()
-    def values(self, seq: SequenceBatch, *, micro_batch_size: int = 32, max_tokens: int = 0) -> Tensor:
+    def values(self, seq: SequenceBatch, *, micro_batch_size: int = 32, max_tokens: int = 0,
+               pack: bool = False) -> Tensor:
         """(B, T) values on label positions: values[:, t] = V(state before label token t + 1).
-        Micro-batches as `PolicyWorker.logp`'s."""
+        Micro-batches (and `pack`) as `PolicyWorker.logp`'s."""
         B, T = seq.rows, seq.input_ids.shape[1] - 1
         out = torch.zeros(B, T)
         for rows, real in rank_chunks(range(B), rank=self.rank, world=self.world, size=micro_batch_size,
                                       lengths=seq.lengths, max_tokens=max_tokens):
-            with self._autocast():
-                v = self.model(**seq.select(rows).model_inputs(self.device))[:, :-1].float().cpu()
+            v = self._values(seq.select(rows).to(self.device), pack=pack).float().cpu()
             if real:
                 out[rows, :v.shape[1]] = v
         return all_reduce_sum(out)
@@ -280,8 +301,7 @@ class CriticWorker(Trainer):
             for chunk, real in rank_chunks(rows, rank=self.rank, world=self.world, size=ppo.micro_batch_size,
                                            lengths=batch.seq.lengths, max_tokens=ppo.max_tokens_per_micro_batch):
                 mb = batch.select(chunk).to(self.device)
-                with self._autocast():
-                    v = self.model(**mb.seq.model_inputs())[:, :-1]
+                v = self._values(mb.seq, pack=ppo.pack_sequences)
                 loss, m = value_loss(v, mb.values, mb.returns, mb.mask, clip=ppo.value_clip, **norm)
                 (loss if real else loss * 0.0).backward()   # a padding pass counts for nothing
                 part["loss"] += float(loss.detach()) * (1.0 if real else 0.0)

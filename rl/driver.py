@@ -299,7 +299,7 @@ class RLRun:
         (the restart pushes the weights to the new one)."""
         ro = self.cfg.rollout
         method = ro.sync_method if ro.backend == "vllm" else "reload"   # an HF engine loads a state dict
-        out = self.actor.push_weights(targets, bucket_mb=ro.sync_bucket_mb, method=method).result()
+        out = self.actor.push_weights(targets, bucket_mb=ro.sync_bucket_mb, sync_method=method).result()
         for i in out["failed"]:
             self.rollouts.pool.restart(self.rollouts.handles.index(targets[i]))
         return out

@@ -189,16 +189,16 @@ class PolicyWorker(Trainer):
         return out
 
     def push_weights(self, targets: list[Handle[RolloutWorker]], *, bucket_mb: float = 256.0,
-                     method: str = "reload") -> dict:
+                     sync_method: str = "layerwise") -> dict:
         """Send the current weights to every rollout worker in `targets`, bucket by bucket (about
         `bucket_mb` each): each sharded tensor is gathered when its bucket comes and only rank 0
-        sends, so neither the driver nor any rank holds the whole model. `method` (the engines'
-        `sync_method`): 'reload', rank 0 hands each bucket of whole layers to all targets at once
-        and waits; 'transfer', rank 0 broadcasts to all targets through vLLM's weight-transfer API
-        (`_transfer`). A target that fails is left out of the rest of the sync and reported in
+        sends, so neither the driver nor any rank holds the whole model. `sync_method` (the
+        engines'): 'reload' or 'layerwise', rank 0 hands each bucket of whole layers to all targets
+        at once and waits; 'transfer', rank 0 broadcasts to all targets through vLLM's
+        weight-transfer API (`_transfer`). A target that fails is left out of the rest of the sync and reported in
         `failed` (its index), for the driver to restart. Returns seconds, buckets, bytes, failed."""
         t0 = time.perf_counter()
-        if method == "transfer":
+        if sync_method == "transfer":
             return {**self._transfer(targets, int(bucket_mb * 2**20)), "seconds": time.perf_counter() - t0}
         n_buckets = n_bytes = 0
         alive = dict(enumerate(targets))

@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 
-from model.load import load_vlm
+from model.load import load_vlm, save_vlm
 from model.lora import LoRAConfig, full_params
 from rl.config import RolloutConfig
 from rl.driver import fit
@@ -19,7 +19,7 @@ from tests import rollout_checks as checks
 from tests.test_rl import _cfg
 from training.distributed import free_port
 from training.optim import OptimConfig
-from training.placement import Handle
+from training.placement import Handle, spawn
 
 pytestmark = [pytest.mark.vllm,
               pytest.mark.skipif(importlib.util.find_spec("vllm") is None, reason="vLLM is not installed")]
@@ -154,7 +154,7 @@ def test_push_weights_of_a_lora_actor(trainer, tiny_model_dir, prompts, method):
     eng = target.obj.engine
     merged = dict(full_params(actor.model))
     try:
-        out = actor.push_weights([target], bucket_mb=1.0, method=method)
+        out = actor.push_weights([target], bucket_mb=1.0, sync_method=method)
         assert out["failed"] == [] and out["bytes"] == sum(v.numel() * v.element_size() for v in merged.values())
         pushed = eng.generate(prompts, SAMPLING)
         _reload(eng, merged)
@@ -164,6 +164,69 @@ def test_push_weights_of_a_lora_actor(trainer, tiny_model_dir, prompts, method):
         assert checks.max_logp_diff(eng, merged_model, processor, prompts, SAMPLING) < checks.LOGP_TOL
     finally:
         target.obj.close()
+
+
+@pytest.mark.parametrize("method", ["reload", "layerwise", "transfer"])
+def test_tied_embeddings_sync(tiny_model_dir, tmp_path, prompts, method):
+    """A policy whose output head is its input embedding: a change of the embedding reaches both
+    (the trainer's state dict holds the tensor under both names; vLLM loads it once)."""
+    model, processor = load_vlm(tiny_model_dir)
+    model.config.tie_word_embeddings = model.config.text_config.tie_word_embeddings = True
+    model.tie_weights()
+    assert model.lm_head.weight is model.get_input_embeddings().weight
+    save_vlm(model, processor, tmp_path / "tied")
+    eng = make_engine(str(tmp_path / "tied"), EngineConfig(backend="vllm", max_model_len=512, sync_method=method))
+    try:
+        before = _samples(eng.generate(prompts, SAMPLING))
+        _perturb(model, seed=5, only="embed_tokens")
+        eng.sync_weights(model.state_dict())
+        assert _samples(eng.generate(prompts, SAMPLING)) != before
+        assert checks.max_logp_diff(eng, model, processor, prompts, SAMPLING) < checks.LOGP_TOL
+    finally:
+        eng.close()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["layerwise", "transfer"])
+def test_an_engine_in_its_own_process(tiny_model_dir, prompts, method, monkeypatch):
+    """A multiprocess engine (vLLM's engine core in a child process, which registers our backends
+    when it imports the worker extension): the buckets go as safetensors bytes, or the broadcast
+    reaches that process."""
+    monkeypatch.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "1")   # restored afterwards for the other tests
+    model, processor = load_vlm(tiny_model_dir)
+    _perturb(model, seed=7)
+    eng = make_engine(str(tiny_model_dir), EngineConfig(backend="vllm", max_model_len=512, sync_method=method,
+                                                       in_process=False))
+    try:
+        assert not eng.in_process
+        _sync(eng, model.state_dict())
+        assert checks.max_logp_diff(eng, model, processor, prompts, SAMPLING) < checks.LOGP_TOL
+    finally:
+        eng.close()
+
+
+@pytest.mark.ray
+def test_a_sharded_actor_transfers_to_a_ray_replica(ray_cluster, tiny_model_dir, tmp_path, prompts):
+    """Two FSDP2 ranks and the engine in Ray actors of their own: rank 0 broadcasts to the engine
+    while rank 1 takes part in the gathers; the engine then runs the actor's weights."""
+    model, processor = load_vlm(tiny_model_dir)
+    _perturb(model, seed=6)
+    save_vlm(model, processor, tmp_path / "policy")
+    actor = spawn(PolicyWorker, str(tmp_path / "policy"), optim=OptimConfig(), workers=2, use_ray=True, timeout=600)
+    cfg = EngineConfig(backend="vllm", max_model_len=512, sync_method="transfer", cache_root=str(tmp_path / "cache"))
+    replica = spawn(RolloutWorker, str(tiny_model_dir), cfg, use_ray=True, timeout=600)
+    try:
+        before = replica.generate(prompts, SAMPLING).result()
+        out = actor.push_weights([replica], bucket_mb=1.0, sync_method="transfer").result()
+        assert out["failed"] == [] and out["bytes"] == sum(v.numel() * v.element_size()
+                                                           for v in model.state_dict().values())
+        after = replica.generate(prompts, SAMPLING).result()
+        assert _samples(after) != _samples(before)
+        gap = (checks.trainer_logp(model, processor, prompts, after) - checks.flat_logp(after)).abs().max().item()
+        assert gap < checks.LOGP_TOL
+    finally:
+        actor.kill()
+        replica.kill()
 
 
 @pytest.mark.slow

@@ -185,7 +185,7 @@ def profile(model_dir: Path, data: Path, *, workers: int, prompts: int, n: int, 
         update_s = best_time(lambda: actor.update(batch, ppo=ppo, kl_mode="reward", kl_kind="k3",
                                                   minibatch_rows=rows).result(), 1)
         rollouts.wake_up()
-        sync = actor.push_weights(rollouts.handles).result()
+        sync = actor.push_weights(rollouts.handles, sync_method=engine.sync_method).result()
     finally:
         if actor is not None:
             actor.kill()

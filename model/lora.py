@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Iterator
 
 from safetensors.torch import save_file
+import torch
 from torch import Tensor, nn
 from torch.distributed.tensor import DTensor
 
@@ -129,6 +130,20 @@ def _owner(name: str, layers: dict[str, nn.Module]) -> str | None:
     return None
 
 
+def _plain_entries(model: nn.Module, state: dict) -> Iterator[tuple[str, str, str | None]]:
+    """(name in the plain model, state-dict key, adapted layer or None) of each entry `full_params`
+    yields: an adapted layer's base tensors under the base layer's names, its adapters left out."""
+    layers = _lora_layers(model)
+    for name in state:
+        owner = _owner(name, layers) if layers else None
+        if owner is None:
+            yield name, name, None
+            continue
+        rest = name[len(owner) + 1:]
+        if rest.startswith("base_layer."):             # lora_A / lora_B: folded into the weight
+            yield f"{owner}.{rest.removeprefix('base_layer.')}", name, owner
+
+
 def full_params(model: nn.Module) -> Iterator[tuple[str, Tensor]]:
     """(name, full tensor) of every entry of the model's state dict, one at a time, as the plain
     model would have them: with adapters, each adapted layer's weight merged (W + (alpha / r) B A,
@@ -136,23 +151,22 @@ def full_params(model: nn.Module) -> Iterator[tuple[str, Tensor]]:
     tensors are gathered when their turn comes; every rank must run the iterator to its end."""
     state = model.state_dict()
     layers = _lora_layers(model)
-    for name, t in state.items():
-        owner = _owner(name, layers) if layers else None
-        if owner is None:
-            yield name, _full(t)
-            continue
-        rest = name[len(owner) + 1:]
-        if not rest.startswith("base_layer."):
-            continue                                   # lora_A / lora_B: folded into the weight below
-        leaf = rest.removeprefix("base_layer.")
-        full = _full(t)
-        if leaf == "weight":
+    for name, key, owner in _plain_entries(model, state):
+        full = _full(state[key])
+        if owner is not None and name == f"{owner}.weight":
             layer = layers[owner]
             a = _full(state[f"{owner}.lora_A.{ADAPTER}.weight"]).float()   # (r, in)
             b = _full(state[f"{owner}.lora_B.{ADAPTER}.weight"]).float()   # (out, r)
             delta = (b @ a) * layer.scaling[ADAPTER]                       # (out, in)
             full = (full.float() + (delta.T if layer.fan_in_fan_out else delta)).to(full.dtype)
-        yield f"{owner}.{leaf}", full
+        yield name, full
+
+
+def full_param_meta(model: nn.Module) -> list[tuple[str, torch.dtype, tuple[int, ...]]]:
+    """(name, dtype, full shape) of each tensor `full_params` yields, in its order, without
+    gathering anything (a sharded tensor knows its global shape)."""
+    state = model.state_dict()
+    return [(name, state[key].dtype, tuple(state[key].shape)) for name, key, _ in _plain_entries(model, state)]
 
 
 def adapter_state(model: nn.Module) -> dict[str, Tensor]:

@@ -210,7 +210,9 @@ class RLRun:
     def push_weights(self, targets: list) -> dict:
         """The actor's weights into `targets` (rollout workers); a target that failed is restarted
         (the restart pushes the weights to the new one)."""
-        out = self.actor.push_weights(targets, bucket_mb=self.cfg.rollout.sync_bucket_mb).result()
+        ro = self.cfg.rollout
+        method = ro.sync_method if ro.backend == "vllm" else "reload"   # an HF engine loads a state dict
+        out = self.actor.push_weights(targets, bucket_mb=ro.sync_bucket_mb, sync_method=method).result()
         for i in out["failed"]:
             self.rollouts.pool.restart(self.rollouts.handles.index(targets[i]))
         return out

@@ -24,8 +24,8 @@ from torch import Tensor
 
 from model.critic import ValueModel
 from model.load import load_vlm, write_vlm
-from model.lora import (ADAPTER_DIR, LoRAConfig, adapter_state, adapters_off, add_adapters, full_params, has_adapters,
-                        merged_state_dict, write_adapter)
+from model.lora import (ADAPTER_DIR, LoRAConfig, adapter_state, adapters_off, add_adapters, full_param_meta,
+                        full_params, has_adapters, merged_state_dict, write_adapter)
 from model.logprobs import entropy_from_logits, logp_and_entropy, token_logp
 from model.packing import forward_inputs
 from rewards.config import RewardConfig
@@ -40,7 +40,8 @@ from rollout.greedy import generate_greedy
 from rollout.sequences import SequenceBatch
 from rollout.sync import buckets
 from rollout.worker import RolloutWorker
-from training.distributed import FSDPConfig, all_reduce_floats, all_reduce_sum, full_state_dict, is_sharded, rank_chunks
+from training.distributed import (FSDPConfig, all_reduce_floats, all_reduce_sum, free_port, full_state_dict, is_sharded,
+                                  node_address, rank_chunks)
 from training.optim import OptimConfig
 from training.placement import Handle, call_all
 from training.trainer import Trainer, device, set_threads
@@ -201,13 +202,18 @@ class PolicyWorker(Trainer):
         out["actor/lr"] = self.sched.get_last_lr()[0]
         return out
 
-    def push_weights(self, targets: list[Handle[RolloutWorker]], *, bucket_mb: float = 256.0) -> dict:
-        """Send the current weights to every rollout worker in `targets`, bucket by bucket (whole
-        layers, about `bucket_mb` each): each sharded tensor is gathered when its bucket comes, rank
-        0 sends the bucket to all targets at once and waits, so neither the driver nor any rank
-        holds the whole model. A target that fails is left out of the rest of the sync and reported
-        in `failed` (its index), for the driver to restart. Returns seconds, buckets, bytes, failed."""
+    def push_weights(self, targets: list[Handle[RolloutWorker]], *, bucket_mb: float = 256.0,
+                     sync_method: str = "layerwise") -> dict:
+        """Send the current weights to every rollout worker in `targets`, bucket by bucket (about
+        `bucket_mb` each): each sharded tensor is gathered when its bucket comes and only rank 0
+        sends, so neither the driver nor any rank holds the whole model. `sync_method` (the
+        engines'): 'reload' or 'layerwise', rank 0 hands each bucket of whole layers to all targets
+        at once and waits; 'transfer', rank 0 broadcasts to all targets through vLLM's
+        weight-transfer API (`_transfer`). A target that fails is left out of the rest of the sync and reported in
+        `failed` (its index), for the driver to restart. Returns seconds, buckets, bytes, failed."""
         t0 = time.perf_counter()
+        if sync_method == "transfer":
+            return {**self._transfer(targets, int(bucket_mb * 2**20)), "seconds": time.perf_counter() - t0}
         n_buckets = n_bytes = 0
         alive = dict(enumerate(targets))
         failed: list[int] = []
@@ -229,6 +235,40 @@ class PolicyWorker(Trainer):
         if self.rank == 0 and alive:
             send("finish_sync")
         return {"seconds": time.perf_counter() - t0, "buckets": n_buckets, "bytes": n_bytes, "failed": failed}
+
+    def _transfer(self, targets: list[Handle[RolloutWorker]], bucket_bytes: int) -> dict:
+        """One sync through vLLM's weight-transfer API (`rollout.vllm_sync.send_weights`): rank 0 and
+        the engine workers of the live targets form one group for this sync. A target that does not
+        answer before the sync is left out; if the transfer itself fails, every target of it is
+        reported failed (a broadcast gives no way to tell which one broke it)."""
+        from rollout import vllm_sync  # vLLM: heavy and optional, loaded by the engines anyway
+
+        meta = full_param_meta(self.model)
+        source = vllm_sync.ParamSource(meta, lambda: full_params(self.model))
+        n_bytes = sum(math.prod(shape) * dtype.itemsize for _, dtype, shape in meta)
+        live, failed, client = list(range(len(targets))), [], None
+        if self.rank == 0:
+            ranks = {}
+            for i, f in enumerate(call_all(targets, "transfer_ranks")):
+                try:
+                    ranks[i] = f.result()
+                except Exception:  # noqa: BLE001  (a dead replica: the driver restarts it)
+                    failed.append(i)
+            live = list(ranks)
+            client = vllm_sync.ReplicaClient(lambda j, name, args: getattr(targets[live[j]], name)(*args).result(),
+                                             [ranks[i] for i in live])
+        if self.rank == 0 and not live:
+            source.drain()
+            return {"buckets": 0, "bytes": 0, "failed": failed}
+        backend = "nccl" if torch.cuda.is_available() else vllm_sync.GLOO
+        try:
+            vllm_sync.send_weights(source, client, rank=self.rank, address=node_address(), port=free_port(),
+                                   bucket_bytes=bucket_bytes, backend=backend)
+        except Exception:  # noqa: BLE001  (the driver restarts the targets; the restart pushes the weights)
+            if self.rank != 0:
+                raise
+            failed += live
+        return {"buckets": math.ceil(n_bytes / max(1, bucket_bytes)), "bytes": n_bytes, "failed": sorted(failed)}
 
     def export(self, path: str) -> None:
         """Write an HF folder of the current policy (rank 0 writes; every rank must call it). With

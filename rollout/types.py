@@ -139,6 +139,12 @@ class EngineConfig:
     (starts in seconds instead of ~30 s; weights sync without serialisation), no on cuda."""
     cache_root: str = ""
     """VLLM_CACHE_ROOT; '' uses a per-user folder under the system temp dir."""
+    sync_method: Literal["reload", "layerwise", "transfer"] = "layerwise"
+    """How trainer weights reach a vLLM engine (the HF backend ignores it). 'reload': each bucket of
+    whole layers handed to the engine (in-process: as it is) and reloaded by vLLM's `reload_weights`.
+    'layerwise': the same buckets loaded in place within one vLLM weight update per sync, each layer
+    processed once. 'transfer': vLLM's weight-transfer API, trainer rank 0 broadcasting to every
+    replica in one group (NCCL on GPU, gloo on CPU), loaded as with 'layerwise'."""
     enable_sleep_mode: bool = False
     """Let the engine free its GPU memory between rollouts (vLLM sleep mode, CUDA only; trainers
     colocated on the same GPUs use it)."""

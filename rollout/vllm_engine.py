@@ -4,10 +4,13 @@ log-probs, and weight sync into the running engine.
 Log-probs: vLLM is built with `logprobs_mode="raw_logprobs"` (log_softmax of the model's logits
 before temperature, penalties, logit bias, top-k/top-p), the trainer's temperature-1 quantity.
 
-Weight sync goes through `WeightSyncExtension`, mixed into vLLM's worker class by name
-(`worker_extension_cls`), so the same call works in-process (CPU: the tensors are passed as they
-are) and across processes / tensor-parallel ranks (GPU: one safetensors blob per call, sent to
-every rank; each rank's `load_weights` takes its shard). After a reload, the prefix (KV) cache
+Weight sync (`sync_method`, see `rollout.vllm_sync`): with 'reload' and 'layerwise' the trainer hands
+buckets to `load_weights`, which passes them to every worker (`collective_rpc`), so the same call
+works in-process (CPU: the tensors are passed as they are) and across processes / tensor-parallel
+ranks (GPU: one safetensors blob per call, sent to every rank; each rank's `load_weights` takes its
+shard); 'reload' reloads each bucket (`WeightSyncExtension`, mixed into vLLM's worker class by name),
+'layerwise' loads them within one vLLM weight update per sync. With 'transfer' the trainer drives
+vLLM's weight-transfer API (the `*_weight_*` methods). After a sync, the prefix (KV) cache
 and the encoder (image embedding) cache are both reset: stale KV would mix policies, and a
 scheduler that still believes an image embedding is cached kills the engine ("Encoder cache miss")
 because the worker side was cleared by the reload.
@@ -20,36 +23,30 @@ import time
 from typing import Mapping, Sequence
 
 import torch
-from safetensors.torch import load as load_bytes
 from safetensors.torch import save as save_bytes
 
 from model.load import load_processor
 from rollout.sequences import render_prompt, vision_token_ids
 from rollout.types import Completion, EngineConfig, Prompt, SamplingConfig
+from training.distributed import free_port
 
+# `sync_weights` with sync_method 'transfer': the size of each broadcast buffer
+SYNC_BUCKET_BYTES = 256 * 2**20
 # logit_bias is clamped to [-100, 100] by vLLM; exp(-100) ~ 4e-44 bans a token in practice.
 _BAN = -100.0
 
 
-class WeightSyncExtension:
-    """Methods added to every vLLM worker (see `worker_extension_cls`); runs inside the worker."""
-
-    def vlrl_load_weights(self, weights) -> int:
-        """Reload weights given as {HF name: tensor} (in-process) or safetensors bytes (other process).
-
-        `reload_weights` (not `model.load_weights`): it re-runs each layer's post-load processing,
-        which on CPU re-packs the GEMM weights; `load_weights` alone leaves the packed copy stale, so
-        outputs silently do not change. A layer must arrive whole (q, k and v together: vLLM fuses them),
-        else the parts not sent are lost.
-        """
-        if isinstance(weights, (bytes, bytearray)):
-            weights = load_bytes(bytes(weights))
-        self.reload_weights(weights_iterator=list(weights.items()))
-        return len(weights)
-
-
 def _device(cfg: EngineConfig) -> str:
     return cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def transfer_backend(device: str, sync_method: str = "transfer") -> str:
+    """vLLM's weight-transfer backend of a sync method for engines on `device`: for 'transfer', NCCL
+    on GPU and our gloo one on CPU; for 'layerwise', our local one (names as in rollout.vllm_sync,
+    which loads vLLM)."""
+    if sync_method == "layerwise":
+        return "vlrl_local"
+    return "nccl" if device == "cuda" else "vlrl_gloo"
 
 
 def _prepare_env(cfg: EngineConfig, device: str) -> None:
@@ -99,6 +96,8 @@ class VLLMEngine:
             extra = dict(enable_chunked_prefill=False, max_num_batched_tokens=max(8192, cfg.max_model_len))
         elif cfg.enable_sleep_mode:
             extra = dict(enable_sleep_mode=True)
+        if cfg.sync_method != "reload":
+            extra["weight_transfer_config"] = {"backend": transfer_backend(device, cfg.sync_method)}
 
         t0 = time.perf_counter()
         self.llm = LLM(
@@ -107,7 +106,7 @@ class VLLMEngine:
             tensor_parallel_size=cfg.tensor_parallel_size, gpu_memory_utilization=cfg.gpu_memory_utilization,
             limit_mm_per_prompt={"image": cfg.max_images_per_prompt, "video": cfg.max_video_clips_per_prompt},
             logprobs_mode="raw_logprobs",
-            worker_extension_cls=f"{__name__}.WeightSyncExtension", **extra,
+            worker_extension_cls="rollout.vllm_sync.WeightSyncExtension", **extra,
         )
         self.start_seconds = time.perf_counter() - t0
         from vllm.v1.engine.core_client import InprocClient  # vLLM: optional, see above
@@ -117,6 +116,8 @@ class VLLMEngine:
         self.limits = {"image": cfg.max_images_per_prompt, "video": cfg.max_video_clips_per_prompt}
         self.banned_ids = vision_token_ids(self.processor)
         self.last_sync_seconds = 0.0
+        self.device, self.sync_method, self.tensor_parallel_size = device, cfg.sync_method, cfg.tensor_parallel_size
+        self.updating = False   # inside a vLLM weight update ('layerwise', 'transfer')
 
     def generate(self, prompts: Sequence[Prompt], sampling: SamplingConfig) -> list[list[Completion]]:
         from vllm import SamplingParams  # vLLM: optional, loaded by the engine already
@@ -137,23 +138,61 @@ class VLLMEngine:
                  for c in sorted(o.outputs, key=lambda c: c.index)] for o in outs]
 
     def sync_weights(self, state: Mapping[str, torch.Tensor]) -> None:
-        """Reload `state` (HF names, as in the transformers model's state_dict(); the whole model or
-        whole layers) into the running engine, then drop every cache computed with the old weights."""
+        """Load `state` (HF names, as in the transformers model's state_dict(); the whole model or
+        whole layers) into the running engine, by the engine's `sync_method` (with 'transfer' on CPU
+        this process is the sender), then drop every cache computed with the old weights."""
         t0 = time.perf_counter()
-        self.load_weights(state)
-        self.finish_sync()
+        # on GPU the engine's workers hold this process's device, and NCCL takes one rank per device
+        if self.sync_method == "transfer" and self.device == "cpu":
+            from rollout import vllm_sync  # vLLM: loaded by the engine already
+
+            vllm_sync.send_weights(vllm_sync.ParamSource.of(state), vllm_sync.ReplicaClient.of([self]), rank=0,
+                                   address="127.0.0.1", port=free_port(), bucket_bytes=SYNC_BUCKET_BYTES,
+                                   backend=transfer_backend(self.device))
+        else:
+            self.load_weights(state)
+            self.finish_sync()
         self.last_sync_seconds = time.perf_counter() - t0
 
     def load_weights(self, state: Mapping[str, torch.Tensor]) -> None:
-        """Reload whole layers; each loaded layer's post-load processing runs, the others keep theirs."""
+        """One bucket of whole layers (of a sync ended by `finish_sync`). 'reload': the loaded layers'
+        post-load processing runs now, the others keep theirs; 'layerwise': the first bucket starts a
+        weight update, and a layer is processed once all its tensors have come."""
         if self.in_process:
             payload = {k: v.detach() for k, v in state.items()}
         else:
             # copies: safetensors refuses tensors that share storage (tied embeddings)
             payload = save_bytes({k: v.detach().to("cpu", copy=True).contiguous() for k, v in state.items()})
-        self.llm.collective_rpc("vlrl_load_weights", args=(payload,))
+        if self.sync_method != "layerwise":   # a 'transfer' engine takes local buckets as 'reload' does
+            self.llm.collective_rpc("vlrl_load_weights", args=(payload,))
+            return
+        if not self.updating:
+            self.start_weight_update()
+        self.update_weights({"weights": payload})
+
+    # vLLM's weight-transfer API (`sync_method: transfer`), driven by the trainer's transfer engine:
+    # init (join the sync's group), start, update (receive while the trainer broadcasts), finish.
+    def init_weight_transfer_engine(self, init_info: dict) -> None:
+        self.llm.init_weight_transfer_engine({"init_info": init_info})
+
+    def start_weight_update(self) -> None:
+        self.llm.start_weight_update()
+        self.updating = True
+
+    def update_weights(self, update_info: dict) -> None:
+        self.llm.update_weights({"update_info": update_info})
+
+    def finish_weight_update(self) -> None:
+        """The last layers' post-load processing, then the cache resets of every sync."""
+        self.finish_sync()
+
+    def shutdown_weight_transfer_engine(self) -> None:
+        self.llm.shutdown_weight_transfer_engine()
 
     def finish_sync(self) -> None:
+        if self.updating:
+            self.llm.finish_weight_update()
+            self.updating = False
         self.llm.reset_prefix_cache()
         self.llm.llm_engine.reset_encoder_cache()
 

@@ -40,6 +40,26 @@ class RolloutWorker:
     def finish_sync(self) -> None:
         self.engine.finish_sync()
 
+    # `sync_method: transfer` (vLLM engines): the calls of vLLM's weight-transfer API, see VLLMEngine
+    def transfer_ranks(self) -> int:
+        """Ranks this engine takes in a transfer group: its tensor-parallel workers."""
+        return self.cfg.tensor_parallel_size
+
+    def init_weight_transfer_engine(self, init_info: dict) -> None:
+        self.engine.init_weight_transfer_engine(init_info)
+
+    def start_weight_update(self) -> None:
+        self.engine.start_weight_update()
+
+    def update_weights(self, update_info: dict) -> None:
+        self.engine.update_weights(update_info)
+
+    def finish_weight_update(self) -> None:
+        self.engine.finish_weight_update()
+
+    def shutdown_weight_transfer_engine(self) -> None:
+        self.engine.shutdown_weight_transfer_engine()
+
     def sleep(self) -> None:
         self.engine.sleep()
 

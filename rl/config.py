@@ -209,6 +209,10 @@ class RLConfig:
                 self.ray.rollout_gpus < self.rollout.tensor_parallel_size:
             raise ConfigError(f"ray.rollout_gpus: a replica with rollout.tensor_parallel_size "
                               f"{self.rollout.tensor_parallel_size} needs that many GPUs, got {self.ray.rollout_gpus}")
+        if self.rollout.sync_method == "transfer" and self.ray.placement == "colocated" and self.ray.actor_gpus:
+            raise ConfigError("rollout.sync_method: 'transfer' joins trainer rank 0 and the engines in one NCCL "
+                              "group, which cannot hold two ranks on one GPU; colocated trainers and engines share "
+                              "GPUs: use ray.placement split, or sync_method layerwise")
         if self.critic_lora is not None and self.algo != "ppo":
             raise ConfigError(f"critic_lora: algo {self.algo} has no critic (remove critic_lora)")
         if self.rollout.async_:

@@ -8,7 +8,7 @@ import torch
 
 from model.load import load_vlm, save_vlm
 from model.lora import LoRAConfig, full_params
-from rl.config import RolloutConfig
+from rl.config import RLConfig, RolloutConfig
 from rl.driver import fit
 from rl.workers import PolicyWorker
 from rollout import EngineConfig, make_engine
@@ -17,6 +17,7 @@ from rollout.types import SamplingConfig
 from rollout.worker import RolloutWorker
 from tests import rollout_checks as checks
 from tests.test_rl import _cfg
+from training.config import ConfigError, load_config
 from training.distributed import free_port
 from training.optim import OptimConfig
 from training.placement import Handle, spawn
@@ -257,10 +258,12 @@ def test_rl_runs_end_alike_by_every_sync_method(tmp_path, sft_run, monkeypatch):
 
 
 def test_sync_method_is_checked_at_load_time():
-    from rl.config import RLConfig
-    from training.config import ConfigError, load_config
-
     assert load_config(RLConfig, None, ["rollout.sync_method=transfer"]).rollout.sync_method == "transfer"
     message = r"rollout.sync_method: 'copy' is not one of \['reload', 'layerwise', 'transfer'\]"
     with pytest.raises(ConfigError, match=message):
         load_config(RLConfig, None, ["rollout.sync_method=copy"])
+    colocated = ["rollout.sync_method=transfer", "ray.placement=colocated", "ray.actor_gpus=1", "ray.rollout_gpus=1"]
+    with pytest.raises(ConfigError, match="rollout.sync_method: 'transfer' .* use ray.placement split"):
+        load_config(RLConfig, None, colocated)
+    assert load_config(RLConfig, None, colocated[1:]).rollout.sync_method == "layerwise"
+    assert load_config(RLConfig, None, colocated[:2]).ray.placement == "colocated"   # no GPUs: no NCCL

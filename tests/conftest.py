@@ -13,6 +13,7 @@ from synth.extra import EXTRA_TASKS, write_full_suite
 from synth.suite import SceneSpec, corpus_texts, write_suite
 from training.optim import OptimConfig
 from training.placement import start_local_ray
+from tests import rollout_checks as checks
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -71,3 +72,15 @@ def ray_cluster():
     yield ray
     ray.shutdown()
     shutil.rmtree(tmp, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def trainer(tiny_model_dir):
+    """A trainer-side copy of the tiny policy, one per test module, that tests may edit (and restore)."""
+    return load_vlm(tiny_model_dir)
+
+
+@pytest.fixture(scope="module")
+def prompts(suite_dir):
+    """The rollout tests' prompts from the session's suite (`tests.rollout_checks.make_prompts`)."""
+    return checks.make_prompts(suite_dir)

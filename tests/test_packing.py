@@ -2,7 +2,6 @@
 rows packed into one row give the log-probs, entropies, values and updates of the padded batch, for
 every model family, and no token sees another sequence."""
 import json
-import random
 
 import pytest
 import torch
@@ -22,10 +21,11 @@ from rl.batch import RolloutBatch
 from rl.config import KLConfig, PPOConfig, RLConfig, RolloutConfig
 from rl.driver import fit
 from rl.workers import CriticWorker, PolicyWorker
-from rollout.sequences import build_sequences, prompt_from_record
-from rollout.types import Completion, Prompt
+from rollout.sequences import prompt_from_record
+from rollout.types import Prompt
 from synth.suite import corpus_texts
 from training.optim import OptimConfig
+from tests.helpers.batches import random_response_batch
 
 TOL = 1e-5
 
@@ -67,15 +67,7 @@ def mixed_batch(model_dir, suite_dir, extra_suite_dir) -> RolloutBatch:
     recs += [next(r for r in extra if len(r.images) == 2), next(r for r in extra if r.videos)]
     prompts = [prompt_from_record(r, geometry) for r in recs]
     prompts.append(Prompt([{"role": "user", "content": [{"type": "text", "text": "Say hi."}]}], [], []))
-    rng = random.Random(0)
-    completions = [[Completion([rng.randrange(100, 400) for _ in range(rng.randint(3, 30))], [0.0], "", "length")
-                    for _ in range(2)] for _ in prompts]
-    seq = build_sequences(processor, prompts, completions)
-    rows = seq.rows
-    g = torch.Generator().manual_seed(0)
-    return RolloutBatch(seq=seq, tasks=["counting"] * rows, task_id=torch.zeros(rows, dtype=torch.long),
-                        scores=torch.rand(rows, generator=g), correct=torch.arange(rows) % 3 == 0,
-                        kl_coef=torch.full((rows,), 0.05))
+    return random_response_batch(processor, prompts)
 
 
 def _optim():

@@ -1,7 +1,6 @@
 """The HF transformers backend against the Engine contract (see rollout_checks)."""
 import pytest
 
-from model.load import load_vlm
 from rollout import EngineConfig, make_engine
 from tests import rollout_checks as checks
 
@@ -11,17 +10,6 @@ def engine(tiny_model_dir):
     eng = make_engine(str(tiny_model_dir), EngineConfig(backend="hf"))
     yield eng
     eng.close()
-
-
-@pytest.fixture(scope="module")
-def trainer(tiny_model_dir):
-    """A trainer-side copy of the policy that tests may edit (restored after each)."""
-    return load_vlm(tiny_model_dir)
-
-
-@pytest.fixture(scope="module")
-def prompts(suite_dir):
-    return checks.make_prompts(suite_dir)
 
 
 @pytest.fixture(scope="module")

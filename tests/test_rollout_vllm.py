@@ -3,7 +3,6 @@ import importlib.util
 
 import pytest
 
-from model.load import load_vlm
 from rollout import EngineConfig, make_engine
 from rollout.sequences import encode_prompt, render_prompt
 from rollout.vllm_engine import request
@@ -20,17 +19,6 @@ def engine(tiny_model_dir, tmp_path_factory):
                                                         cache_root=str(tmp_path_factory.mktemp("vllm-cache"))))
     yield eng
     eng.close()
-
-
-@pytest.fixture(scope="module")
-def trainer(tiny_model_dir):
-    """A trainer-side copy of the policy that tests may edit (restored after each)."""
-    return load_vlm(tiny_model_dir)
-
-
-@pytest.fixture(scope="module")
-def prompts(suite_dir):
-    return checks.make_prompts(suite_dir)
 
 
 @pytest.fixture(scope="module")

@@ -17,18 +17,17 @@ from model.load import load_processor
 from records import load_records, write_records
 from records.video import VideoGeometry
 from rl.algos import policy_loss, truncated_is_weight
-from rl.batch import RolloutBatch
 from rewards.config import PoolConfig, RewardConfig
 from rl.config import GRPOConfig, PPOConfig, RLConfig, RolloutConfig
 from rl.driver import fit
 from rl.rollout_step import groups_with_signal, refill_pick
 from rl.workers import CriticWorker, PolicyWorker
-from rollout.sequences import build_sequences, prompt_from_record
-from rollout.types import Completion
+from rollout.sequences import prompt_from_record
 from training.config import ConfigError, load_config, to_dict
 from training.distributed import padded_chunks, rank_chunks, shard_rows, token_chunks
 from training.optim import OptimConfig
 from tests.helpers.kill import run_killed_after_checkpoint
+from tests.helpers.batches import random_response_batch
 
 
 def padded_tokens(chunks, lengths) -> int:
@@ -95,15 +94,8 @@ def mixed_batch(tiny_model_dir, suite_dir, extra_suite_dir):
     extra = load_records(extra_suite_dir / "rl.jsonl", require="prompt")
     recs += [next(r for r in extra if r.videos), next(r for r in extra if len(r.images) == 2)]
     prompts = [prompt_from_record(r, geometry) for r in recs]
-    rng = random.Random(0)
-    completions = [[Completion([rng.randrange(100, 400) for _ in range(rng.randint(3, 30))], [0.0], "", "length")
-                    for _ in range(2)] for _ in prompts]
-    seq = build_sequences(processor, prompts, completions)
-    rows = seq.rows
-    g = torch.Generator().manual_seed(0)
-    batch = RolloutBatch(seq=seq, tasks=["counting"] * rows, task_id=torch.zeros(rows, dtype=torch.long),
-                         scores=torch.rand(rows, generator=g), correct=torch.arange(rows) % 3 == 0,
-                         kl_coef=torch.full((rows,), 0.05))
+    batch = random_response_batch(processor, prompts)
+    seq = batch.seq
     lengths = seq.lengths
     assert max(lengths) > 2 * min(lengths)       # a batch where the plan matters
     return batch

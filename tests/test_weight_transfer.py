@@ -41,16 +41,6 @@ def engines(tiny_model_dir, tmp_path_factory):
         e.close()
 
 
-@pytest.fixture(scope="module")
-def trainer(tiny_model_dir):
-    return load_vlm(tiny_model_dir)
-
-
-@pytest.fixture(scope="module")
-def prompts(suite_dir):
-    return checks.make_prompts(suite_dir)
-
-
 def _perturb(model, *, seed: int, scale: float = 0.05, only: str = "") -> None:
     """A training-like change of every parameter (of those whose name holds `only`)."""
     gen = torch.Generator().manual_seed(seed)

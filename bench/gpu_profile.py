@@ -151,7 +151,8 @@ def profile(model_dir: Path, data: Path, *, workers: int, prompts: int, n: int, 
     weights into every replica, bucket by bucket. On GPUs every rank and its replica share a GPU
     (half a Ray GPU each); on CPU (`gpu=False`: the tiny model, a smoke run) they share the cores."""
     records = load_records(data / "rl.jsonl", require="prompt")[:prompts]
-    geometry = VideoGeometry.of(load_processor(model_dir))
+    processor = load_processor(model_dir)
+    geometry = VideoGeometry.of(processor)
     batch_prompts = [prompt_from_record(r, geometry) for r in records]
     share = 0.5 if gpu else 0.0
     dtype = "bfloat16" if gpu else "float32"
@@ -175,7 +176,6 @@ def profile(model_dir: Path, data: Path, *, workers: int, prompts: int, n: int, 
         actor = spawn(PolicyWorker, str(model_dir), optim=OptimConfig(lr=1e-6, warmup_steps=0, schedule="constant"),
                       total_steps=100, dtype=dtype, fsdp=FSDPConfig(grad_checkpointing=gpu), workers=workers,
                       use_ray=True, num_gpus=share, name="actor")
-        processor = load_processor(model_dir)
         batch = fixed_batch(processor, str(data / "rl.jsonl"), prompts=prompts, n=n, response_tokens=response_tokens)
         rows = minibatch_rows(list(range(batch.rows)), minibatches=1, epochs=1, seed=0)
         ppo = PPOConfig(minibatches=1, micro_batch_size=micro_batch_size, lm_coef=0.0)

@@ -34,6 +34,7 @@ from synth.extra import ALL_TASKS, full_corpus_texts, write_full_suite
 from synth.suite import SceneSpec
 from training.atomic import write_json
 from training.config import ConfigError, check_input
+from training.distributed import FSDPConfig
 from training.optim import OptimConfig
 
 ROUTE_KEY = "rl.reward.tasks"   # every stage scores with the RL stage's reward routes
@@ -68,6 +69,8 @@ class RMStageConfig:
     batch_size: int = 16
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-4, warmup_steps=20))
     # parameter prefixes start at `critic.backbone.` (e.g. lr_scale {critic.backbone.visual: 3})
+    workers: int = 1                      # ranks of an FSDP2 group sharing each batch (as sft.workers)
+    fsdp: FSDPConfig = field(default_factory=FSDPConfig)
 
 
 @dataclass(frozen=True)
@@ -215,7 +218,7 @@ def _reward_model(cfg: PipelineConfig, run: Path, policy: str) -> str | None:
     def stage_rm() -> dict:
         rcfg = RMConfig(model=policy, data=pairs["train"], eval_data=pairs["heldout"], out=str(run / "rm"),
                         steps=cfg.rm.steps, batch_size=cfg.rm.batch_size, seed=cfg.seed,
-                        optim=cfg.rm.optim)
+                        optim=cfg.rm.optim, workers=cfg.rm.workers, fsdp=cfg.rm.fsdp)
         final = train_rm(rcfg)
         return {"model": str(final.resolve()), "eval": json.loads((run / "rm" / "eval.json").read_text())}
 

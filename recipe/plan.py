@@ -5,7 +5,8 @@ Per GPU, in bytes (P parameters, N ranks of a group, c bytes per compute element
   trainer (actor, critic)  master copy 4P/N (float32), gradients 4P/N, Adam moments 8P/N; with
                            fsdp.cpu_offload these three live in CPU memory instead. Weights: the
                            compute copies of the blocks FSDP gathers, two blocks in flight
-                           (2 x largest block x c); unsharded (N = 1) a bfloat16 copy of the model.
+                           (2 x largest block x c; with fsdp.wrap: root the block is the whole
+                           model); unsharded (N = 1) a bfloat16 copy of the model.
   frozen (reference, RM)   weights cP/N plus the gathered blocks.
   activations              per decoder layer and sequence of s tokens (micro-batch b, hidden h),
                            17 c s b h bytes kept for backward (Korthikanti et al. 2022, eq. 1 at
@@ -159,6 +160,8 @@ def plan(cfg: RLConfig, m: ModelFigures, *, gpus_per_node: int, nodes: int, gpu_
     act = dict(micro_batch=cfg.ppo.micro_batch_size, seq_len=seq, hidden=m.hidden, layers=m.layers, vocab=m.vocab,
                compute_bytes=cb, logp_chunk=cfg.ppo.entropy_chunk)
     critic_params = m.params - m.lm_head + m.hidden + 1
+    if fsdp.wrap == "root":   # the whole model is the one block FSDP gathers
+        m = dataclasses.replace(m, largest_block=m.params)
     groups = [trainer_memory("actor", m.params, ranks=r.actor_workers, train=True, compute_bytes=cb,
                              offload=fsdp.cpu_offload, largest_block=m.largest_block,
                              activations=activation_bytes(**act, train=True, checkpointing=fsdp.grad_checkpointing))]

@@ -10,6 +10,7 @@ per-task KL coefficient. Workers run here or as Ray actors (`training.placement`
 from __future__ import annotations
 
 import dataclasses
+import functools
 import random
 import time
 from collections import defaultdict
@@ -473,13 +474,22 @@ def evaluate_run(run: RLRun, limit: int = 0) -> tuple[dict, list]:
     judge); the RM's mean score of RM-routed prompts (`rm_score`); with `eval_samples` = k, the same
     over k samples per prompt at the rollout temperature (`sampled_accuracy`, `sampled_rm_score`)."""
     records = eval_subset(run.eval_records, limit)
-    responses = run.greedy(records)   # with the token budget the rollouts have
+    k, ro = run.cfg.eval_samples, run.cfg.rollout
+    if not k:
+        responses, groups = run.greedy(records), []   # with the token budget the rollouts have
+    else:  # avg@k with the rollout engine at the training temperature, one fixed seed for every eval
+        prompts = [prompt_from_record(r, run.geometry) for r in records]
+        sample = functools.partial(run.rollouts.generate, prompts, SamplingConfig.of(ro, n=k, seed=run.cfg.seed + 7))
+        if run.cfg.ray.placement == "colocated":   # engines and actor share GPUs: one at a time
+            responses, groups = run.greedy(records), sample()
+        else:   # the engines sample while the actor decodes greedily
+            with ThreadPoolExecutor(1) as pool:
+                sampled = pool.submit(sample)
+                responses = run.greedy(records)
+                groups = sampled.result()
     gens = judge(records, responses, run.reward_cfg, scorer=run.score)
     table = summarize(gens)
-    k, ro = run.cfg.eval_samples, run.cfg.rollout
-    if k:  # avg@k with the rollout engine at the training temperature; one fixed seed for every eval
-        prompts = [prompt_from_record(r, run.geometry) for r in records]
-        groups = run.rollouts.generate(prompts, SamplingConfig.of(ro, n=k, seed=run.cfg.seed + 7))
+    if k:
         table = add_sampled_scores(table, records, [[c.text for c in g] for g in groups], run.reward_cfg,
                                    scorer=run.score)
     return table, gens

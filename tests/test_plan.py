@@ -70,6 +70,11 @@ def test_plan_adds_up_the_groups_and_says_what_to_change():
     offloaded = plan(dataclasses.replace(cfg, fsdp=FSDPConfig(cpu_offload=True)), SMALL, gpus_per_node=8, nodes=1,
                      gpu_memory_gib=80)
     assert offloaded.groups[0].master == 0
+    # fsdp.wrap: root gathers the whole model instead of one block at a time
+    assert actor.weights == 2 * 50_000_000 * 2
+    rooted = plan(dataclasses.replace(cfg, fsdp=FSDPConfig(wrap="root")), SMALL, gpus_per_node=8, nodes=1,
+                  gpu_memory_gib=80)
+    assert rooted.groups[0].weights == 2 * 10**9 * 2
 
 
 def test_model_figures_from_config_json(tiny_model_dir):

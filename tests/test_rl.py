@@ -8,7 +8,7 @@ import torch
 from safetensors.torch import load_file
 
 import rl.driver
-from records import load_images, load_records, write_records
+from records import VideoGeometry, load_images, load_records, write_records
 from rewards.config import PoolConfig, RewardConfig
 from rewards.hybrid import score_batch
 from rl.algos import kl as kl_estimate
@@ -311,3 +311,42 @@ def test_greedy_eval_gets_the_rollouts_token_budget(sft_run, tmp_path):
     assert calls == [("generate_greedy", {"max_new_tokens": 56}), ("score", 4)]
     assert table["all"]["accuracy"] == 1.0 and table["all"]["reward"] == 1.0
     assert [g.id for g in gens] == [r.id for r in records]
+
+
+@pytest.mark.parametrize("placement", ["split", "colocated"])
+def test_sampled_eval_runs_beside_the_greedy_one_unless_they_share_gpus(sft_run, tmp_path, placement):
+    """eval_samples = k: the engines draw k samples per prompt while the actor decodes greedily (a
+    barrier both must reach proves the overlap); colocated engines and actor take turns."""
+    import threading
+
+    records = load_records(sft_run["data"]["heldout"])[:3]
+    together = threading.Barrier(2, timeout=20)
+    calls = []
+
+    class Actor:
+        def generate_greedy(self, recs, **kw):
+            calls.append("greedy")
+            if placement == "split":
+                together.wait()
+            return Future([f"<think>x</think>{r.answer}" for r in recs])
+
+    class Rollouts:
+        def generate(self, prompts, sampling):
+            calls.append("sampled")
+            if placement == "split":
+                together.wait()
+            return [[Completion(token_ids=[1], logp=[0.0], text="<think>x</think>nope", finish_reason="stop")] * sampling.n
+                    for _ in prompts]
+
+    cfg = _cfg(sft_run, tmp_path / "run", eval_samples=2,
+               ray=dataclasses.replace(RLConfig().ray, placement=placement))
+    run = SimpleNamespace(cfg=cfg, eval_records=records, actor=Actor(), rollouts=Rollouts(), reward_cfg=cfg.reward,
+                          geometry=VideoGeometry())
+    run.greedy = lambda recs: rl.driver.RLRun.greedy(run, recs)
+    run.score = lambda inputs: score_batch(inputs, cfg.reward)
+    table, _ = evaluate_run(run)
+    assert table["all"]["accuracy"] == 1.0 and table["all"]["sampled_accuracy"] == 0.0
+    if placement == "colocated":
+        assert calls == ["greedy", "sampled"]
+    else:
+        assert sorted(calls) == ["greedy", "sampled"]

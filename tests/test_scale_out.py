@@ -21,7 +21,7 @@ from rl.config import PPOConfig, RayConfig, RLConfig, RolloutConfig
 from rl.driver import fit, minibatch_rows
 from rl.workers import CriticWorker, PolicyWorker
 from rollout.sync import buckets, layer_key
-from training.distributed import padded_chunks, shard_rows
+from training.distributed import FSDPConfig, padded_chunks, shard_rows
 from training.optim import OptimConfig
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -237,6 +237,12 @@ def test_sft_and_reward_model_training_on_two_ranks_match_one(ray_cluster, tiny_
     # three Adam steps at lr 1e-3: a rounding-level gradient difference moves a weight by < lr / 10
     assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-4
     assert (tmp_path / "sft2" / "checkpoints" / "step-000002" / "model" / ".metadata").is_file()
+    # the whole model as one FSDP unit, kept gathered between forward and backward: the same training
+    root = train_sft(dataclasses.replace(sft, out=str(tmp_path / "sft3"), workers=2,
+                                         fsdp=FSDPConfig(wrap="root", reshard_after_forward=False)), progress=False)
+    assert losses("sft3", "train/loss") == pytest.approx(losses("sft1", "train/loss"), rel=1e-5)
+    c = _weights(root)
+    assert max((a[k] - c[k]).abs().max().item() for k in a) < 1e-4
 
     pairs = write_preference_pairs(tmp_path / "prefs", n=20, n_heldout=4)
     rm = RMConfig(model=str(tiny_model_dir), data=str(pairs["train"]), eval_data=str(pairs["heldout"]),
@@ -246,5 +252,10 @@ def test_sft_and_reward_model_training_on_two_ranks_match_one(ray_cluster, tiny_
     assert losses("rm2", "train/loss") == pytest.approx(losses("rm1", "train/loss"), rel=1e-5)
     a, b = _weights(one), _weights(two)
     assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-4
+    root = train_rm(dataclasses.replace(rm, out=str(tmp_path / "rm3"), workers=2,
+                                        fsdp=FSDPConfig(wrap="root", reshard_after_forward=False)), progress=False)
+    assert losses("rm3", "train/loss") == pytest.approx(losses("rm1", "train/loss"), rel=1e-5)
+    c = _weights(root)
+    assert max((a[k] - c[k]).abs().max().item() for k in a) < 1e-4
     r1, r2 = (json.loads((tmp_path / r / "eval.json").read_text()) for r in ("rm1", "rm2"))
     assert r2["margin"] == pytest.approx(r1["margin"], rel=1e-4) and r2["n"] == r1["n"] == 4

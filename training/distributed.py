@@ -20,7 +20,7 @@ import os
 import socket
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Collection, Iterator, Sequence
+from typing import Collection, Iterator, Literal, Sequence
 
 import torch
 import torch.distributed as dist
@@ -40,6 +40,10 @@ class FSDPConfig:
     grad_checkpointing: bool = False   # recompute each decoder layer's activations in backward
     cpu_offload: bool = False          # parameters, gradients and optimizer state live in CPU memory
     reshard_after_forward: bool = True # free the gathered parameters after each layer's forward (ZeRO-3)
+    # blocks: every decoder layer and vision block is a unit of its own (gathers overlap compute; a
+    # rank holds one or two blocks at a time). root: the whole model is one unit: one all-gather and
+    # one reduce-scatter per pass, the cheapest for small models whose every collective is latency
+    wrap: Literal["blocks", "root"] = "blocks"
 
 
 def free_port() -> int:
@@ -168,7 +172,8 @@ def layer_classes(model: nn.Module) -> set[str]:
 
 
 def shard_model(model: nn.Module, cfg: FSDPConfig, *, compute_dtype: torch.dtype | None = None) -> nn.Module:
-    """Wrap `model` with FSDP2 over all ranks: every decoder layer and vision block, then the root.
+    """Wrap `model` with FSDP2 over all ranks: every decoder layer and vision block, then the root
+    (`cfg.wrap` "blocks"), or the root alone ("root").
     Parameters stay in their own dtype (float32: the master copy the optimizer steps); with
     `compute_dtype` (bfloat16) forwards and backwards run in it and gradients reduce in float32."""
     mesh = init_device_mesh("cuda" if torch.cuda.is_available() else "cpu", (world_size(),))
@@ -176,7 +181,7 @@ def shard_model(model: nn.Module, cfg: FSDPConfig, *, compute_dtype: torch.dtype
     kw = dict(mesh=mesh, mp_policy=mp, reshard_after_forward=cfg.reshard_after_forward)
     if cfg.cpu_offload:
         kw["offload_policy"] = CPUOffloadPolicy()
-    blocks = layer_classes(model)
+    blocks = layer_classes(model) if cfg.wrap == "blocks" else set()
     for m in model.modules():
         if type(m).__name__ in blocks and m is not model:
             fully_shard(m, **kw)

@@ -88,7 +88,8 @@ def make_optimizer(model, cfg: OptimConfig, total_steps: int):
         raise ConfigError("lr_scale: every parameter is frozen (multiplier 0); nothing would train")
     opt = torch.optim.AdamW([{"params": [params[n] for n in names], "lr": cfg.lr * scale}
                              for scale, names in sorted(groups.items())],
-                            lr=cfg.lr, weight_decay=cfg.weight_decay, betas=tuple(cfg.betas))
+                            lr=cfg.lr, weight_decay=cfg.weight_decay, betas=tuple(cfg.betas),
+                            foreach=True)   # one kernel per op over all tensors: torch's default only on GPUs
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(
         s, total=total_steps, warmup=cfg.warmup_steps, schedule=cfg.schedule, min_ratio=cfg.min_lr_ratio))
     return opt, sched

@@ -8,6 +8,7 @@ keeps taking part in the others' forwards), and every rank returns all the answe
 from __future__ import annotations
 
 import torch
+from torch.distributed.fsdp import FSDPModule
 
 from model.inputs import encode_prompts
 from records import VideoGeometry, load_media, unique_prompts
@@ -32,11 +33,15 @@ def generate_greedy(model, processor, records, *, batch_size: int = 64, max_new_
             inputs = encode_prompts(processor, [m.messages for m in media], [m.images for m in media],
                                     [m.videos for m in media])
             inputs = inputs.to(model.device)
+            if isinstance(model, FSDPModule):   # generate calls the vision tower outside the root's forward,
+                model.unshard()                 # so FSDP's hooks would leave the root's own weights sharded
             seq = model.generate(**inputs, do_sample=False, max_new_tokens=max_new_tokens, eos_token_id=eos,
                                  pad_token_id=tok.pad_token_id, synced_gpus=world > 1)
             texts = tok.batch_decode(seq[:, inputs["input_ids"].shape[1]:].cpu(), skip_special_tokens=True)
             if real:
                 out.update(zip(rows, texts))
+    if isinstance(model, FSDPModule):
+        model.reshard()
     model.train(was_training)
     out = gather_dicts(out)
     return [out[j] for j in slot]

@@ -224,7 +224,8 @@ def test_sft_and_reward_model_training_on_two_ranks_match_one(ray_cluster, tiny_
 
     optim = OptimConfig(lr=1e-3, warmup_steps=0, schedule="constant")
     sft = SFTConfig(model=str(tiny_model_dir), data=str(suite_dir / "sft.jsonl"), out=str(tmp_path / "sft1"), steps=3,
-                    batch_size=5, save_every=2, log_every=1, optim=optim)
+                    batch_size=5, save_every=2, log_every=1, optim=optim, eval_data=str(suite_dir / "heldout.jsonl"),
+                    eval_max_new_tokens=8)
     one = train_sft(sft, progress=False)
     two = train_sft(dataclasses.replace(sft, out=str(tmp_path / "sft2"), workers=2), progress=False)
 
@@ -243,6 +244,11 @@ def test_sft_and_reward_model_training_on_two_ranks_match_one(ray_cluster, tiny_
     assert losses("sft3", "train/loss") == pytest.approx(losses("sft1", "train/loss"), rel=1e-5)
     c = _weights(root)
     assert max((a[k] - c[k]).abs().max().item() for k in a) < 1e-4
+    # the held-out eval decodes greedily on the sharded model (the vision tower runs outside the
+    # root's forward there): every prompt answered, as one worker answers it
+    answers = [[json.loads(x)["response"] for x in (tmp_path / r / "eval.generations.jsonl").read_text().splitlines()]
+               for r in ("sft1", "sft2", "sft3")]
+    assert len(answers[0]) == 40 and answers[1] == answers[0] and answers[2] == answers[0]
 
     pairs = write_preference_pairs(tmp_path / "prefs", n=20, n_heldout=4)
     rm = RMConfig(model=str(tiny_model_dir), data=str(pairs["train"]), eval_data=str(pairs["heldout"]),

@@ -11,11 +11,13 @@ import tempfile
 from pathlib import Path
 
 from model.tiny import TinySpec, build_tiny_vlm
-from recipe.sft import SFTConfig, train_sft
+from recipe.sft import SFTConfig, SFTWorker, train_sft
 from synth.extra import write_full_suite
 from synth.suite import corpus_texts, write_suite
 from synth.video import VIDEO_TASKS
+from training.atomic import atomic_dir
 from training.optim import OptimConfig
+from training.runlog import load_trainer_state
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -52,14 +54,19 @@ def sft_model(scratch: Path, model: Path, data: dict[str, Path], *, steps: int, 
     policy that still explores when sampled, which RL needs (scratch/sft-<take>-of-<steps>)."""
     take = take or steps
     out = Path(scratch) / f"sft-{take}-of-{steps}"
-    ckpt = out / "checkpoints" / f"step-{take:06d}" if take < steps else out / "final"
-    if (ckpt / "config.json").is_file():
-        return ckpt
+    hf = out / f"step-{take}-hf" if take < steps else out / "final"
+    if (hf / "config.json").is_file():
+        return hf
     cfg = SFTConfig(model=str(model), data=str(data["sft"]), eval_data=None, out=str(out), steps=steps,
                     batch_size=batch_size, save_every=take, keep_checkpoints=2, log_every=10,
                     optim=OptimConfig(lr=3e-4, warmup_steps=20))
     train_sft(cfg, resume=False, progress=False)
-    return ckpt
+    if take < steps:   # a checkpoint holds FSDP shards and the trainer state: write its weights as an HF folder
+        ckpt = out / "checkpoints" / f"step-{take:06d}"
+        worker = SFTWorker(cfg)
+        worker.load_state(str(ckpt / "model"), load_trainer_state(ckpt)["model"])
+        atomic_dir(hf, lambda d: worker.export(str(d)))
+    return hf
 
 
 def default_scratch() -> Path:

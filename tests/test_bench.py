@@ -167,3 +167,19 @@ def test_gpu_profile_runs_its_worker_groups_on_cpu(tiny_model_dir, tmp_path, ray
         m["actor_update"]["seconds"]
     assert m["step"]["seconds"] == pytest.approx(parts)
     assert m["dense_params"] == dense_params(text_dims(tiny_model_dir)) and 0 < m["actor_update"]["mfu"] < 1
+
+
+def test_the_e2e_start_is_an_hf_folder_of_the_sft_step_it_names(tiny_model_dir, suite_dir, tmp_path):
+    """bench.scratch.sft_model(take < steps): the weights of step `take` (from its sharded
+    checkpoint) as a model folder that loads, not the final weights; a second call reuses it."""
+    from safetensors.torch import load_file
+
+    from bench.scratch import sft_model
+
+    data = {"sft": suite_dir / "sft.jsonl"}
+    early = sft_model(tmp_path, tiny_model_dir, data, steps=4, take=2, batch_size=4)
+    load_vlm(str(early))
+    final = tmp_path / "sft-2-of-4" / "final"
+    a, b = load_file(early / "model.safetensors"), load_file(final / "model.safetensors")
+    assert a.keys() == b.keys() and any(not torch.equal(a[k], b[k]) for k in a)
+    assert sft_model(tmp_path, tiny_model_dir, data, steps=4, take=2, batch_size=4) == early

@@ -49,9 +49,12 @@ from rewards.hybrid import RewardInput, score_batch
 from rewards.inputs import is_correct
 from rl.config import PPOConfig, RLConfig, RolloutConfig
 from rl.driver import fit
+from rl.workers import PolicyWorker
 from rollout.greedy import generate_greedy
-from training.atomic import write_json
+from rollout.types import EngineConfig
+from training.atomic import atomic_dir, write_json
 from training.optim import OptimConfig
+from training.runlog import load_trainer_state
 
 T_PROCESS = time.perf_counter()
 SYSTEMS = ("vlrl-ppo", "vlrl-grpo", "vlrl-grpo-hf", "trl-grpo")
@@ -101,10 +104,24 @@ def sampled_accuracy(model_dir: str, records, *, k: int, temperature: float, max
     """Share of correct samples (format gate + verifier, reward 1) over k samples per held-out
     prompt at the training temperature: the quantity RL optimises. HF backend, seed 0, for every
     system alike."""
-    scored = sample_and_score(model_dir, records, k=k, backend="hf", reward_cfg=RewardConfig(pool=PoolConfig(workers=0)),
+    scored = sample_and_score(model_dir, records, k=k, engine=EngineConfig(backend="hf"), reward_cfg=RewardConfig(pool=PoolConfig(workers=0)),
                               max_tokens=max_tokens, temperature=temperature, seed=0, progress=False)
     flat = [is_correct(s.result) for group in scored for s in group]
     return sum(flat) / max(1, len(flat))
+
+
+def exported(checkpoints: dict[int, Path], policy: str) -> dict[int, str]:
+    """vlrl checkpoints (the actor's sharded state) as HF folders beside them (`<step>/hf`), which
+    the sampled eval loads like TRL's saved models."""
+    worker, out = None, {}
+    for key, ckpt in checkpoints.items():
+        hf = ckpt / "hf"
+        if not (hf / "config.json").is_file():
+            worker = worker or PolicyWorker(policy)
+            worker.load_state(str(ckpt / "actor"), load_trainer_state(ckpt)["actor"])
+            atomic_dir(hf, lambda d: worker.export(str(d)))
+        out[key] = str(hf)
+    return out
 
 
 def add_sampled(curve: list[dict], checkpoints: dict[int, str], records, b: "Budget") -> list[dict]:
@@ -184,8 +201,8 @@ def run_vlrl(system: str, policy: str, data: str, heldout: str, out: Path, b: Bu
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line]
     curve = vlrl_curve(rows, samples_per_step=b.samples_per_step)
     train_s = curve[-1]["seconds"] if curve else 0.0
-    ckpts = {int(p.name.split("-")[1]) * b.samples_per_step: str(p) for p in (out / "checkpoints").glob("step-*")}
-    add_sampled(curve, ckpts, load_records(heldout, require="prompt"), b)
+    ckpts = {int(p.name.split("-")[1]) * b.samples_per_step: p for p in (out / "checkpoints").glob("step-*")}
+    add_sampled(curve, exported(ckpts, policy), load_records(heldout, require="prompt"), b)
     eval_s = sum(r2["time"] - r1["time"] for r1, r2 in zip(rows, rows[1:]) if any(k.startswith("eval/") for k in r2))
     return {"curve": curve, "train_s": train_s, "samples": b.steps * b.samples_per_step,
             # start_s: engine and model start-up, checkpoints and the last save: neither training nor eval

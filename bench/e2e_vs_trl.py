@@ -52,9 +52,8 @@ from rl.driver import fit
 from rl.workers import PolicyWorker
 from rollout.greedy import generate_greedy
 from rollout.types import EngineConfig
-from training.atomic import atomic_dir, write_json
+from training.atomic import write_json
 from training.optim import OptimConfig
-from training.runlog import load_trainer_state
 
 T_PROCESS = time.perf_counter()
 SYSTEMS = ("vlrl-ppo", "vlrl-grpo", "vlrl-grpo-hf", "trl-grpo")
@@ -118,8 +117,7 @@ def exported(checkpoints: dict[int, Path], policy: str) -> dict[int, str]:
         hf = ckpt / "hf"
         if not (hf / "config.json").is_file():
             worker = worker or PolicyWorker(policy)
-            worker.load_state(str(ckpt / "actor"), load_trainer_state(ckpt)["actor"])
-            atomic_dir(hf, lambda d: worker.export(str(d)))
+            worker.export_checkpoint(ckpt, "actor", hf)
         out[key] = str(hf)
     return out
 

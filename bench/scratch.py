@@ -15,9 +15,7 @@ from recipe.sft import SFTConfig, SFTWorker, train_sft
 from synth.extra import write_full_suite
 from synth.suite import corpus_texts, write_suite
 from synth.video import VIDEO_TASKS
-from training.atomic import atomic_dir
 from training.optim import OptimConfig
-from training.runlog import load_trainer_state
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -62,10 +60,7 @@ def sft_model(scratch: Path, model: Path, data: dict[str, Path], *, steps: int, 
                     optim=OptimConfig(lr=3e-4, warmup_steps=20))
     train_sft(cfg, resume=False, progress=False)
     if take < steps:   # a checkpoint holds FSDP shards and the trainer state: write its weights as an HF folder
-        ckpt = out / "checkpoints" / f"step-{take:06d}"
-        worker = SFTWorker(cfg)
-        worker.load_state(str(ckpt / "model"), load_trainer_state(ckpt)["model"])
-        atomic_dir(hf, lambda d: worker.export(str(d)))
+        SFTWorker(cfg).export_checkpoint(out / "checkpoints" / f"step-{take:06d}", "model", hf)
     return hf
 
 

@@ -8,7 +8,6 @@ from pathlib import Path
 from recipe.plan import format_plan, model_figures, plan
 from rl.config import RLConfig
 from rl.workers import CriticWorker, PolicyWorker
-from training.atomic import atomic_dir
 from training.config import ConfigError, load_config
 from training.runlog import latest_checkpoint, load_trainer_state
 
@@ -42,15 +41,12 @@ def cmd_export(args) -> int:
     ckpt = run / "checkpoints" / f"step-{args.step:06d}" if args.step else latest_checkpoint(run)
     if ckpt is None or not (ckpt / "trainer_state.pt").is_file():
         raise ConfigError(f"{run}: no checkpoint {'step ' + str(args.step) if args.step else ''} to export")
-    state = load_trainer_state(ckpt)
     if args.critic:
         worker = CriticWorker(cfg.critic or cfg.policy, optim=None, lora=cfg.critic_lora)
-        worker.load_state(str(ckpt / "critic"), state["critic"])
     else:
         worker = PolicyWorker(cfg.policy, lora=cfg.actor_lora)   # a LoRA checkpoint holds the adapters
-        worker.load_state(str(ckpt / "actor"), state["actor"])
-    out = atomic_dir(args.out, lambda d: worker.export(str(d)))
-    print(f"step {state['step']} of {run} exported to {out}")
+    out = worker.export_checkpoint(ckpt, "critic" if args.critic else "actor", args.out)
+    print(f"step {load_trainer_state(ckpt)['step']} of {run} exported to {out}")
     return 0
 
 

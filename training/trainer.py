@@ -14,13 +14,16 @@ from __future__ import annotations
 
 import contextlib
 import os
+from pathlib import Path
 
 import torch
 from torch import nn
 
 from training.distributed import (FSDPConfig, full_state_dict, is_sharded, load_sharded, rank, save_sharded,
                                   scalar, shard_model, world_size)
+from training.atomic import atomic_dir
 from training.optim import OptimConfig, make_optimizer
+from training.runlog import load_trainer_state
 
 
 def set_threads() -> None:
@@ -93,6 +96,13 @@ class Trainer:
             _set_rng_state(torch.load(rng, weights_only=False))
         if self.sched is not None and state.get("scheduler") is not None:
             self.sched.load_state_dict(state["scheduler"])
+
+    def export_checkpoint(self, ckpt: str | os.PathLike, key: str, out: str | os.PathLike) -> Path:
+        """Load this trainer's part (`key`: "model", "actor", "critic") of the checkpoint folder
+        `ckpt` and write it as an HF folder at `out`, atomically (`export` of the subclass)."""
+        ckpt = Path(ckpt)
+        self.load_state(str(ckpt / key), load_trainer_state(ckpt)[key])
+        return atomic_dir(out, lambda d: self.export(str(d)))
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """The whole model's weights on rank 0 (other ranks: {}); every rank must call it."""

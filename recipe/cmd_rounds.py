@@ -83,6 +83,7 @@ def cmd_rft(args) -> int:
     reward_cfg, route_key = load_reward_config(args.reward_config, args.reward_set)
     run_rft(args.model, args.data, args.output_dir, k=args.k, reward_cfg=reward_cfg, sft_cfg=sft_cfg,
             engine=_engine_config(args), replicas=args.replicas, rm_path=args.rm, max_per_prompt=args.max_per_prompt,
+            min_overlap=args.min_overlap,
             max_tokens=args.max_tokens, temperature=args.temperature, seed=args.seed, progress=not args.quiet,
             route_key=route_key)
     return 0
@@ -116,6 +117,9 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--output-dir", required=True, metavar="D", help="folder for rft_sft.jsonl, rft.json and sft/")
     p.add_argument("--max-per-prompt", type=_positive_int, default=4,
                    help="accepted samples kept per prompt, after de-duplication (default 4)")
+    p.add_argument("--min-overlap", type=_non_negative_float, default=0.0,
+                   help="accept a correct box or interval answer only at this IoU / tIoU or above, the closest "
+                        "first (default 0: any the verifier scores 1)")
     p.add_argument("--sft-config", help="YAML SFT config (recipe.sft.SFTConfig); model, data and out are set by rft")
     p.add_argument("--no-train", action="store_true", help="write the SFT records only")
     p.add_argument("overrides", nargs="*", help="dotted SFT overrides, e.g. steps=200 optim.lr=1e-4")

@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -36,6 +37,7 @@ from training.atomic import write_json
 from training.config import ConfigError, check_input
 from training.distributed import FSDPConfig
 from training.optim import OptimConfig
+from training.placement import start_local_ray, start_ray_once
 
 ROUTE_KEY = "rl.reward.tasks"   # every stage scores with the RL stage's reward routes
 
@@ -84,6 +86,7 @@ class RoundConfig:
     temperature: float = 1.0
     max_tokens: int = 48
     max_per_prompt: int = 2               # accepted samples kept per prompt
+    min_overlap: float = 0.0              # RFT takes a correct box / interval answer only at this IoU / tIoU or above
     replay: float = 0.0                   # SFT records mixed into the RFT data per accepted sample
     rl_replay: float = 0.0                # prompts from outside the band mixed into the round's RL per kept prompt
     sft: SFTConfig = field(default_factory=lambda: SFTConfig(
@@ -94,6 +97,8 @@ class RoundConfig:
         for key in ("replay", "rl_replay"):
             if getattr(self, key) < 0:
                 raise ConfigError(f"{key}: must be >= 0 (records mixed in per kept one), got {getattr(self, key)}")
+        if not 0.0 <= self.min_overlap <= 1.0:
+            raise ConfigError(f"min_overlap: must lie in [0, 1] (an IoU), got {self.min_overlap}")
 
 
 @dataclass(frozen=True)
@@ -168,7 +173,12 @@ def run_pipeline(cfg: PipelineConfig) -> dict:
             cfg.rl.check_sources(tasks)
         except ConfigError as e:
             raise ConfigError(f"rl.{e} (or enable rm)") from None
+    with _one_ray(cfg):
+        return _train(cfg, run, base, data, tables, t_start)
 
+
+def _train(cfg: PipelineConfig, run: Path, base: str, data: dict, tables: dict, t_start: float) -> dict:
+    """The stages after the data: SFT, the reward model, RL and the rounds, then the report."""
     def stage_sft() -> dict:
         scfg = dataclasses.replace(cfg.sft, model=base, data=data["sft"], eval_data=data["heldout"],
                                    out=str(run / "sft"), reward=cfg.rl.reward)
@@ -201,6 +211,32 @@ def run_pipeline(cfg: PipelineConfig) -> dict:
     print(accuracy_table(tables))
     print(f"[pipeline] report: {report}")
     return summary
+
+
+@contextmanager
+def _one_ray(cfg: PipelineConfig):
+    """One Ray instance for every stage that places its workers with Ray (SFT and RM ranks, the RL
+    workers, the round's SFT) where the stages would each start and stop their own (seconds each):
+    a stage ends its workers and leaves a Ray it did not start running."""
+    rm_trains = cfg.rm.enabled and not cfg.rm.path
+    needed = (cfg.sft.workers > 1 or (rm_trains and cfg.rm.workers > 1)
+              or (cfg.run_rl and (cfg.rl.use_ray or (cfg.rounds > 0 and cfg.round.sft.workers > 1))))
+    if not needed:
+        yield
+        return
+    import ray  # optional: only Ray placement needs it
+    if ray.is_initialized():
+        yield
+        return
+    r = cfg.rl.ray
+    if cfg.run_rl and cfg.rl.use_ray:   # the RL workers' cluster settings
+        start_local_ray(num_cpus=r.num_cpus, address=None if r.address in (None, "local") else r.address)
+    else:
+        start_ray_once()
+    try:
+        yield
+    finally:
+        ray.shutdown()
 
 
 def _reward_model(cfg: PipelineConfig, run: Path, policy: str) -> str | None:
@@ -273,7 +309,7 @@ def _round(cfg: PipelineConfig, run: Path, i: int, model: str, data: dict, rm_pa
     def stage_rft() -> dict:
         summary = run_rft(model, kept, str(run / f"rft{i}"), k=rc.k, reward_cfg=cfg.rl.reward, sft_cfg=None,
                           engine=cfg.rl.rollout, replicas=cfg.rl.rollout.replicas, rm_path=rm_path,
-                          max_per_prompt=rc.max_per_prompt, max_tokens=rc.max_tokens, temperature=rc.temperature,
+                          max_per_prompt=rc.max_per_prompt, min_overlap=rc.min_overlap, max_tokens=rc.max_tokens, temperature=rc.temperature,
                           seed=cfg.seed + 100 + i, route_key=ROUTE_KEY)
         if not summary["counts"]["accepted"]:
             print(f"[pipeline] rft{i}: no sample was accepted; the round goes on with the current model")

@@ -3,7 +3,10 @@ as SFT records, and SFT the next model on them (Seed1.5-VL's RFT round, after th
 
 Accepted samples of one prompt:
   verifier tasks   the format gate passed and a verifier judged it fully right (reward >= 1 - 1e-6,
-                   `rewards.inputs.is_correct`), in sample order;
+                   `rewards.inputs.is_correct`) with an overlap (box IoU, interval tIoU, where a
+                   verifier measures one) of at least `min_overlap`, the closest first, then in
+                   sample order (a threshold verifier scores tIoU 0.5 as it scores 1.0, and
+                   fine-tuning on the half-right ones teaches half-right answers);
   RM tasks         with --rm only: best-of-k, the one formatted sample of highest reward;
 then exact duplicates (same text after stripping) are dropped and at most `max_per_prompt` kept.
 
@@ -22,17 +25,18 @@ from typing import Literal, Sequence
 from recipe.sampling import load_reward_model, needs_rm, sample_and_score
 from recipe.sft import train_sft
 from records import DataError, load_records, write_records
-from rewards.inputs import is_correct
+from rewards.inputs import is_correct, overlap
 from rollout.types import EngineConfig
 from training.atomic import write_json
 
 
 def accept_samples(texts: Sequence[str], results: Sequence, *, mode: Literal["verifier", "best_of_k"],
-                   max_per_prompt: int) -> list[int]:
+                   max_per_prompt: int, min_overlap: float = 0.0) -> list[int]:
     """Indices of the accepted samples of one prompt (see the module docstring), at most max_per_prompt."""
     formatted = [j for j, r in enumerate(results) if r.parts.get("format", 0.0) >= 1.0]
     if mode == "verifier":
-        candidates = [j for j in formatted if is_correct(results[j])]
+        right = [j for j in formatted if is_correct(results[j]) and overlap(results[j]) >= min_overlap]
+        candidates = sorted(right, key=lambda j: -overlap(results[j]))   # stable: ties keep sample order
     elif mode == "best_of_k":
         candidates = sorted(formatted, key=lambda j: -results[j].reward)[:1]   # sorted is stable: ties -> first
     else:
@@ -58,13 +62,15 @@ def sft_record(record, text: str, j: int, *, reward: float):
 
 def run_rft(model: str, data: str, out_dir: str, *, k: int, reward_cfg, sft_cfg=None,
             engine: EngineConfig = EngineConfig(), replicas: int = 1, rm_path: str | None = None,
-            max_per_prompt: int = 4, max_tokens: int = 64, temperature: float = 1.0, seed: int = 0,
-            progress: bool = True, route_key: str = "tasks") -> dict:
+            max_per_prompt: int = 4, min_overlap: float = 0.0, max_tokens: int = 64, temperature: float = 1.0,
+            seed: int = 0, progress: bool = True, route_key: str = "tasks") -> dict:
     """Sample, accept, write D/rft_sft.jsonl and D/rft.json; then, when `sft_cfg` (an SFTConfig) is
     given, SFT `model` on the accepted records into D/sft (with `reward_cfg` as its routes). Returns
     the summary (rft.json). route_key: where `reward_cfg`'s routes sit in its file."""
     if max_per_prompt < 1:
         raise ValueError(f"max_per_prompt must be >= 1, got {max_per_prompt}")
+    if not 0.0 <= min_overlap <= 1.0:
+        raise ValueError(f"min_overlap must lie in [0, 1], got {min_overlap}")
     t0 = time.perf_counter()
     out = Path(out_dir)
     records = load_records(data, tasks=reward_cfg.known_tasks, route_key=route_key, require="prompt")
@@ -83,7 +89,7 @@ def run_rft(model: str, data: str, out_dir: str, *, k: int, reward_cfg, sft_cfg=
         route = reward_cfg.route(rec.task)
         mode = "verifier" if route.verifiers else "best_of_k"
         texts, results = [s.completion.text for s in group], [s.result for s in group]
-        keep = accept_samples(texts, results, mode=mode, max_per_prompt=max_per_prompt)
+        keep = accept_samples(texts, results, mode=mode, max_per_prompt=max_per_prompt, min_overlap=min_overlap)
         c = tasks[rec.task]
         c["prompts"] += 1
         c["samples"] += len(group)
@@ -100,7 +106,7 @@ def run_rft(model: str, data: str, out_dir: str, *, k: int, reward_cfg, sft_cfg=
     sft_path = out / "rft_sft.jsonl"
     write_records(sft_path, accepted)
     summary = {"model": str(model), "data": str(data), "sft_data": str(sft_path), "k": k,
-               "max_per_prompt": max_per_prompt, "backend": engine.backend, "replicas": replicas,
+               "max_per_prompt": max_per_prompt, "min_overlap": min_overlap, "backend": engine.backend, "replicas": replicas,
                "max_tokens": max_tokens, "seed": seed,
                "counts": {"prompts": len(records), "sampled": len(use), "skipped_no_reward_model": skipped,
                           "samples": len(use) * k, "accepted": len(accepted),

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import functools
 import random
-from typing import Mapping
+from typing import Mapping, Sequence
 
 from training.config import ConfigError
 
@@ -35,8 +35,31 @@ def batch_indices(n: int, step: int, micro: int, *, batch_size: int, grad_accum:
     return out
 
 
-@functools.lru_cache(maxsize=4)   # the step stream and the refill stream, each across an epoch edge
-def _permutation(n: int, seed: int, epoch: int) -> list[int]:
+def balanced_indices(tasks: Sequence[str], weights: Mapping[str, int], start: int, count: int, *,
+                     seed: int) -> list[int]:
+    """Positions start .. start+count-1 of a stream that deals slots to the tasks in turn, as indices
+    into a pool whose record i is of task tasks[i]. A turn gives every task (sorted by name) one slot,
+    and task t weights[t] slots in all, interleaved; each task draws its own records in seeded
+    shuffled epochs. So any window of the stream holds each task's share to within one slot per
+    weight, and the positions are pure functions of the stream index (exact resume)."""
+    by_task: dict[str, list[int]] = {}
+    for i, t in enumerate(tasks):
+        by_task.setdefault(t, []).append(i)
+    names = sorted(by_task)
+    turn = [t for k in range(max((weights.get(t, 1) for t in names), default=1))
+            for t in names if weights.get(t, 1) > k]
+    out = []
+    for pos in range(start, start + count):
+        lap, slot = divmod(pos, len(turn))
+        t = turn[slot]
+        drawn = lap * turn.count(t) + turn[:slot].count(t)   # the task's own draws before this one
+        epoch, i = divmod(drawn, len(by_task[t]))
+        out.append(by_task[t][_permutation(len(by_task[t]), f"{seed}-{t}", epoch)[i]])
+    return out
+
+
+@functools.lru_cache(maxsize=64)   # the step and refill streams across an epoch edge, per task when balanced
+def _permutation(n: int, seed: int | str, epoch: int) -> list[int]:
     idx = list(range(n))
     random.Random(f"{seed}-epoch-{epoch}").shuffle(idx)
     return idx

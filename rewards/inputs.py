@@ -67,6 +67,16 @@ def is_correct(result) -> bool:
     return result.correct is True
 
 
+OVERLAP_PARTS = ("iou", "tiou")   # the overlap details of the box and interval verifiers' scores
+
+
+def overlap(result) -> float:
+    """The lowest overlap (box IoU, interval tIoU) a verifier measured for the sample, 1.0 where none
+    did: how right a threshold verifier's 1 is (tIoU 0.5 and 1.0 both score 1 at the default threshold)."""
+    found = [v for k, v in result.parts.items() if k.rsplit("/", 1)[-1] in OVERLAP_PARTS]
+    return min(found, default=1.0)
+
+
 def verifier_score(parts: dict[str, float], verifiers: Sequence[tuple[str, float]]) -> float | None:
     """The format-gated weighted mean of the verifier parts alone (the reward model left out);
     `verifiers` = (part name, weight) of the task's route. None when every verifier abstained."""

@@ -163,6 +163,10 @@ class RLConfig:
     steps: int = 100                           # RL steps (rollout + update)
     prompts_per_step: int = 16
     task_weights: dict[str, int] = field(default_factory=dict)   # prompts of task t repeated w times (mixture)
+    # true: each step deals its prompts to the tasks in turn (16 prompts over 9 tasks: one or two each,
+    # task t taking task_weights[t] turns), so no step leaves a task out or floods it; false: shuffled
+    # draws from the whole pool, where a task's share of a step varies from step to step
+    balance_tasks: bool = False
     seed: int = 0
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     reward: RewardConfig = field(default_factory=RewardConfig)
@@ -184,6 +188,11 @@ class RLConfig:
     eval_every: int = 0                        # held-out eval period (0: only at the end)
     eval_limit: int = 0                        # records in a periodic eval, spread over the file (0: all)
     eval_samples: int = 0                      # k > 0 adds avg@k at the rollout temperature to every eval
+    # who decodes the greedy held-out answers: "actor" (the trainer's generate, as `vlrl eval` and SFT's
+    # eval do) or "engine" (the rollout engines at temperature 0, beside their avg@k samples: far
+    # faster with vLLM, and how peers validate; the same float32 weights, so the same answers but for
+    # rare near-ties of two tokens' logits)
+    eval_greedy: Literal["actor", "engine"] = "actor"
     max_minutes: float = 0.0                   # stop (and save) after this wall time; 0: no limit
     # Compute dtype of the trainers. The actor and the critic keep float32 master weights and
     # optimizer state whatever it is (a bfloat16 update at lr 1e-6 mostly rounds away).

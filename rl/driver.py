@@ -132,12 +132,13 @@ class RLRun:
         self.geometry = VideoGeometry.of(self.processor)
         check_media_limits(self.records + self.eval_records, ro, self.geometry)
         self.own_ray = False   # whether this run started Ray (and so shuts it down in close())
+        self.placement = _Placement()
         if cfg.use_ray:
             import ray  # optional: only Ray placement needs it
             if not ray.is_initialized():
                 start_local_ray(num_cpus=r.num_cpus, address=None if r.address in (None, "local") else r.address)
                 self.own_ray = True
-        place = gpu_placement(cfg)
+        place = self.placement = gpu_placement(cfg)
         common = dict(use_ray=cfg.use_ray, timeout=r.timeout_s, fsdp=cfg.fsdp, num_gpus=r.actor_gpus,
                       placement=place.trainer)
         self.actor: Handle[PolicyWorker] | WorkerGroup[PolicyWorker] = spawn(
@@ -282,6 +283,9 @@ class RLRun:
         for h in (self.actor, self.ref, self.critic):
             if h is not None:
                 h.kill()
+        if self.placement.group is not None:   # its GPUs go back to a Ray that outlives the run (a pipeline's)
+            from ray.util.placement_group import remove_placement_group
+            remove_placement_group(self.placement.group)
         if self.own_ray:
             import ray  # optional: only Ray placement needs it
             ray.shutdown()
@@ -292,6 +296,7 @@ class _Placement:
     trainer: Callable[[int], dict] | None = None   # Ray options of trainer rank i
     replica: Callable[[int], dict] | None = None   # Ray options of rollout replica i
     reward: Callable[[int], dict] | None = None    # Ray options of reward worker i
+    group: object | None = None                    # the placement group, removed when the run closes
 
 
 def gpu_placement(cfg: RLConfig) -> _Placement:
@@ -312,7 +317,7 @@ def gpu_placement(cfg: RLConfig) -> _Placement:
     def bundle(i: int) -> dict:
         return {"scheduling_strategy": PlacementGroupSchedulingStrategy(placement_group=pg,
                                                                         placement_group_bundle_index=i % n)}
-    return _Placement(trainer=bundle, replica=bundle, reward=bundle)
+    return _Placement(trainer=bundle, replica=bundle, reward=bundle, group=pg)
 
 
 def train_step(run: RLRun, step: int) -> tuple[dict[str, float], list[dict]]:
@@ -475,11 +480,15 @@ def evaluate_run(run: RLRun, limit: int = 0) -> tuple[dict, list]:
     over k samples per prompt at the rollout temperature (`sampled_accuracy`, `sampled_rm_score`)."""
     records = eval_subset(run.eval_records, limit)
     k, ro = run.cfg.eval_samples, run.cfg.rollout
-    if not k:
+    on_engine = run.cfg.eval_greedy == "engine"
+    prompts = [prompt_from_record(r, run.geometry) for r in records] if k or on_engine else []
+    sample = functools.partial(run.rollouts.generate, prompts, SamplingConfig.of(ro, n=max(k, 1), seed=run.cfg.seed + 7))
+    if on_engine:   # the greedy answers (temperature 0, the rollouts' token budget), then the samples
+        greedy = run.rollouts.generate(prompts, SamplingConfig.of(ro, n=1, temperature=0.0, seed=run.cfg.seed + 7))
+        responses, groups = [g[0].text for g in greedy], (sample() if k else [])
+    elif not k:
         responses, groups = run.greedy(records), []   # with the token budget the rollouts have
     else:  # avg@k with the rollout engine at the training temperature, one fixed seed for every eval
-        prompts = [prompt_from_record(r, run.geometry) for r in records]
-        sample = functools.partial(run.rollouts.generate, prompts, SamplingConfig.of(ro, n=k, seed=run.cfg.seed + 7))
         if run.cfg.ray.placement == "colocated":   # engines and actor share GPUs: one at a time
             responses, groups = run.greedy(records), sample()
         else:   # the engines sample while the actor decodes greedily

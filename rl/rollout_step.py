@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from records import Record, VideoGeometry, load_records, media_counts
-from records.mixture import batch_indices, weighted_records
+from records.mixture import balanced_indices, batch_indices, weighted_records
 from rewards.hybrid import RewardResult
 from rewards.inputs import is_correct, reward_inputs
 from rl.algos import dynamic_sampling_mask, kl_coefs, truncated_is_weight
@@ -137,14 +137,15 @@ def refill_pick(signal: Sequence[bool], want: int) -> list[int]:
     return picked or list(range(min(want, len(signal))))
 
 
-def draw_indices(n_records: int, step: int, draw: int, cfg: RLConfig) -> list[int]:
+def draw_indices(records: Sequence[Record], step: int, draw: int, cfg: RLConfig) -> list[int]:
     """Prompt indices of rollout round `draw` of `step`: round 0 is the step's own batch; refill
-    rounds come from a second seeded stream. Pure functions of (step, draw): a resumed run draws
-    the same prompts."""
-    if draw == 0:
-        return batch_indices(n_records, step, 0, batch_size=cfg.prompts_per_step, grad_accum=1, seed=cfg.seed)
-    return batch_indices(n_records, step, draw - 1, batch_size=cfg.prompts_per_step,
-                         grad_accum=cfg.grpo.max_extra_draws, seed=cfg.seed + 1)
+    rounds come from a second seeded stream. With `balance_tasks` the tasks take the slots in
+    turn. Pure functions of (step, draw): a resumed run draws the same prompts."""
+    p = cfg.prompts_per_step
+    index, seed = (step, cfg.seed) if draw == 0 else (step * cfg.grpo.max_extra_draws + draw - 1, cfg.seed + 1)
+    if cfg.balance_tasks:
+        return balanced_indices([r.task for r in records], cfg.task_weights, index * p, p, seed=seed)
+    return batch_indices(len(records), index, 0, batch_size=p, grad_accum=1, seed=seed)
 
 
 def rollout_step(run: StepSource, step: int) -> tuple[list[Record], list[list[Completion]], list[RewardResult],
@@ -161,7 +162,7 @@ def rollout_step(run: StepSource, step: int) -> tuple[list[Record], list[list[Co
     draws = 0
     while True:
         with tm("sample"):
-            recs = [run.records[i] for i in draw_indices(len(run.records), step, draws, cfg)]
+            recs = [run.records[i] for i in draw_indices(run.records, step, draws, cfg)]
             ps = [prompt_from_record(r, run.geometry) for r in recs]
             sampling = SamplingConfig.of(ro, seed=cfg.seed * 1_000_003 + step + draws * 1_000_000_007)
         with tm("rollout"):

@@ -104,3 +104,29 @@ def test_accuracy_table_columns_line_up_with_long_task_names():
             "all": {"n": 6, "format": 1.0, "accuracy": 0.75}}
     lines = accuracy_table({"sft": rows, "rl": rows}).splitlines()[1:]
     assert len({len(line) for line in lines}) == 1 and lines[1].startswith("spot_difference ")
+
+
+def test_the_pipeline_starts_ray_once_for_the_stages_that_place_workers_with_it(monkeypatch):
+    """SFT/RM ranks or RL workers in Ray: the pipeline starts Ray before the stages (with the RL
+    workers' cluster settings where they use it), so no stage starts and stops its own."""
+    import ray
+
+    started = []
+    monkeypatch.setattr(recipe.pipeline, "start_local_ray", lambda **kw: started.append(kw))
+    monkeypatch.setattr(recipe.pipeline, "start_ray_once", lambda: started.append("once"))
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "shutdown", lambda: started.append("shutdown"))
+
+    def opened(*overrides):
+        started.clear()
+        with recipe.pipeline._one_ray(load_config(PipelineConfig, None, list(overrides))):
+            inside = list(started)
+        return inside, started[len(inside):]
+
+    assert opened() == ([], [])                                       # every stage in the driver process
+    assert opened("sft.workers=2") == (["once"], ["shutdown"])
+    assert opened("rm.workers=2", "rm.enabled=false") == ([], [])      # no RM trained: nothing to place
+    assert opened("rl.ray.enabled=true", "rl.ray.num_cpus=3") == ([{"num_cpus": 3, "address": None}], ["shutdown"])
+    assert opened("rl.ray.enabled=true", "run_rl=false") == ([], [])
+    monkeypatch.setattr(ray, "is_initialized", lambda: True)          # a Ray the caller started is left alone
+    assert opened("sft.workers=2") == ([], [])

@@ -43,6 +43,21 @@ def test_accepts_only_correct_well_formatted_samples():
     assert accept_samples(texts[1:3], results[1:3], mode="verifier", max_per_prompt=4) == []
 
 
+def test_min_overlap_takes_the_closest_intervals_and_drops_the_half_right_ones():
+    """The temporal route scores tIoU 0.5 as it scores 1.0; RFT with min_overlap keeps the exact ones."""
+    texts = ["<think>a</think>[3.0, 4.0]", "<think>b</think>[3.0, 5.0]", "<think>c</think>[2.0, 5.0]",
+             "<think>d</think>[0.0, 1.0]", "<think>e</think>[3, 5]"]
+    inputs = [RewardInput(task="video_temporal", response=t, answer="[3.0, 5.0]") for t in texts]
+    results = score_batch(inputs, RewardConfig(pool=PoolConfig(workers=0)))
+    assert [r.reward for r in results] == [1.0, 1.0, 1.0, 0.0, 1.0]                  # tIoU 0.5, 1, 0.67, 0, 1
+    assert accept_samples(texts, results, mode="verifier", max_per_prompt=4) == [1, 4, 2, 0]   # closest first
+    assert accept_samples(texts, results, mode="verifier", max_per_prompt=4, min_overlap=0.6) == [1, 4, 2]
+    assert accept_samples(texts, results, mode="verifier", max_per_prompt=1, min_overlap=1.0) == [1]
+    counts = [_res(1.0, counting=1.0), _res(1.0, counting=1.0)]   # no overlap measured: as before
+    assert accept_samples(["<think>a</think>3", "<think>b</think>3"], counts, mode="verifier", max_per_prompt=4,
+                          min_overlap=1.0) == [0, 1]
+
+
 def test_best_of_k_takes_the_best_formatted_sample():
     texts = ["a", "<think>x</think>b", "<think>x</think>c", "<think>x</think>d"]
     results = [_res(0.0, fmt=0.0, rm=0.0), _res(0.4, rm=0.4), _res(0.9, rm=0.9), _res(0.9, rm=0.9)]

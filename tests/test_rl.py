@@ -17,7 +17,9 @@ from rl.config import GRPOConfig, KLConfig, PPOConfig, RLConfig, RolloutConfig
 from rl.driver import compute_advantages, evaluate_run, fit, minibatch_rows, uses_kl
 from rl.rollout_step import prompt_pool
 from rl.workers import PolicyWorker
+from model.load import load_vlm
 from rollout import make_engine
+from rollout.greedy import generate_greedy
 from rollout.sequences import build_sequences
 from rollout.types import Completion, EngineConfig, Prompt, SamplingConfig
 from rollout.worker import RolloutWorker
@@ -269,17 +271,26 @@ def test_ray_smoke_with_vllm_rollouts(tmp_path, sft_run):
     """The actor graph: policy, reference, shared critic, reward and a vLLM rollout engine as Ray
     actors; two steps with weight sync, then a checkpoint and a final policy. The old log-probs
     come from the engine (ppo.old_logp "engine"): right after a sync they are the actor's own, so
-    the ratio of the single minibatch's forward is 1 and nothing is clipped."""
+    the ratio of the single minibatch's forward is 1 and nothing is clipped. The held-out eval's
+    greedy answers come from the engine (`eval_greedy: engine`): the final model's own HF greedy ones."""
     import ray
 
+    heldout = tmp_path / "heldout.jsonl"
+    records = [r for r in load_records(sft_run["data"]["heldout"]) if r.task != "caption"][:6]
+    write_records(heldout, records)
     cfg = _cfg(sft_run, tmp_path / "run", rollout=RolloutConfig(backend="vllm", n=2, max_tokens=24),
                ppo=PPOConfig(minibatches=1, micro_batch_size=8, old_logp="engine"),
-               ray=dataclasses.replace(RLConfig().ray, enabled=True, timeout_s=300))
+               ray=dataclasses.replace(RLConfig().ray, enabled=True, timeout_s=300),
+               eval_data=str(heldout), eval_greedy="engine")
     try:
         final = fit(cfg, progress=False)
     finally:
         ray.shutdown()
+    engine = [json.loads(x)["response"] for x in (tmp_path / "run" / "eval.generations.jsonl").read_text().splitlines()]
+    own = generate_greedy(*load_vlm(final), records, max_new_tokens=24)
+    assert engine == own and len(set(own)) > 1
     rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    rows = [r for r in rows if not any(k.startswith("eval/") for k in r)]
     assert [r["step"] for r in rows] == [1, 2] and rows[0]["rollout/tokens_per_s"] > 0
     for r in rows:
         assert r["actor/ratio_mean"] == pytest.approx(1.0, abs=1e-4)

@@ -4,6 +4,7 @@ sampling that refills the batch with groups that carry a learning signal."""
 import dataclasses
 import json
 import random
+from types import SimpleNamespace as R
 
 import pytest
 import torch
@@ -15,12 +16,13 @@ import rl.driver
 from model.info import describe
 from model.load import load_processor
 from records import load_records, write_records
+from records.mixture import balanced_indices
 from records.video import VideoGeometry
 from rl.algos import policy_loss, truncated_is_weight
 from rewards.config import PoolConfig, RewardConfig
 from rl.config import GRPOConfig, PPOConfig, RLConfig, RolloutConfig
 from rl.driver import fit
-from rl.rollout_step import groups_with_signal, refill_pick
+from rl.rollout_step import draw_indices, groups_with_signal, refill_pick
 from rl.workers import CriticWorker, PolicyWorker
 from rollout.sequences import prompt_from_record
 from training.config import ConfigError, load_config, to_dict
@@ -136,6 +138,44 @@ def test_token_budget_gives_the_same_log_probs_values_and_updates(tiny_model_dir
     m1 = c1.update(batch, ppo=PPOConfig(micro_batch_size=3), minibatch_rows=mb)
     m2 = c2.update(batch, ppo=PPOConfig(micro_batch_size=32, max_tokens_per_micro_batch=budget), minibatch_rows=mb)
     assert abs(m1["critic/loss"] - m2["critic/loss"]) < 1e-5 and abs(m1["critic/grad_norm"] - m2["critic/grad_norm"]) < 1e-4
+
+
+# ----------------------------------------------------------------------------- task-balanced prompt draws
+
+def test_balanced_draws_give_every_task_its_share_of_each_step():
+    rng = random.Random(0)
+    tasks = [rng.choice("abc") for _ in range(50)] + ["d"] * 3      # uneven pools, one of 3 records
+    counts = {t: tasks.count(t) for t in "abcd"}
+    for step in range(12):
+        idx = balanced_indices(tasks, {}, step * 6, 6, seed=0)
+        per = [tasks[i] for i in idx]
+        assert sorted(per.count(t) for t in "abcd") == [1, 1, 2, 2]   # 6 slots over 4 tasks
+    stream = balanced_indices(tasks, {}, 0, 4 * 30, seed=0)
+    for t in "abcd":   # each task walks its own records in whole shuffled epochs
+        mine = [i for i in stream if tasks[i] == t]
+        assert sorted(mine[:counts[t]]) == sorted(i for i in range(len(tasks)) if tasks[i] == t)
+    assert balanced_indices(tasks, {}, 17, 5, seed=0) == stream[17:22]          # pure function of the position
+    assert balanced_indices(tasks, {}, 17, 5, seed=1) != stream[17:22]
+
+
+def test_balanced_draws_follow_the_task_weights():
+    tasks = ["a"] * 10 + ["b"] * 10 + ["c"] * 10
+    idx = balanced_indices(tasks, {"b": 3}, 0, 50, seed=0)
+    per = [tasks[i] for i in idx]
+    assert (per.count("a"), per.count("b"), per.count("c")) == (10, 30, 10)
+    assert per[:5] == ["a", "b", "c", "b", "b"]            # interleaved: every turn starts with each task once
+
+
+def test_rl_steps_draw_balanced_prompts_when_asked():
+    recs = [R(task=t, id=f"{t}{i}") for t, n in (("counting", 40), ("grounding", 5), ("math", 15)) for i in range(n)]
+    cfg = RLConfig(policy="p", data="d", prompts_per_step=6, balance_tasks=True)
+    for step in range(5):
+        got = [recs[i].task for i in draw_indices(recs, step, 0, cfg)]
+        assert got.count("counting") == got.count("grounding") == got.count("math") == 2
+    plain = dataclasses.replace(cfg, balance_tasks=False)
+    got = [recs[i].task for step in range(5) for i in draw_indices(recs, step, 0, plain)]
+    assert got.count("counting") > got.count("grounding")   # shuffled draws follow the pool's shares
+    assert draw_indices(recs, 3, 1, cfg) != draw_indices(recs, 3, 0, cfg)   # refill rounds: a stream of their own
 
 
 # ----------------------------------------------------------------------------- refilling dynamic sampling

@@ -10,7 +10,6 @@ per-task KL coefficient. Workers run here or as Ray actors (`training.placement`
 from __future__ import annotations
 
 import dataclasses
-import functools
 import random
 import time
 from collections import defaultdict
@@ -482,20 +481,22 @@ def evaluate_run(run: RLRun, limit: int = 0) -> tuple[dict, list]:
     k, ro = run.cfg.eval_samples, run.cfg.rollout
     on_engine = run.cfg.eval_greedy == "engine"
     prompts = [prompt_from_record(r, run.geometry) for r in records] if k or on_engine else []
-    sample = functools.partial(run.rollouts.generate, prompts, SamplingConfig.of(ro, n=max(k, 1), seed=run.cfg.seed + 7))
+
+    def sample():   # avg@k with the rollout engine at the training temperature, one fixed seed for every eval
+        return run.rollouts.generate(prompts, SamplingConfig.of(ro, n=k, seed=run.cfg.seed + 7))
+
     if on_engine:   # the greedy answers (temperature 0, the rollouts' token budget), then the samples
         greedy = run.rollouts.generate(prompts, SamplingConfig.of(ro, n=1, temperature=0.0, seed=run.cfg.seed + 7))
         responses, groups = [g[0].text for g in greedy], (sample() if k else [])
     elif not k:
         responses, groups = run.greedy(records), []   # with the token budget the rollouts have
-    else:  # avg@k with the rollout engine at the training temperature, one fixed seed for every eval
-        if run.cfg.ray.placement == "colocated":   # engines and actor share GPUs: one at a time
-            responses, groups = run.greedy(records), sample()
-        else:   # the engines sample while the actor decodes greedily
-            with ThreadPoolExecutor(1) as pool:
-                sampled = pool.submit(sample)
-                responses = run.greedy(records)
-                groups = sampled.result()
+    elif run.cfg.ray.placement == "colocated":   # engines and actor share GPUs: one at a time
+        responses, groups = run.greedy(records), sample()
+    else:   # the engines sample while the actor decodes greedily
+        with ThreadPoolExecutor(1) as pool:
+            sampled = pool.submit(sample)
+            responses = run.greedy(records)
+            groups = sampled.result()
     gens = judge(records, responses, run.reward_cfg, scorer=run.score)
     table = summarize(gens)
     if k:

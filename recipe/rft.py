@@ -5,8 +5,7 @@ Accepted samples of one prompt:
   verifier tasks   the format gate passed and a verifier judged it fully right (reward >= 1 - 1e-6,
                    `rewards.inputs.is_correct`) with an overlap (box IoU, interval tIoU, where a
                    verifier measures one) of at least `min_overlap`, the closest first, then in
-                   sample order (a threshold verifier scores tIoU 0.5 as it scores 1.0, and
-                   fine-tuning on the half-right ones teaches half-right answers);
+                   sample order (a threshold verifier scores tIoU 0.5 as it scores 1.0);
   RM tasks         with --rm only: best-of-k, the one formatted sample of highest reward;
 then exact duplicates (same text after stripping) are dropped and at most `max_per_prompt` kept.
 

@@ -29,7 +29,7 @@ from rewards.evaluate import add_rm_scores, format_table, repeats_prompts
 from rewards.rm import RewardModelScorer
 from rewards.rm_train import RMConfig, train_rm
 from rl.config import RLConfig
-from rl.driver import fit
+from rl.driver import fit, start_ray
 from synth.prefs import write_preference_pairs
 from synth.extra import ALL_TASKS, full_corpus_texts, write_full_suite
 from synth.suite import SceneSpec
@@ -37,7 +37,7 @@ from training.atomic import write_json
 from training.config import ConfigError, check_input
 from training.distributed import FSDPConfig
 from training.optim import OptimConfig
-from training.placement import start_local_ray, start_ray_once
+from training.placement import start_ray_once
 
 ROUTE_KEY = "rl.reward.tasks"   # every stage scores with the RL stage's reward routes
 
@@ -228,9 +228,8 @@ def _one_ray(cfg: PipelineConfig):
     if ray.is_initialized():
         yield
         return
-    r = cfg.rl.ray
     if cfg.run_rl and cfg.rl.use_ray:   # the RL workers' cluster settings
-        start_local_ray(num_cpus=r.num_cpus, address=None if r.address in (None, "local") else r.address)
+        start_ray(cfg.rl.ray)
     else:
         start_ray_once()
     try:

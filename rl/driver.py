@@ -29,7 +29,7 @@ from rewards.evaluate import add_sampled_scores, eval_subset, format_table, judg
 from rewards.hybrid import RewardResult
 from rl.algos import (decoupled_gae, dynamic_sampling_mask, group_advantages, kl_penalty_rewards,
                       length_adaptive_lambda, token_rewards_from_scores, whiten, whiten_by_group)
-from rl.config import GRPOConfig, KLConfig, PPOConfig, RLConfig
+from rl.config import GRPOConfig, KLConfig, PPOConfig, RayConfig, RLConfig
 from rl.rollout_step import (check_media_limits, engine_logp_gap, prompt_pool, rollout_step, step_metrics,
                              tis_weights)
 from rl.rollouts import Rollouts
@@ -135,7 +135,7 @@ class RLRun:
         if cfg.use_ray:
             import ray  # optional: only Ray placement needs it
             if not ray.is_initialized():
-                start_local_ray(num_cpus=r.num_cpus, address=None if r.address in (None, "local") else r.address)
+                start_ray(r)
                 self.own_ray = True
         place = self.placement = gpu_placement(cfg)
         common = dict(use_ray=cfg.use_ray, timeout=r.timeout_s, fsdp=cfg.fsdp, num_gpus=r.actor_gpus,
@@ -288,6 +288,11 @@ class RLRun:
         if self.own_ray:
             import ray  # optional: only Ray placement needs it
             ray.shutdown()
+
+
+def start_ray(r: RayConfig) -> None:
+    """Ray for the RL workers: a local cluster of `r.num_cpus` CPUs, or the cluster at `r.address`."""
+    start_local_ray(num_cpus=r.num_cpus, address=None if r.address in (None, "local") else r.address)
 
 
 @dataclass

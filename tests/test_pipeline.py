@@ -5,6 +5,7 @@ from types import SimpleNamespace as R
 import pytest
 
 import recipe.pipeline
+import rl.driver
 from recipe.pipeline import PipelineConfig, _reward_model, accuracy_table, run_pipeline
 from records.mixture import mix_replay
 from training.config import load_config
@@ -112,7 +113,7 @@ def test_the_pipeline_starts_ray_once_for_the_stages_that_place_workers_with_it(
     import ray
 
     started = []
-    monkeypatch.setattr(recipe.pipeline, "start_local_ray", lambda **kw: started.append(kw))
+    monkeypatch.setattr(rl.driver, "start_local_ray", lambda **kw: started.append(kw))
     monkeypatch.setattr(recipe.pipeline, "start_ray_once", lambda: started.append("once"))
     monkeypatch.setattr(ray, "is_initialized", lambda: False)
     monkeypatch.setattr(ray, "shutdown", lambda: started.append("shutdown"))

@@ -41,6 +41,13 @@ def _non_negative_float(text: str) -> float:
     return v
 
 
+def _fraction(text: str) -> float:
+    v = _non_negative_float(text)
+    if v > 1:
+        raise argparse.ArgumentTypeError(f"must lie in [0, 1], got {text}")
+    return v
+
+
 def _engine_config(args) -> EngineConfig:
     """--backend plus the --engine KEY=VALUE settings (any EngineConfig field)."""
     return load_config(EngineConfig, None, [f"backend={args.backend}", *args.engine])
@@ -117,7 +124,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--output-dir", required=True, metavar="D", help="folder for rft_sft.jsonl, rft.json and sft/")
     p.add_argument("--max-per-prompt", type=_positive_int, default=4,
                    help="accepted samples kept per prompt, after de-duplication (default 4)")
-    p.add_argument("--min-overlap", type=_non_negative_float, default=0.0,
+    p.add_argument("--min-overlap", type=_fraction, default=0.0,
                    help="accept a correct box or interval answer only at this IoU / tIoU or above, the closest "
                         "first (default 0: any the verifier scores 1)")
     p.add_argument("--sft-config", help="YAML SFT config (recipe.sft.SFTConfig); model, data and out are set by rft")

@@ -58,6 +58,19 @@ def test_min_overlap_takes_the_closest_intervals_and_drops_the_half_right_ones()
                           min_overlap=1.0) == [0, 1]
 
 
+def test_an_overlap_outside_0_1_stops_with_the_flag_or_key_named(tmp_path, capsys):
+    from recipe.pipeline import PipelineConfig
+    from training.config import ConfigError, load_config
+
+    with pytest.raises(SystemExit) as stop:
+        vlrl("rft", "--model", tmp_path, "--data", tmp_path / "x.jsonl", "--output-dir", tmp_path, "--min-overlap", "1.5")
+    assert stop.value.code == 2 and "--min-overlap: must lie in [0, 1], got 1.5" in capsys.readouterr().err
+    cfg = tmp_path / "p.yaml"
+    cfg.write_text("round:\n  min_overlap: -0.1\n")
+    with pytest.raises(ConfigError, match=r"p\.yaml: round: min_overlap: must lie in \[0, 1\]"):
+        load_config(PipelineConfig, cfg, [])
+
+
 def test_best_of_k_takes_the_best_formatted_sample():
     texts = ["a", "<think>x</think>b", "<think>x</think>c", "<think>x</think>d"]
     results = [_res(0.0, fmt=0.0, rm=0.0), _res(0.4, rm=0.4), _res(0.9, rm=0.9), _res(0.9, rm=0.9)]

@@ -60,16 +60,22 @@ def combine(values: Sequence[tuple[float | None, float]]) -> float | None:
     return sum(v * w for v, w in present) / total if total > 0 else None
 
 
-def verdict(parts: Mapping[str, float], route: TaskRoute) -> bool | None:
-    """Correct when the gate passed and the weighted mean of the route's verifiers is 1; wrong when
-    it is less or the gate failed; None when the route has no verifier or every one abstained.
-    The reward model and the judge never make a sample correct: they hold no rule answer."""
+def verdict(parts: Mapping[str, float], route: TaskRoute, rulings: Mapping[str, bool] | None = None) -> bool | None:
+    """Correct when the gate passed and every weighted verifier of the route that spoke judged the
+    answer right; wrong when one did not or the gate failed; None when the route has no verifier or
+    every one abstained. A verifier judges right by its own verdict where it gave one (`rulings`,
+    part -> Score.correct: a soft IoU's threshold), else by a value of 1, so with binary verifiers
+    this is "the weighted mean of the verifiers is 1". The reward model and the judge never make a
+    sample correct: they hold no rule answer."""
     if not route.verifiers:
         return None
     if not parts.get("format", 0.0):
         return False
-    score = combine([(parts.get(vr.part), vr.weight) for vr in route.verifiers])
-    return None if score is None else score >= 1.0 - 1e-6
+    rulings = rulings or {}
+    spoke = [(vr.part, parts.get(vr.part)) for vr in route.verifiers if vr.weight > 0 and parts.get(vr.part) is not None]
+    if not spoke:
+        return None
+    return all(rulings.get(part, value >= 1.0 - 1e-6) for part, value in spoke)
 
 
 def score_batch(samples: Sequence[RewardInput], cfg: RewardConfig, *, rm: RewardModel | None = None,
@@ -172,10 +178,13 @@ def _result(route: TaskRoute, solution: str | None, verdicts: list, rm_score: fl
         if route.use_judge:
             parts["judge"] = 0.0
         return RewardResult(0.0, parts, verdict(parts, route))
-    values = []
+    values, rulings = [], {}
     for part, value, weight, outcome in verdicts:
         if value is not None:
             parts[part] = value
+            if outcome.correct is not None:
+                rulings[part] = outcome.correct
+                parts[f"{part}/correct"] = float(outcome.correct)
         for name, p in outcome.parts.items():
             if name != part:
                 parts.setdefault(f"{part}/{name}", p)
@@ -191,4 +200,4 @@ def _result(route: TaskRoute, solution: str | None, verdicts: list, rm_score: fl
     reward = combine(values)
     if reward is None:
         parts["abstained"] = 1.0
-    return RewardResult(0.0 if reward is None else reward, parts, verdict(parts, route))
+    return RewardResult(0.0 if reward is None else reward, parts, verdict(parts, route, rulings))

@@ -38,6 +38,7 @@ class Outcome:
     parts: dict[str, float] = field(default_factory=dict)
     status: Literal["ok", "timeout", "error"] = "ok"
     error: str = ""
+    correct: bool | None = None         # a graded verifier's verdict (Score.correct)
 
     @classmethod
     def failed(cls, status: Literal["timeout", "error"], error: str) -> "Outcome":
@@ -55,8 +56,11 @@ def _outcome(score: Any) -> Outcome:
     if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or not 0.0 <= v <= 1.0
                           or math.isnan(v)):
         return Outcome.failed("error", f"verifier returned value {v!r} outside [0, 1]")
+    if score.correct is not None and (not isinstance(score.correct, bool) or v is None):
+        return Outcome.failed("error", f"verifier returned correct={score.correct!r} with value {v!r}: "
+                                       "a verdict is True or False, and only beside a value")
     parts = {str(k): float(p) for k, p in dict(score.parts).items()}
-    return Outcome(None if v is None else float(v), parts)
+    return Outcome(None if v is None else float(v), parts, correct=score.correct)
 
 
 def run_call(call: Call, cache: dict[str, Any]) -> Outcome:

@@ -41,7 +41,7 @@ from training.config import ConfigError, to_dict
 from training.distributed import has_sharded_checkpoint
 from training.placement import Handle, Replicas, WorkerGroup, spawn, start_local_ray, worker_died
 from training.runlog import (MetricsLog, latest_checkpoint, load_trainer_state, over_budget, periodic, save_checkpoint,
-                             set_rng_state)
+                             set_rng_state, warn_changed_config)
 
 # ----------------------------------------------------------------------------- pure helpers
 
@@ -408,6 +408,8 @@ def fit(cfg: RLConfig, *, resume: bool = True, progress: bool = True) -> Path:
     own_ckpt = False   # whether this call wrote a checkpoint (a restart resumes only from one of its own)
     while True:
         ckpt = latest_checkpoint(out) if (resume or own_ckpt) else None
+        if ckpt is not None and not restarts:
+            warn_changed_config(out, cfg, prefix="[rl] ")
         run = RLRun(cfg, resume_from=ckpt)
         if ckpt is not None:
             log.truncate_after(run.step)

@@ -1,3 +1,4 @@
+import json
 from pathlib import Path
 
 import pytest
@@ -5,7 +6,8 @@ import pytest
 from recipe.pipeline import PipelineConfig
 from recipe.sft import SFTConfig
 from tests.helpers.schemas import schema_for_config
-from training.config import ConfigError, load_config, to_dict
+from training.config import ConfigError, config_changes, load_config, to_dict
+from training.runlog import warn_changed_config
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -23,6 +25,23 @@ def test_dotted_overrides_and_types(tmp_path):
     assert cfg.steps == 10 and cfg.batch_size == 8 and cfg.optim.lr == 5e-4 and cfg.eval_data is None
     with pytest.raises(Exception):
         cfg.steps = 3  # frozen
+
+
+def test_config_changes_lists_dotted_keys():
+    old = {"steps": 40, "optim": {"lr": 1e-5, "warmup": 0}, "task_weights": {"spot": 2}}
+    new = {"steps": 60, "optim": {"lr": 1e-5, "warmup": 0}, "task_weights": {"spot": 2, "video": 3}}
+    assert config_changes(old, new) == ["steps: 40 -> 60", "task_weights.video: '(unset)' -> 3"]
+    assert config_changes(old, old) == []
+
+
+def test_a_resume_with_other_settings_says_which(tmp_path, capsys):
+    cfg = SFTConfig(steps=10)
+    assert warn_changed_config(tmp_path, cfg) == []   # no recorded config: nothing to compare
+    (tmp_path / "config.json").write_text(json.dumps(to_dict(cfg)))
+    assert warn_changed_config(tmp_path, cfg) == [] and capsys.readouterr().out == ""
+    changed = SFTConfig(steps=20)
+    assert warn_changed_config(tmp_path, changed) == ["steps: 10 -> 20"]
+    assert "steps: 10 -> 20" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("text,override,needle", [

@@ -72,6 +72,25 @@ def test_default_routes_score_the_synthetic_tasks():
     assert out[1].parts["grounding/iou"] == 1.0
 
 
+def test_a_soft_verifier_rewards_the_overlap_and_judges_by_its_threshold():
+    soft = VerifierRoute("temporal_grounding", settings={"mode": "soft"})
+    cfg = cfg_with(video_temporal=TaskRoute(verifiers=(soft,)),
+                   both=TaskRoute(verifiers=(soft, VerifierRoute(ECHO, name="echo"))))
+    out = score_batch([RewardInput("video_temporal", "<think>t</think>[2.0, 4.0]", answer="[2.0, 5.0]"),
+                       RewardInput("video_temporal", "<think>t</think>[2.0, 3.0]", answer="[2.0, 5.0]"),
+                       RewardInput("video_temporal", "[2.0, 5.0]", answer="[2.0, 5.0]"),   # no think block
+                       RewardInput("both", "<think>t</think>[2.0, 4.0]", answer="[2.0, 5.0]", meta={"expect": "no"}),
+                       RewardInput("both", "<think>t</think>[2.0, 4.0]", answer="[2.0, 5.0]", meta={"expect": "[2.0, 4.0]"})],
+                      cfg)
+    assert [r.reward for r in out] == [pytest.approx(2 / 3), pytest.approx(1 / 3), 0.0, pytest.approx(1 / 3),
+                                       pytest.approx(5 / 6)]
+    assert [r.correct for r in out] == [True, False, False, False, True]
+    assert out[0].parts["temporal_grounding/correct"] == 1.0 and out[1].parts["temporal_grounding/correct"] == 0.0
+    # the default route stays binary: reward and verdict agree
+    (r,) = score_batch([RewardInput("video_temporal", "<think>t</think>[2.0, 4.0]", answer="[2.0, 5.0]")], RewardConfig())
+    assert r.reward == 1.0 and r.correct is True and "temporal_grounding/correct" not in r.parts
+
+
 def test_timeouts_and_errors_are_parts_and_score_zero():
     hang = f"{Path(__file__).parent / 'helpers' / 'testonly_verifiers.py'}:Hang"
     raise_ = f"{Path(__file__).parent / 'helpers' / 'testonly_verifiers.py'}:Raise"

@@ -45,13 +45,15 @@ def test_no_worker_leaks_after_a_timeout(pool):
 
 @pytest.mark.parametrize("name, settings, status", [
     ("Raise", {}, "error"), ("Die", {}, "error"), ("BadValue", {}, "error"), ("BadValue", {"value": float("nan")}, "error"),
-    ("BadValue", {"value": 0.5}, "ok"),
+    ("BadValue", {"value": 0.5, "correct": 1}, "error"), ("BadValue", {"value": None, "correct": True}, "error"),
+    ("BadValue", {"value": 0.5}, "ok"), ("BadValue", {"value": 0.5, "correct": True}, "ok"),
 ])
 def test_failures_score_zero_and_are_counted(pool, name, settings, status):
     errors = pool.stats.get("errors", 0)
     (out,) = pool.run([Call(spec(name), settings, Sample("t", "x"))])
     assert out.status == status
     assert out.value == (0.5 if status == "ok" else 0.0)
+    assert out.correct is (settings.get("correct") if status == "ok" else None)
     assert pool.stats.get("errors", 0) == errors + (status == "error")
 
 

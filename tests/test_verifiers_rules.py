@@ -44,6 +44,9 @@ def test_grounding_table(response, settings, expected):
 def test_grounding_soft_iou_and_abstain():
     s = load("grounding", soft=True)(Sample("grounding", "(30,5),(50,22)", BOX, SIZE))
     assert 0.7 < s.value < 0.8 and s.parts["iou"] == s.value
+    assert s.correct is True   # IoU >= 0.5: graded reward, the threshold's verdict
+    assert load("grounding", soft=True, iou_threshold=0.8)(Sample("grounding", "(30,5),(50,22)", BOX, SIZE)).correct is False
+    assert load("grounding")(Sample("grounding", "(30,5),(50,22)", BOX, SIZE)).correct is None
     assert load("grounding")(Sample("grounding", BOX)).value is None
 
 

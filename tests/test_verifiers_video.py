@@ -38,6 +38,17 @@ def test_temporal_grounding_table(response, settings, expected):
     assert s.value == expected and 0.0 <= s.value <= 1.0
 
 
+@pytest.mark.parametrize("response, mode, correct", [
+    ("[2.0, 4.0]", "soft", True),        # tIoU 0.67: rewarded 0.67, right at the 0.5 threshold
+    ("[2.0, 3.0]", "soft", False),       # tIoU 0.33
+    ("[2.0, 5.0]", "soft", True),
+    ("nothing", "soft", None),           # not parsed: 0, no verdict beside it
+    ("[2.0, 4.0]", "threshold", None),   # a binary value is its own verdict
+])
+def test_temporal_grounding_soft_mode_judges_by_the_threshold(response, mode, correct):
+    assert load("temporal_grounding", mode=mode)(Sample("video_temporal", response, "[2.0, 5.0]")).correct is correct
+
+
 def test_temporal_grounding_parts_abstain_and_bad_reference():
     v = load("temporal_grounding")
     s = v(Sample("video_temporal", "[3, 5]", "[2.0, 5.0]"))

@@ -204,3 +204,18 @@ def to_dict(cfg: Any) -> Any:
     if isinstance(cfg, (dict, types.MappingProxyType)):
         return {k: to_dict(v) for k, v in cfg.items()}
     return cfg
+
+
+def config_changes(old: Any, new: Any, prefix: str = "") -> list[str]:
+    """The settings that differ between two plain config dicts (`to_dict` form), as `key: old -> new`
+    lines with dotted keys, in key order; a key only one side has shows `(unset)` on the other."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        lines = []
+        for k in sorted(set(old) | set(new), key=str):
+            key = f"{prefix}.{k}" if prefix else str(k)
+            if k not in old or k not in new:
+                lines.append(f"{key}: {old.get(k, '(unset)')!r} -> {new.get(k, '(unset)')!r}")
+            else:
+                lines += config_changes(old[k], new[k], key)
+        return lines
+    return [] if old == new else [f"{prefix}: {old!r} -> {new!r}"]

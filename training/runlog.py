@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from training.atomic import atomic_dir, write_lines, write_text
-from training.config import to_dict
+from training.config import config_changes, to_dict
 
 
 class MetricsLog:
@@ -121,6 +121,22 @@ def save_checkpoint(run_dir: str | os.PathLike, step: int, write: Callable[[Path
     return path
 
 
+def warn_changed_config(out: Path, cfg: Any, *, prefix: str = "") -> list[str]:
+    """On a resume: print the settings that differ from those the run in `out` started with
+    (`out/config.json`), since the steps already done keep theirs; returns those lines."""
+    path = Path(out) / "config.json"
+    try:
+        old = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return []
+    # through JSON, so tuples compare as the lists the file holds
+    changes = config_changes(old, json.loads(json.dumps(to_dict(cfg))))
+    if changes:
+        print(f"{prefix}resuming the run in {out} with settings other than it started with ({path}); the steps "
+              "already done keep theirs (give another output folder to start afresh):\n  " + "\n  ".join(changes))
+    return changes
+
+
 def load_trainer_state(ckpt: Path) -> dict:
     return torch.load(ckpt / "trainer_state.pt", weights_only=False)
 
@@ -132,6 +148,7 @@ def start_run(out: Path, ckpt: Path | None, cfg: Any, log: MetricsLog, load: Cal
     if ckpt is None:
         write_text(Path(out) / "config.json", json.dumps(to_dict(cfg), indent=1))
         return 0
+    warn_changed_config(out, cfg)
     state = load_trainer_state(ckpt)
     load(ckpt, state)
     set_rng_state(state["rng"])

@@ -1,7 +1,8 @@
 """The verifier protocol and registry.
 
 A verifier is a small frozen dataclass whose fields are its settings. Calling it on a `Sample`
-returns a `Score`: a value in [0, 1] (or `None` to abstain) plus named parts for logging.
+returns a `Score`: a value in [0, 1] (or `None` to abstain) plus named parts for logging, and,
+from a graded verifier, its verdict on the answer.
 Verifiers are pure: deterministic, no printing, no I/O. Timeouts, process pools and turning
 exceptions into a zero score belong to the caller (rewards.pool), once.
 
@@ -33,10 +34,13 @@ class Sample:
 
 @dataclass(frozen=True)
 class Score:
-    """value in [0, 1], or None when the verifier abstains (it has no opinion on this sample)."""
+    """value in [0, 1], or None when the verifier abstains (it has no opinion on this sample).
+    `correct` is the verifier's verdict where its value is graded (a soft IoU rewards 0.6 for a box it
+    calls right at IoU >= 0.5); None: the answer is right exactly when the value is 1."""
 
     value: float | None
     parts: Mapping[str, float] = field(default_factory=dict)
+    correct: bool | None = None
 
     @property
     def abstained(self) -> bool:

@@ -95,7 +95,8 @@ def _continuous(box: tuple[float, ...], coords: str) -> Box:
 @register("grounding")
 @dataclass(frozen=True)
 class Grounding:
-    """mode "iou": 1 when the box's IoU >= iou_threshold (or the IoU itself when soft). mode "hit":
+    """mode "iou": 1 when the box's IoU >= iou_threshold (or the IoU itself when soft, the box still
+    judged correct at IoU >= iou_threshold). mode "hit":
     1 when the point, or the whole box, lies in the reference box. accept: the answer types the
     question asks for; another type scores 0 (part `wrong_type`); iou mode accepts boxes only.
     coords: the response's coordinates; "auto" reads 0-1000 when a value lies outside the image
@@ -156,8 +157,10 @@ class Grounding:
             hit = float(ref_box[0] <= box[0] and ref_box[1] <= box[1] and box[2] <= ref_box[2] and box[3] <= ref_box[3])
             return Score(hit, {"parsed": 1.0, "hit": hit})
         overlap = iou(box, ref_box)
-        value = overlap if self.soft else float(overlap >= self.iou_threshold)
-        return Score(value, {"parsed": 1.0, "iou": overlap})
+        right = overlap >= self.iou_threshold
+        if self.soft:   # the reward is graded, the verdict still the threshold's
+            return Score(overlap, {"parsed": 1.0, "iou": overlap}, correct=right)
+        return Score(float(right), {"parsed": 1.0, "iou": overlap})
 
     def _resized_frame(self, box: Box, size: tuple[int, int] | None) -> Box:
         """A continuous box of the original image mapped onto the image the processor resized."""

@@ -5,7 +5,8 @@ Interval forms read from the response: `[2.0, 5.5]`, `(2, 5.5)`, with an optiona
 number (`s`, `sec`, `second(s)`): `[2 s, 5.5 s]`. Reversed ends are sorted. pick "unique"
 (default): a solution naming several different intervals is a hedge and scores 0 (see
 verifiers.hedging); "last": the last interval is the answer. mode "threshold": 1 when
-tIoU >= iou_threshold (default 0.5); "soft": the tIoU itself.
+tIoU >= iou_threshold (default 0.5); "soft": the tIoU itself as the reward, the answer still
+judged correct at tIoU >= iou_threshold (Score.correct).
 """
 from __future__ import annotations
 
@@ -49,7 +50,8 @@ def temporal_iou(a: tuple[float, float], b: tuple[float, float]) -> float:
 @register("temporal_grounding")
 @dataclass(frozen=True)
 class TemporalGrounding:
-    """mode "threshold": 1 when tIoU >= iou_threshold, else 0; "soft": the tIoU. pick "unique":
+    """mode "threshold": 1 when tIoU >= iou_threshold, else 0; "soft": the tIoU, the answer still
+    judged correct (RFT, accuracy) at tIoU >= iou_threshold. pick "unique":
     several different intervals score 0; "last": the last interval is the answer."""
 
     mode: Literal["threshold", "soft"] = "threshold"
@@ -69,5 +71,7 @@ class TemporalGrounding:
             return Score(0.0, {"parsed": 1.0, "hedged": 1.0})
         pred = found[-1]
         overlap = temporal_iou(pred, ref)
-        value = overlap if self.mode == "soft" else float(overlap >= self.iou_threshold)
-        return Score(value, {"parsed": 1.0, "tiou": overlap})
+        right = overlap >= self.iou_threshold
+        if self.mode == "soft":   # the reward is graded, the verdict still the threshold's
+            return Score(overlap, {"parsed": 1.0, "tiou": overlap}, correct=right)
+        return Score(float(right), {"parsed": 1.0, "tiou": overlap})

@@ -30,10 +30,11 @@ class Die:
 
 @dataclass(frozen=True)
 class BadValue:
-    value: float = 2.0
+    value: float | None = 2.0
+    correct: object = None   # a verdict beside the value; not a bool, or beside None, is an error
 
     def __call__(self, sample: Sample) -> Score:
-        return Score(self.value)
+        return Score(self.value, correct=self.correct)
 
 
 @dataclass(frozen=True)

@@ -2,8 +2,9 @@
 alone (the model is built on the meta device: no weights are read).
 
 Per GPU, in bytes (P parameters, N ranks of a group, c bytes per compute element: 2 for bfloat16):
-  trainer (actor, critic)  master copy 4P/N (float32), gradients 4P/N, Adam moments 8P/N; with
-                           fsdp.cpu_offload these three live in CPU memory instead. Weights: the
+  trainer (actor, critic)  master copy 4P/N (float32), gradients 4P/N, Adam moments 8P/N, and the
+                           actor's weight average 4P/N with actor_ema (counted with the moments);
+                           with fsdp.cpu_offload these live in CPU memory instead. Weights: the
                            compute copies of the blocks FSDP gathers, two blocks in flight
                            (2 x largest block x c; with fsdp.wrap: root the block is the whole
                            model); unsharded (N = 1) a bfloat16 copy of the model.
@@ -165,6 +166,8 @@ def plan(cfg: RLConfig, m: ModelFigures, *, gpus_per_node: int, nodes: int, gpu_
     groups = [trainer_memory("actor", m.params, ranks=r.actor_workers, train=True, compute_bytes=cb,
                              offload=fsdp.cpu_offload, largest_block=m.largest_block,
                              activations=activation_bytes(**act, train=True, checkpointing=fsdp.grad_checkpointing))]
+    if cfg.actor_ema:   # the weight average: one more float32 copy of the actor's shard, beside its master
+        groups[0] = dataclasses.replace(groups[0], optim=groups[0].optim * 1.5)
     if cfg.algo == "ppo":
         groups.append(trainer_memory("critic", critic_params, ranks=r.critic_workers, train=True, compute_bytes=cb,
                                      offload=fsdp.cpu_offload, largest_block=m.largest_block,

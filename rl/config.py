@@ -179,6 +179,11 @@ class RLConfig:
     # reference workers); the rollouts get the merged weights. null: the whole actor trains.
     actor_lora: LoRAConfig | None = None
     critic_lora: LoRAConfig | None = None      # the critic's own adapters (its value head trains in full); null: full
+    # decay of an exponential moving average of the actor's weights, updated after every optimizer
+    # step (0: none). The rollouts use the weights; the stage's policy (final/) and its final held-out
+    # eval are the average, so the stage ends on what its last ~1/(1-decay) steps agree on rather than
+    # wherever its last update left near-tied answers. Checkpoints hold it (resume stays exact).
+    actor_ema: float = 0.0
     ray: RayConfig = field(default_factory=RayConfig)
     fsdp: FSDPConfig = field(default_factory=FSDPConfig)   # how trainer groups of more than one rank shard
     plan: PlanConfig = field(default_factory=PlanConfig)
@@ -222,6 +227,8 @@ class RLConfig:
             raise ConfigError("rollout.sync_method: 'transfer' joins trainer rank 0 and the engines in one NCCL "
                               "group, which cannot hold two ranks on one GPU; colocated trainers and engines share "
                               "GPUs: use ray.placement split, or sync_method layerwise")
+        if not 0.0 <= self.actor_ema < 1.0:
+            raise ConfigError(f"actor_ema: the average's decay lies in [0, 1) (0: no average), got {self.actor_ema}")
         if self.critic_lora is not None and self.algo != "ppo":
             raise ConfigError(f"critic_lora: algo {self.algo} has no critic (remove critic_lora)")
         if self.rollout.async_:

@@ -143,7 +143,7 @@ class RLRun:
         self.actor: Handle[PolicyWorker] | WorkerGroup[PolicyWorker] = spawn(
             PolicyWorker, cfg.policy, optim=cfg.actor_optim, total_steps=cfg.steps, dtype=cfg.dtype, seed=cfg.seed,
             chunk_size=cfg.ppo.entropy_chunk, temperature=ro.temperature, workers=r.actor_workers, name="actor",
-            lora=cfg.actor_lora, **common)
+            lora=cfg.actor_lora, ema=cfg.actor_ema, **common)
         # No KL anywhere: no reference policy (ref_logp stays None and no KL is logged). A LoRA actor
         # is its own reference policy: its frozen base, adapters off.
         self.ref = None
@@ -430,6 +430,8 @@ def fit(cfg: RLConfig, *, resume: bool = True, progress: bool = True) -> Path:
             print(f"[rl] a worker died ({type(e).__name__}: {str(e)[:200]}); restarting every worker from the "
                   f"last checkpoint (restart {restarts} of {cfg.ray.max_restarts})", flush=True)
             run.close()
+    if run.actor.use_ema().result() and run.eval_records and (cfg.eval_greedy == "engine" or cfg.eval_samples):
+        run.push_weights(run.rollouts.handles)   # the engines evaluate the average
     final = atomic_dir(out / "final", lambda d: run.actor.export(str(d)).result())
     if run.critic is not None:
         atomic_dir(out / "final_critic", lambda d: run.critic.export(str(d)).result())

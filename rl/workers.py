@@ -40,11 +40,16 @@ from rollout.greedy import generate_greedy
 from rollout.sequences import SequenceBatch
 from rollout.sync import buckets
 from rollout.worker import RolloutWorker
-from training.distributed import (FSDPConfig, all_reduce_floats, all_reduce_sum, free_port, full_state_dict, is_sharded,
-                                  node_address, rank_chunks)
+from training.distributed import (FSDPConfig, all_reduce_floats, all_reduce_sum, free_port, full_state_dict,
+                                  has_sharded_checkpoint, is_sharded, load_sharded, node_address, rank_chunks,
+                                  save_sharded)
+from training.ema import ParamEMA
 from training.optim import OptimConfig
 from training.placement import Handle, call_all
 from training.trainer import Trainer, device, set_threads
+
+
+EMA_DIR = "ema"   # in an actor checkpoint: the weight average (`actor_ema`), a model state of its own
 
 
 def _norm(mask: Tensor, *, agg: str, world: int) -> dict:
@@ -57,11 +62,13 @@ def _norm(mask: Tensor, *, agg: str, world: int) -> dict:
 
 class PolicyWorker(Trainer):
     """The actor (with an optimizer) or the frozen reference policy (optim=None). With `lora` the
-    actor trains adapters on the frozen policy at `path`, which is then also its reference policy."""
+    actor trains adapters on the frozen policy at `path`, which is then also its reference policy.
+    With `ema` > 0 the actor keeps an exponential moving average of its weights (`training.ema`):
+    checkpoints hold it, `use_ema` makes it the policy (for the stage's export and final eval)."""
 
     def __init__(self, path: str, *, optim: OptimConfig | None = None, total_steps: int = 1, dtype: str = "float32",
                  seed: int = 0, chunk_size: int = 0, temperature: float = 1.0, fsdp: FSDPConfig = FSDPConfig(),
-                 lora: LoRAConfig | None = None):
+                 lora: LoRAConfig | None = None, ema: float = 0.0):
         set_threads()
         torch.manual_seed(seed)
         self.device = device()
@@ -75,6 +82,32 @@ class PolicyWorker(Trainer):
         # The policy being optimised is the one the rollouts sample from: softmax(logits / T).
         self.temperature = temperature
         self._setup(optim=optim, total_steps=total_steps, dtype=dtype, fsdp=fsdp, adapters=lora is not None)
+        self.ema = ParamEMA(self.model, ema) if ema and optim is not None else None
+
+    def save_state(self, path: str) -> dict:
+        """The trainer's state and, with an average, the average as a model state of its own (`ema/`)."""
+        state = super().save_state(path)
+        if self.ema is not None:
+            with self.ema.swapped(self.model):
+                save_sharded(str(Path(path) / EMA_DIR), self.model, None, only=self.checkpoint_only)
+        return state
+
+    def load_state(self, path: str, state: dict) -> None:
+        if self.ema is not None:
+            if not has_sharded_checkpoint(Path(path) / EMA_DIR):
+                raise FileNotFoundError(f"{path}: no {EMA_DIR}/ (the weight average): this run had actor_ema off; "
+                                        "start afresh or leave actor_ema as it was")
+            load_sharded(str(Path(path) / EMA_DIR), self.model, None, only=self.checkpoint_only)
+            self.ema.swap(self.model)   # the average into its place; the weights come next
+        super().load_state(path, state)
+
+    def use_ema(self) -> bool:
+        """Make the average the policy, for good (the run's end). False when there is none."""
+        if self.ema is None:
+            return False
+        self.ema.swap(self.model)
+        self.ema = None
+        return True
 
     def _logp(self, seq: SequenceBatch, *, entropy: bool = False, pack: bool = False) -> tuple[Tensor, Tensor | None]:
         """(B, T) token log-probs of the labels and (entropy=True) the entropy, a detached diagnostic;
@@ -192,6 +225,8 @@ class PolicyWorker(Trainer):
                 skipped += 1
                 continue
             part["grad_norm"] = self._step()
+            if self.ema is not None:
+                self.ema.update(self.model)
             for k, v in part.items():
                 sums[k] = sums.get(k, 0.0) + v
         denom = max(1, len(minibatch_rows))

@@ -58,6 +58,8 @@ def test_plan_adds_up_the_groups_and_says_what_to_change():
     assert p.gpus_needed == 2 + 2 + 2 and p.fits
     actor = p.groups[0]
     assert actor.master == 4 * 10**9 / 2 and actor.optim == 8 * 10**9 / 2
+    averaged = plan(dataclasses.replace(cfg, actor_ema=0.9), SMALL, gpus_per_node=8, nodes=1, gpu_memory_gib=80)
+    assert averaged.groups[0].optim == 12 * 10**9 / 2 and averaged.groups[1].optim == p.groups[1].optim
     # the critic has no LM head but a value head
     assert p.groups[1].master == 4 * (10**9 - 10**8 + 1001) / 2
     # the same model on GPUs of 6 GiB does not fit (the actor needs 8.2e9 bytes a rank), and the advice names the keys

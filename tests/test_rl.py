@@ -361,3 +361,22 @@ def test_sampled_eval_runs_beside_the_greedy_one_unless_they_share_gpus(sft_run,
         assert calls == ["greedy", "sampled"]
     else:
         assert sorted(calls) == ["greedy", "sampled"]
+
+
+def test_actor_ema_is_the_stages_policy_and_resumes_exactly(tmp_path, sft_run, monkeypatch):
+    """actor_ema: final/ is the weight average, not the last weights, and a run killed after its
+    first checkpoint ends on the same average as one that ran through."""
+    cfg = lambda out: _cfg(sft_run, tmp_path / out, actor_ema=0.5)   # noqa: E731
+    through = load_file(fit(cfg("a"), progress=False) / "model.safetensors")
+    run_killed_after_checkpoint(monkeypatch, rl.driver, lambda: fit(cfg("b"), progress=False))
+    resumed = load_file(fit(cfg("b"), progress=False) / "model.safetensors")
+    assert all(torch.allclose(through[k], resumed[k], atol=1e-6) for k in through)
+    # the last weights, from the last checkpoint: the average lies elsewhere, and moved from the SFT model
+    worker = PolicyWorker(str(sft_run["final"]), optim=OptimConfig(lr=1e-5, warmup_steps=0, schedule="constant"))
+    live = load_file(worker.export_checkpoint(tmp_path / "a" / "checkpoints" / "step-000002", "actor",
+                                              tmp_path / "live") / "model.safetensors")
+    sft = load_file(sft_run["final"] / "model.safetensors")
+    moved = [k for k in sft if not torch.equal(sft[k], live[k])]
+    assert moved and all(not torch.equal(through[k], live[k]) and not torch.equal(through[k], sft[k]) for k in moved)
+    with pytest.raises(ConfigError, match="actor_ema"):
+        dataclasses.replace(cfg("c"), actor_ema=1.0)

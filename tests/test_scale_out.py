@@ -106,16 +106,18 @@ def _weights(folder: Path) -> dict:
 
 @pytest.mark.ray
 def test_sharded_trainers_and_replicas_run_and_match_one_worker(ray_cluster, sft_run, tmp_path):
-    """ray.actor_workers=2 ray.critic_workers=2: with one HF replica the final policy matches the
-    in-process run of the same seed; with rollout.replicas=2 the run finishes every step."""
+    """ray.actor_workers=2 ray.critic_workers=2: with one HF replica the final policy (the weight
+    average, `actor_ema`, kept shard by shard) matches the in-process run of the same seed; with
+    rollout.replicas=2 the run finishes every step."""
     ray = dataclasses.replace(RayConfig(timeout_s=300), actor_workers=2, critic_workers=2)
-    one = fit(_cfg(sft_run, tmp_path / "one"), progress=False)
-    two = fit(_cfg(sft_run, tmp_path / "two", ray=ray), progress=False)
+    one = fit(_cfg(sft_run, tmp_path / "one", actor_ema=0.5), progress=False)
+    two = fit(_cfg(sft_run, tmp_path / "two", ray=ray, actor_ema=0.5), progress=False)
     a, b = _weights(one), _weights(two)
     assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-4
     assert any(not torch.equal(a[k], _weights(sft_run["final"])[k]) for k in a)      # both moved
     ckpt = tmp_path / "two" / "checkpoints" / "step-000002"
     assert (ckpt / "actor" / ".metadata").is_file() and (ckpt / "critic" / ".metadata").is_file()
+    assert (ckpt / "actor" / "ema" / ".metadata").is_file()
     rep = fit(_cfg(sft_run, tmp_path / "rep", ray=ray, rollout=RolloutConfig(backend="hf", n=2, max_tokens=16,
                                                                              replicas=2)), progress=False)
     assert _steps(tmp_path / "rep") == [1, 2] and (rep / "model.safetensors").is_file()

@@ -114,8 +114,9 @@ def activation_bytes(*, micro_batch: int, seq_len: int, hidden: int, layers: int
 
 
 def trainer_memory(name: str, params: int, *, ranks: int, train: bool, compute_bytes: int, offload: bool,
-                   largest_block: int, activations: float) -> GroupMemory:
-    """A trainer (train=True: float32 master, gradients, Adam) or a frozen model on `ranks` GPUs."""
+                   largest_block: int, activations: float, ema: bool = False) -> GroupMemory:
+    """A trainer (train=True: float32 master, gradients, Adam, with `ema` a float32 weight average
+    counted with Adam's moments) or a frozen model on `ranks` GPUs."""
     if ranks > 1:
         weights = 2 * largest_block * compute_bytes
     else:
@@ -124,8 +125,8 @@ def trainer_memory(name: str, params: int, *, ranks: int, train: bool, compute_b
         stored = compute_bytes * params / ranks if ranks > 1 else 0.0
         return GroupMemory(name, ranks, weights=weights + stored, activations=activations)
     shard = 0.0 if offload else params / ranks
-    return GroupMemory(name, ranks, weights=weights, grads=4 * shard, master=4 * shard, optim=8 * shard,
-                       activations=activations)
+    return GroupMemory(name, ranks, weights=weights, grads=4 * shard, master=4 * shard,
+                       optim=(12 if ema else 8) * shard, activations=activations)
 
 
 def engine_memory(params: int, *, replicas: int, tp: int, gpu_bytes: float, utilization: float) -> GroupMemory:
@@ -165,9 +166,8 @@ def plan(cfg: RLConfig, m: ModelFigures, *, gpus_per_node: int, nodes: int, gpu_
         m = dataclasses.replace(m, largest_block=m.params)
     groups = [trainer_memory("actor", m.params, ranks=r.actor_workers, train=True, compute_bytes=cb,
                              offload=fsdp.cpu_offload, largest_block=m.largest_block,
-                             activations=activation_bytes(**act, train=True, checkpointing=fsdp.grad_checkpointing))]
-    if cfg.actor_ema:   # the weight average: one more float32 copy of the actor's shard, beside its master
-        groups[0] = dataclasses.replace(groups[0], optim=groups[0].optim * 1.5)
+                             activations=activation_bytes(**act, train=True, checkpointing=fsdp.grad_checkpointing),
+                             ema=cfg.actor_ema > 0)]
     if cfg.algo == "ppo":
         groups.append(trainer_memory("critic", critic_params, ranks=r.critic_workers, train=True, compute_bytes=cb,
                                      offload=fsdp.cpu_offload, largest_block=m.largest_block,

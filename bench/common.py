@@ -47,15 +47,33 @@ def best_time(fn, repeats: int) -> float:
     return best
 
 
-def samples_to_target(curve: Sequence[dict], target: float, *, key: str = "accuracy") -> dict | None:
+def samples_to_target(curve: Sequence[dict], target: float | None, *, key: str = "accuracy") -> dict | None:
     """The first point of a learning curve whose `key` reaches `target`, or None.
 
     curve: points {"samples", "seconds", key} in training order (seconds = training wall time so
-    far, evaluation excluded). Returns that point (a copy)."""
+    far, evaluation excluded). Returns that point (a copy); None also where there is no target."""
+    if target is None:
+        return None
     for point in curve:
         if point.get(key) is not None and point[key] >= target:
             return dict(point)
     return None
+
+
+def samples_to_stay(curve: Sequence[dict], target: float | None, *, key: str = "accuracy") -> dict | None:
+    """The first point of a learning curve from which every later evaluated point is at or above
+    `target` (the target reached for good, up to the run's end), or None when the last evaluated point
+    is below it. Less lucky than the first crossing where a curve swings around its target."""
+    if target is None:
+        return None
+    points = [p for p in curve if p.get(key) is not None]
+    first = None
+    for point in points:
+        if point[key] >= target:
+            first = first or point
+        else:
+            first = None
+    return None if first is None else dict(first)
 
 
 def held_to_end(curve: Sequence[dict], target: float, *, key: str = "accuracy") -> bool | None:

@@ -5,12 +5,14 @@ checkpoint, run back to back in one invocation.
     python -m bench.e2e_vs_trl --policy SFT_DIR --data rl.jsonl --heldout heldout.jsonl \
         [--target 0.75 | --gain 0.1] [--sampled-target 0.2] [--steps 32 --lr 5e-5 ...]
 
-Long mode, time to target: `--gain 0.1 --steps 128 --eval-every 16` sets the greedy target ten
-points above the starting model's accuracy and reports, per system, the seconds and samples to
-reach it and whether the gain held to the run's last evaluation.
+Long mode, time to target (what `make bench` runs): `--gain 0.1 --steps 320 --prompts-per-step 4
+--eval-every 32 --eval-samples 0` sets the greedy target ten points above the starting model's
+accuracy and reports, per system, the seconds and samples until it first reached it, until it
+reached it for good (every later evaluation at or above it), and whether the gain held to the run's
+last evaluation.
 
 Two accuracies are measured at every evaluation: greedy (`rl.evaluate`, the project's eval) and
-sampled (k samples per held-out prompt at the training temperature, scored by the reward: what RL
+(unless `--eval-samples 0`) sampled (k samples per held-out prompt at the training temperature, scored by the reward: what RL
 optimises). On the tiny VLM, a few thousand RL samples move the sampled accuracy steadily but
 the greedy one only noisily (it first dips), so both targets are reported.
 
@@ -38,7 +40,7 @@ from pathlib import Path
 import torch
 from transformers import TrainerCallback
 
-from bench.common import fmt, fmt_ratio, held_to_end, ratio, samples_to_target, write_result
+from bench.common import fmt, fmt_ratio, held_to_end, ratio, samples_to_stay, samples_to_target, write_result
 from bench.scratch import default_scratch, run_child
 from model.load import load_vlm
 from recipe.sampling import sample_and_score
@@ -71,7 +73,7 @@ class Budget:
     lr: float = 5e-5
     minibatches: int = 2          # optimizer steps per rollout batch
     eval_every: int = 4           # rollout batches between evaluations
-    eval_samples: int = 2         # sampled accuracy: samples per held-out prompt (at `temperature`)
+    eval_samples: int = 2         # sampled accuracy: samples per held-out prompt (at `temperature`; 0: not measured)
     seed: int = 0
 
     @property
@@ -123,8 +125,12 @@ def exported(checkpoints: dict[int, Path], policy: str) -> dict[int, str]:
 
 
 def add_sampled(curve: list[dict], checkpoints: dict[int, str], records, b: "Budget") -> list[dict]:
-    """Attach `sampled_accuracy` to the curve points whose checkpoint (by samples seen) was saved."""
+    """Attach `sampled_accuracy` to the curve points whose checkpoint (by samples seen) was saved
+    (None everywhere when `b.eval_samples` is 0)."""
     for point in curve:
+        if not b.eval_samples:
+            point["sampled_accuracy"] = None
+            continue
         ckpt = checkpoints.get(point["samples"])
         point["sampled_accuracy"] = (sampled_accuracy(ckpt, records, k=b.eval_samples, temperature=b.temperature,
                                                       max_tokens=b.max_tokens) if ckpt else None)
@@ -132,10 +138,12 @@ def add_sampled(curve: list[dict], checkpoints: dict[int, str], records, b: "Bud
 
 
 def compare(runs: dict[str, dict], targets: dict[str, float]) -> tuple[dict, dict]:
-    """Per metric ('accuracy': greedy, 'sampled_accuracy') and system: the point where it reached its
-    target (or None); ratios of each vlrl system to TRL in training seconds per sample and, per
-    metric, seconds and samples to reach the target (None when either did not reach it)."""
+    """Per metric ('accuracy': greedy, 'sampled_accuracy') and system: the point where it first reached
+    its target (or None), and for greedy accuracy also the point from which it stayed there to the end
+    ('stay'); ratios of each vlrl system to TRL in training seconds per sample and, per metric, seconds
+    and samples to reach the target (None when either did not reach it)."""
     reached = {m: {name: samples_to_target(r["curve"], t, key=m) for name, r in runs.items()} for m, t in targets.items()}
+    reached["stay"] = {name: samples_to_stay(r["curve"], targets["accuracy"]) for name, r in runs.items()}
     ratios = {}
     trl = runs.get("trl-grpo")
     for name, r in runs.items():
@@ -143,11 +151,22 @@ def compare(runs: dict[str, dict], targets: dict[str, float]) -> tuple[dict, dic
             continue
         ratios[f"{name}/trl seconds per sample"] = ratio(r["train_s"] / max(1, r["samples"]),
                                                          trl["train_s"] / max(1, trl["samples"]))
-        for m in targets:
+        for m, label in (*((m, f"target ({m})") for m in targets), ("stay", "stay at target (accuracy)")):
             hit, base = reached[m][name], reached[m]["trl-grpo"]
-            ratios[f"{name}/trl seconds to target ({m})"] = ratio(hit and hit["seconds"], base and base["seconds"])
-            ratios[f"{name}/trl samples to target ({m})"] = ratio(hit and hit["samples"], base and base["samples"])
+            ratios[f"{name}/trl seconds to {label}"] = ratio(hit and hit["seconds"], base and base["seconds"])
+            ratios[f"{name}/trl samples to {label}"] = ratio(hit and hit["samples"], base and base["samples"])
     return reached, ratios
+
+
+def e2e_targets(start: dict, *, target: float, gain: float | None, sampled_target: float | None) -> dict:
+    """The greedy and sampled accuracies to reach: with a gain, the start's own plus the gain (time to
+    target); else the absolute `target` (greedy) and `sampled_target` (default 0.2). A sampled
+    target where the start's sampled accuracy was not measured is None."""
+    greedy = target if gain is None else start["accuracy"] + gain
+    if sampled_target is None:
+        base = start.get("sampled_accuracy")
+        sampled_target = 0.2 if gain is None else (None if base is None else base + gain)
+    return {"accuracy": greedy, "sampled_accuracy": sampled_target}
 
 
 def headline(runs: dict, reached: dict, targets: dict[str, float]) -> list[str]:
@@ -156,24 +175,29 @@ def headline(runs: dict, reached: dict, targets: dict[str, float]) -> list[str]:
         return f"{hit['samples']} samples/{fmt(hit['seconds'], 's')}" if hit else "not reached"
 
     first = next(iter(runs.values()))["curve"][0] if runs else {}
-    lines = [f"targets: greedy >= {targets['accuracy']:.0%} (start {fmt(first.get('accuracy'))}), sampled >= "
-             f"{targets['sampled_accuracy']:.0%} (start {fmt(first.get('sampled_accuracy'))})"]
+    def pct(v):
+        return "-" if v is None else f"{v:.1%}"
+
+    lines = [f"targets: greedy >= {pct(targets['accuracy'])} (start {pct(first.get('accuracy'))}), sampled >= "
+             f"{pct(targets['sampled_accuracy'])} (start {pct(first.get('sampled_accuracy'))})"]
     for name, r in runs.items():
         end = r["curve"][-1]
         lines.append(f"{name:<12} {fmt(r['samples'] / max(1e-9, r['train_s']), 'samples/s')}; greedy "
-                     f"{at(reached['accuracy'][name])}, sampled {at(reached['sampled_accuracy'][name])}; "
+                     f"{at(reached['accuracy'][name])} (for good {at(reached['stay'][name])}), sampled "
+                     f"{at(reached['sampled_accuracy'][name]) if targets['sampled_accuracy'] is not None else 'not measured'}; "
                      f"end {fmt(end['accuracy'])}/{fmt(end.get('sampled_accuracy'))}")
     return lines
 
 
 def ratio_lines(ratios: dict, systems: list[str]) -> list[str]:
     """One line of ratios to TRL per vlrl system: seconds per sample, then seconds and samples to
-    each target ('-': a side did not reach it)."""
+    each target, and to the greedy target for good ('-': a side did not reach it)."""
     def r(name, what):
         return fmt_ratio(ratios.get(f"{name}/trl {what}"))
 
     return [f"{name}/trl: s/sample {r(name, 'seconds per sample')}; to greedy target s {r(name, 'seconds to target (accuracy)')}"
-            f" samples {r(name, 'samples to target (accuracy)')}; to sampled target s "
+            f" samples {r(name, 'samples to target (accuracy)')}; for good s {r(name, 'seconds to stay at target (accuracy)')}"
+            f" samples {r(name, 'samples to stay at target (accuracy)')}; to sampled target s "
             f"{r(name, 'seconds to target (sampled_accuracy)')} samples {r(name, 'samples to target (sampled_accuracy)')}"
             for name in systems]
 
@@ -293,7 +317,8 @@ def start_point(policy: str, heldout: str, b: Budget) -> dict:
     model, processor = load_vlm(policy)
     records = load_records(heldout, require="prompt")
     greedy = summarize(judge(records, generate_greedy(model, processor, records)))["counting"]["accuracy"]
-    sampled = sampled_accuracy(policy, records, k=b.eval_samples, temperature=b.temperature, max_tokens=b.max_tokens)
+    sampled = (sampled_accuracy(policy, records, k=b.eval_samples, temperature=b.temperature, max_tokens=b.max_tokens)
+               if b.eval_samples else None)
     return {"samples": 0, "seconds": 0.0, "accuracy": greedy, "sampled_accuracy": sampled}
 
 
@@ -308,8 +333,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--gain", type=float, default=None,
                    help="time to target: the greedy target is the start's accuracy plus this (0.1: ten points above "
                         "the start; overrides --target); the result says whether each gain held to the end")
-    p.add_argument("--sampled-target", type=float, default=0.2,
-                   help="sampled held-out accuracy (at the training temperature) to reach")
+    p.add_argument("--sampled-target", type=float, default=None,
+                   help="sampled held-out accuracy (at the training temperature) to reach (default: the start's "
+                        "plus --gain, else 0.2)")
     p.add_argument("--systems", default=",".join(SYSTEMS), help=f"comma-separated subset of {SYSTEMS}")
     p.add_argument("--out", default=None, help="run folders (default: a scratch folder)")
     p.add_argument("--timeout", type=float, default=900, help="seconds per system")
@@ -332,7 +358,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     start = start_point(args.policy, args.heldout, budget)
-    print(f"[e2e] start: greedy {start['accuracy']:.3f}, sampled {start['sampled_accuracy']:.3f}", flush=True)
+    print(f"[e2e] start: greedy {fmt(start['accuracy'])}, sampled {fmt(start['sampled_accuracy'])}", flush=True)
     common = ["--policy", args.policy, "--data", args.data, "--heldout", args.heldout, "--out", str(out)]
     common += [a for k, v in asdict(budget).items() for a in (f"--{k.replace('_', '-')}", str(v))]
     runs, errors = {}, {}
@@ -348,8 +374,8 @@ def main(argv: list[str] | None = None) -> int:
         except Exception as e:  # noqa: BLE001  (a system that fails is reported, the others still run)
             errors[system] = str(e)
             print(f"[e2e] {system} FAILED: {e}", flush=True)
-    greedy_target = args.target if args.gain is None else start["accuracy"] + args.gain
-    targets = {"accuracy": greedy_target, "sampled_accuracy": args.sampled_target}
+    targets = e2e_targets(start, target=args.target, gain=args.gain, sampled_target=args.sampled_target)
+    greedy_target = targets["accuracy"]
     reached, ratios = compare(runs, targets)
     reached["held_to_end"] = {name: held_to_end(r["curve"], greedy_target) for name, r in runs.items()}
     result = {"config": {**asdict(budget), "targets": targets, "policy": args.policy, "reward": "hybrid: format gate + counting",

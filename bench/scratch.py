@@ -28,9 +28,10 @@ def tiny_model(scratch: Path, *, spec=None, name: str = "tiny") -> Path:
     return out
 
 
-def suite(scratch: Path, *, tasks=("counting",), n: int = 400, n_heldout: int = 200, n_rl: int = 256) -> dict[str, Path]:
-    """The synthetic suite (seed 0) under scratch/data: sft.jsonl, rl.jsonl, heldout.jsonl."""
-    out = Path(scratch) / "data"
+def suite(scratch: Path, *, tasks=("counting",), n: int = 400, n_heldout: int = 400, n_rl: int = 256) -> dict[str, Path]:
+    """The synthetic suite (seed 0) under scratch/data-<n>-<n_heldout>-<n_rl>: sft.jsonl, rl.jsonl,
+    heldout.jsonl (the folder names the sizes, so a scratch folder of other sizes is not reused)."""
+    out = Path(scratch) / f"data-{n}-{n_heldout}-{n_rl}"
     names = ("sft", "rl", "heldout")
     if all((out / f"{s}.jsonl").is_file() for s in names):
         return {s: out / f"{s}.jsonl" for s in names}

@@ -8,7 +8,7 @@ import pytest
 import torch
 from transformers import Qwen2_5_VLForConditionalGeneration
 
-from bench.common import (fmt, fmt_ratio, held_to_end, ratio, samples_to_target, summary_lines, throughput,
+from bench.common import (fmt, fmt_ratio, held_to_end, ratio, samples_to_stay, samples_to_target, summary_lines, throughput,
                           write_result)
 from bench.e2e_vs_trl import _completion_text, compare, counting_reward, vlrl_curve
 from bench.gpu_profile import (SPECIAL_TOKENS, TEXT, dense_params, mfu, model_config, peak_flops_for, profile, text_dims,
@@ -94,6 +94,8 @@ def test_compare_forms_ratios_against_trl_only_when_both_reached():
     assert ratios["vlrl-ppo/trl seconds per sample"] == pytest.approx(30 / 50)
     assert reached["sampled_accuracy"]["trl-grpo"] is None          # 0.405 < 0.42
     assert ratios["vlrl-grpo/trl seconds to target (sampled_accuracy)"] is None
+    assert reached["stay"]["vlrl-grpo"]["samples"] == 128 and reached["stay"]["vlrl-ppo"] is None
+    assert ratios["vlrl-grpo/trl seconds to stay at target (accuracy)"] == pytest.approx(0.25)
 
 
 def test_trl_completions_become_text():
@@ -183,3 +185,24 @@ def test_the_e2e_start_is_an_hf_folder_of_the_sft_step_it_names(tiny_model_dir, 
     a, b = load_file(early / "model.safetensors"), load_file(final / "model.safetensors")
     assert a.keys() == b.keys() and any(not torch.equal(a[k], b[k]) for k in a)
     assert sft_model(tmp_path, tiny_model_dir, data, steps=4, take=2, batch_size=4) == early
+
+
+def test_samples_to_stay_is_the_start_of_the_last_run_at_or_above_the_target():
+    pts = [{"samples": s, "seconds": s / 10, "accuracy": a}
+           for s, a in [(0, 0.5), (10, 0.8), (20, 0.6), (30, 0.75), (40, None), (50, 0.9)]]
+    assert samples_to_stay(pts, 0.7)["samples"] == 30       # the spike at 10 was lost at 20; 30 on it held
+    assert samples_to_stay(pts, 0.55)["samples"] == 10
+    assert samples_to_stay(pts, 0.95) is None and samples_to_stay(pts, None) is None
+    assert samples_to_stay(pts[:3], 0.7) is None               # lost by the last evaluation
+    assert samples_to_target(pts, 0.7)["samples"] == 10        # the first crossing counts the spike
+
+
+def test_e2e_targets_are_relative_to_the_start_with_a_gain():
+    from bench.e2e_vs_trl import e2e_targets
+
+    start = {"accuracy": 0.6, "sampled_accuracy": 0.4}
+    assert e2e_targets(start, target=0.75, gain=None, sampled_target=None) == {"accuracy": 0.75, "sampled_accuracy": 0.2}
+    t = e2e_targets(start, target=0.75, gain=0.1, sampled_target=None)
+    assert t["accuracy"] == pytest.approx(0.7) and t["sampled_accuracy"] == pytest.approx(0.5)
+    assert e2e_targets({"accuracy": 0.6, "sampled_accuracy": None}, target=0.75, gain=0.1,
+                       sampled_target=None)["sampled_accuracy"] is None   # not measured: no sampled target

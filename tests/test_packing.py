@@ -28,6 +28,11 @@ from training.optim import OptimConfig
 from tests.helpers.batches import random_response_batch
 
 TOL = 1e-5
+LR = 1e-3
+# An AdamW step moves a weight by up to ~lr; where a gradient is near AdamW's eps, float32 noise in it
+# (sums taken in another order, packed) moves that weight by about a percent of lr: equal updates
+# agree far closer than lr / 20, a packing bug (a token lost or attended across rows) moves weights by ~lr.
+STEP_TOL = LR / 20
 
 
 def test_packing_moves_tokens_positions_and_labels():
@@ -71,7 +76,7 @@ def mixed_batch(model_dir, suite_dir, extra_suite_dir) -> RolloutBatch:
 
 
 def _optim():
-    return OptimConfig(lr=1e-3, warmup_steps=0, schedule="constant")
+    return OptimConfig(lr=LR, warmup_steps=0, schedule="constant")
 
 
 @pytest.mark.parametrize("family", list(FAMILIES))
@@ -163,8 +168,7 @@ def test_packed_updates_give_the_same_weights(tiny_model_dir, suite_dir, extra_s
         assert abs(ma[k] - mb_[k]) < TOL * max(1.0, abs(ma[k])), k
     start = PolicyWorker(str(tiny_model_dir)).model.parameters()
     assert max((pa - p0).abs().max().item() for pa, p0 in zip(a.model.parameters(), start)) > 1e-4   # it stepped
-    # AdamW's first step is about lr x sign(gradient): float32 noise in a near-zero gradient moves a weight by ~lr
-    assert max((pa - pb).abs().max().item() for pa, pb in zip(a.model.parameters(), b.model.parameters())) < 1e-5
+    assert max((pa - pb).abs().max().item() for pa, pb in zip(a.model.parameters(), b.model.parameters())) < STEP_TOL
 
     c1, c2 = (CriticWorker(str(tiny_model_dir), optim=_optim()) for _ in range(2))
     batch.values = c1.values(batch.seq)
@@ -172,7 +176,7 @@ def test_packed_updates_give_the_same_weights(tiny_model_dir, suite_dir, extra_s
     m1 = c1.update(batch, ppo=PPOConfig(micro_batch_size=3), minibatch_rows=mb)
     m2 = c2.update(batch, ppo=PPOConfig(micro_batch_size=3, pack_sequences=True), minibatch_rows=mb)
     assert abs(m1["critic/loss"] - m2["critic/loss"]) < TOL and abs(m1["critic/grad_norm"] - m2["critic/grad_norm"]) < TOL
-    assert max((p1 - p2).abs().max().item() for p1, p2 in zip(c1.model.parameters(), c2.model.parameters())) < 1e-5
+    assert max((p1 - p2).abs().max().item() for p1, p2 in zip(c1.model.parameters(), c2.model.parameters())) < STEP_TOL
 
 
 def test_packed_sft_step_gives_the_same_loss_and_weights(tmp_path, tiny_model_dir, extra_suite_dir):
@@ -185,7 +189,7 @@ def test_packed_sft_step_gives_the_same_loss_and_weights(tmp_path, tiny_model_di
     ma, mb = a.train_step(0), b.train_step(0)
     assert ma["tokens"] == mb["tokens"] > 0
     assert abs(ma["nll"] - mb["nll"]) < TOL * ma["nll"] and abs(ma["grad_norm"] - mb["grad_norm"]) < TOL
-    assert max((pa - pb).abs().max().item() for pa, pb in zip(a.model.parameters(), b.model.parameters())) < 1e-5
+    assert max((pa - pb).abs().max().item() for pa, pb in zip(a.model.parameters(), b.model.parameters())) < STEP_TOL
 
 
 def test_an_rl_step_with_packing_matches_one_without(tmp_path, tiny_model_dir, suite_dir):

@@ -57,7 +57,7 @@ def sft_model(scratch: Path, model: Path, data: dict[str, Path], *, steps: int, 
     if (hf / "config.json").is_file():
         return hf
     cfg = SFTConfig(model=str(model), data=str(data["sft"]), eval_data=None, out=str(out), steps=steps,
-                    batch_size=batch_size, save_every=take, keep_checkpoints=2, log_every=10,
+                    batch_size=batch_size, save_every=take, keep_checkpoints=steps // take + 1, log_every=10,
                     optim=OptimConfig(lr=3e-4, warmup_steps=20))
     train_sft(cfg, resume=False, progress=False)
     if take < steps:   # a checkpoint holds FSDP shards and the trainer state: write its weights as an HF folder

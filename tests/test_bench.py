@@ -179,12 +179,12 @@ def test_the_e2e_start_is_an_hf_folder_of_the_sft_step_it_names(tiny_model_dir, 
     from bench.scratch import sft_model
 
     data = {"sft": suite_dir / "sft.jsonl"}
-    early = sft_model(tmp_path, tiny_model_dir, data, steps=4, take=2, batch_size=4)
+    early = sft_model(tmp_path, tiny_model_dir, data, steps=6, take=2, batch_size=4)   # saved at 2, 4 and 6
     load_vlm(str(early))
-    final = tmp_path / "sft-2-of-4" / "final"
+    final = tmp_path / "sft-2-of-6" / "final"
     a, b = load_file(early / "model.safetensors"), load_file(final / "model.safetensors")
     assert a.keys() == b.keys() and any(not torch.equal(a[k], b[k]) for k in a)
-    assert sft_model(tmp_path, tiny_model_dir, data, steps=4, take=2, batch_size=4) == early
+    assert sft_model(tmp_path, tiny_model_dir, data, steps=6, take=2, batch_size=4) == early
 
 
 def test_samples_to_stay_is_the_start_of_the_last_run_at_or_above_the_target():

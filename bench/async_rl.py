@@ -2,8 +2,12 @@
 workers, so the engine and the trainers run in processes of their own), back to back; steps per
 second after the first step and the training reward over the run, as ratios async / sync.
 
-    python -m bench.async_rl --policy DIR --data FILE [--algo ppo --steps 12 --prompts 8 --n 8
+    python -m bench.async_rl --policy DIR --data FILE [--algo grpo,ppo --steps 12 --prompts 8 --n 8
                              --max-tokens 48 --backend hf]
+
+Each algorithm in `--algo` runs both ways. On a 2-core machine GRPO (an actor and an engine) can
+give each process a core; PPO adds the critic, which updates beside the actor in sync mode already,
+so an async PPO step has no idle core to overlap the rollout with.
 
 Steps per second come from the metrics' timestamps (the first step, which starts the workers and
 never overlaps, is left out). The same prompts in the same order reach both runs; the async one
@@ -48,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--policy", required=True, help="the SFT model both runs start from")
     p.add_argument("--data", required=True, help="prompt records (JSONL)")
-    p.add_argument("--algo", choices=("ppo", "grpo"), default="ppo")
+    p.add_argument("--algo", default="grpo,ppo", help="comma-separated: grpo, ppo (each runs sync and async)")
     p.add_argument("--steps", type=int, default=12)
     p.add_argument("--prompts", type=int, default=8, help="prompts per step")
     p.add_argument("--n", type=int, default=8, help="samples per prompt")
@@ -60,22 +64,28 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     out = Path(args.out or tempfile.mkdtemp(prefix="vlrl-async-"))
-    cfg = RLConfig(algo=args.algo, policy=args.policy, data=args.data, steps=args.steps, prompts_per_step=args.prompts,
-                   rollout=RolloutConfig(backend=args.backend, n=args.n, max_tokens=args.max_tokens),
-                   reward=RewardConfig(pool=PoolConfig(workers=0)),
-                   ppo=PPOConfig(minibatches=1, micro_batch_size=16),
-                   actor_optim=OptimConfig(lr=args.lr, warmup_steps=0, schedule="constant"),
-                   save_every=0, ray=RayConfig(enabled=True, timeout_s=900))
-    sync = run(cfg, out / "sync", async_=False)
-    asyn = run(cfg, out / "async", async_=True)
-    ratios = {"async/sync steps per second": ratio(asyn["steps_per_s"], sync["steps_per_s"]),
-              "async/sync training reward (mean over the run)": ratio(asyn["reward_mean"], sync["reward_mean"])}
-    headline = [f"{name:<5} {fmt(m['steps_per_s'], 'steps/s')}, reward {m['reward_mean']:.3f} (last half "
-                f"{m['reward_last_half']:.3f}), rollout {fmt(m['rollout_s'], 's')}, update {fmt(m['update_s'], 's')} "
-                f"per step, {m['policy_lag_frac']:.0%} of steps one behind"
-                for name, m in (("sync", sync), ("async", asyn))]
+    algos = [a for a in args.algo.split(",") if a]
+    if not algos or set(algos) - {"grpo", "ppo"}:
+        p.error(f"--algo: grpo and/or ppo, got {args.algo!r}")
+    metrics, ratios, headline = {}, {}, []
+    for algo in algos:
+        cfg = RLConfig(algo=algo, policy=args.policy, data=args.data, steps=args.steps, prompts_per_step=args.prompts,
+                       rollout=RolloutConfig(backend=args.backend, n=args.n, max_tokens=args.max_tokens),
+                       reward=RewardConfig(pool=PoolConfig(workers=0)),
+                       ppo=PPOConfig(minibatches=1, micro_batch_size=16),
+                       actor_optim=OptimConfig(lr=args.lr, warmup_steps=0, schedule="constant"),
+                       save_every=0, ray=RayConfig(enabled=True, timeout_s=900))
+        sync = run(cfg, out / algo / "sync", async_=False)
+        asyn = run(cfg, out / algo / "async", async_=True)
+        metrics[algo] = {"sync": sync, "async": asyn}
+        ratios[f"async/sync steps per second [{algo}]"] = ratio(asyn["steps_per_s"], sync["steps_per_s"])
+        ratios[f"async/sync training reward (mean over the run) [{algo}]"] = ratio(asyn["reward_mean"], sync["reward_mean"])
+        headline += [f"{algo} {name:<5} {fmt(m['steps_per_s'], 'steps/s')}, reward {m['reward_mean']:.3f} (last half "
+                     f"{m['reward_last_half']:.3f}), rollout {fmt(m['rollout_s'], 's')}, update {fmt(m['update_s'], 's')} "
+                     f"per step, {m['policy_lag_frac']:.0%} of steps one behind"
+                     for name, m in (("sync", sync), ("async", asyn))]
     result = {"config": {k: v for k, v in vars(args).items() if k not in ("out", "results_dir")},
-              "metrics": {"sync": sync, "async": asyn}, "ratios": ratios, "headline": headline}
+              "metrics": metrics, "ratios": ratios, "headline": headline}
     print(f"-> {write_result('async_rl', result, args.results_dir)}")
     print("\n".join(headline))
     for k, v in ratios.items():

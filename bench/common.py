@@ -66,13 +66,9 @@ def samples_to_stay(curve: Sequence[dict], target: float | None, *, key: str = "
     is below it. Less lucky than the first crossing where a curve swings around its target."""
     if target is None:
         return None
-    points = [p for p in curve if p.get(key) is not None]
     first = None
-    for point in points:
-        if point[key] >= target:
-            first = first or point
-        else:
-            first = None
+    for point in (p for p in curve if p.get(key) is not None):
+        first = (first or point) if point[key] >= target else None
     return None if first is None else dict(first)
 
 
@@ -81,8 +77,7 @@ def held_to_end(curve: Sequence[dict], target: float, *, key: str = "accuracy") 
     (a gain that held); None when it never reached it."""
     if samples_to_target(curve, target, key=key) is None:
         return None
-    last = next(p[key] for p in reversed(curve) if p.get(key) is not None)
-    return last >= target
+    return samples_to_stay(curve, target, key=key) is not None
 
 
 # ----------------------------------------------------------------------------- formatting
